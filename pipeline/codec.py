@@ -1,0 +1,202 @@
+"""The version-1 cache record format: 24-bit (id, weight-code) records + 1 entropy byte.
+
+Per position, U records of 3 bytes then 1 entropy byte: 3U + 1 = 37 bytes at U = 12.
+
+    record (little-endian, 24 bits) = id | (weight_code << id_bits)
+    id_bits = bit_length(V),  w_bits = 24 - id_bits,  sentinel id = 2**id_bits - 1
+
+so V <= sentinel always, and the all-ones id marks an unused slot. Examples:
+V=151,936 (Qwen) -> 18/6 bits, V=128,256 (Llama 3) -> 17/7, V=49,152 -> 16/8,
+V=32,000 -> 15/9. V > 2**19 - 1 would leave fewer than 5 weight bits and is refused.
+
+Weight codes and entropy bytes index float32 codebooks that travel in the manifest.
+Weights are written by stochastic rounding onto the codebook, which preserves the
+expectation (the cache stays unbiased; quantization adds variance only). Entropies round
+to the nearest level; `EntropyCodebook.max_error` states the worst case.
+
+This module imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+RECORD_BITS = 24
+MIN_WEIGHT_BITS = 5
+MAX_VOCAB = 2 ** (RECORD_BITS - MIN_WEIGHT_BITS) - 1  # 524,287
+DEFAULT_WEIGHT_MIN = 2.0 ** -20  # smallest nonzero weight level (~9.5e-7)
+
+
+def _as_int64(name: str, a, ndim: int) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def stochastic_round(values: np.ndarray, levels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Map each value onto one of its two neighbouring codebook levels, keeping E[level] = value.
+
+    `levels` is sorted ascending (float32 or float64). For `levels[j] <= x < levels[j+1]`
+    the code is `j + 1` with probability `(x - levels[j]) / (levels[j+1] - levels[j])`,
+    else `j`; so `E[levels[code]] = x` exactly (up to float rounding). Values equal to the
+    top level map to it; values outside `[levels[0], levels[-1]]` are an error (nothing is
+    silently clipped). Returns int64 codes of `values`' shape.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    lv = np.asarray(levels, dtype=np.float64)
+    if x.size and (not np.all(np.isfinite(x)) or x.min() < lv[0] or x.max() > lv[-1]):
+        bad = x[~np.isfinite(x) | (x < lv[0]) | (x > lv[-1])]
+        raise ValueError(f"values outside the codebook range [{lv[0]:.6g}, {lv[-1]:.6g}]: "
+                         f"{bad[:5].tolist()} ({bad.size} in all)")
+    j = np.clip(np.searchsorted(lv, x, side="right") - 1, 0, len(lv) - 2)
+    lo, hi = lv[j], lv[j + 1]
+    p_up = (x - lo) / (hi - lo)
+    up = rng.random(x.shape) < p_up
+    return (j + up).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class WeightCodebook:
+    """2**w_bits float32 levels: 0, then log-spaced from `w_min` to 1.
+
+    Priority-sampling weights are max(p_i, tau) <= 1. Log spacing gives a constant
+    relative step: (1/w_min)**(1/(2**w_bits - 2)), e.g. 1.25x at 6 bits, 1.06x at 8 bits.
+    """
+
+    w_bits: int
+    w_min: float = DEFAULT_WEIGHT_MIN
+
+    @property
+    def levels(self) -> np.ndarray:
+        n = 2 ** self.w_bits
+        nonzero = np.geomspace(self.w_min, 1.0, n - 1)
+        return np.concatenate([[0.0], nonzero]).astype(np.float32)
+
+    def encode(self, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Stochastic rounding of weights in [0, 1] onto the codebook (unbiased)."""
+        return stochastic_round(weights, self.levels, rng)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.levels[codes]
+
+
+@dataclass(frozen=True)
+class EntropyCodebook:
+    """256 levels in nats from 0 to ln V, quadratically spaced (dense near 0, where most
+    positions of a trained LM are): level_k = ln V * (k / 255)**2. Round to nearest.
+    """
+
+    vocab_size: int
+
+    @property
+    def levels(self) -> np.ndarray:
+        k = np.arange(256, dtype=np.float64)
+        return (np.log(self.vocab_size) * (k / 255.0) ** 2).astype(np.float32)
+
+    @property
+    def max_error(self) -> float:
+        """Worst-case |decode(encode(h)) - h| for h in [0, ln V]: half the widest gap."""
+        lv = self.levels.astype(np.float64)
+        return float(np.max(np.diff(lv)) / 2) + 1e-6  # + float32 rounding of the levels
+
+    def encode(self, entropy: np.ndarray) -> np.ndarray:
+        """Nearest level. Values a hair outside [0, ln V] (float error) round to the ends;
+        anything further out is an error."""
+        h = np.asarray(entropy, dtype=np.float64)
+        top = float(np.log(self.vocab_size))
+        if h.size and (not np.all(np.isfinite(h)) or h.min() < -1e-3 or h.max() > top + 1e-3):
+            raise ValueError(f"entropy outside [0, ln V={top:.4f}]: min {h.min()}, max {h.max()}")
+        # Inverse of the quadratic spacing, then round: exact nearest-level for monotone maps
+        # up to ties; check the neighbour to be exact.
+        k = np.clip(np.rint(255.0 * np.sqrt(np.clip(h, 0, top) / top)), 0, 255).astype(np.int64)
+        lv = self.levels.astype(np.float64)
+        for shift in (-1, 1):
+            alt = np.clip(k + shift, 0, 255)
+            better = np.abs(lv[alt] - h) < np.abs(lv[k] - h)
+            k = np.where(better, alt, k)
+        return k
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.levels[codes]
+
+
+class RecordCodec:
+    """Pack/unpack `[P, U]` ids + weight codes and `[P]` entropy codes to `[P, 3U+1]` bytes.
+
+    Record k of a position sits at bytes 3k..3k+2 (little-endian, id in the low
+    `id_bits`), the entropy byte last. Vectorized: no Python loop over positions.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int = 12):
+        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
+            raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 2")
+        if vocab_size > MAX_VOCAB:
+            raise ValueError(
+                f"vocab_size V={vocab_size} exceeds the version-{FORMAT_VERSION} record limit "
+                f"{MAX_VOCAB} (2**19 - 1): 24-bit records would leave fewer than "
+                f"{MIN_WEIGHT_BITS} weight bits")
+        if not isinstance(num_classes, (int, np.integer)) or not 1 <= num_classes < vocab_size:
+            raise ValueError(f"num_classes U={num_classes!r} must be in [1, V={vocab_size})")
+        self.vocab_size = int(vocab_size)
+        self.num_classes = int(num_classes)
+        self.id_bits = self.vocab_size.bit_length()
+        self.w_bits = RECORD_BITS - self.id_bits
+        self.sentinel = (1 << self.id_bits) - 1
+        self.bytes_per_position = 3 * self.num_classes + 1
+
+    def __repr__(self) -> str:
+        return (f"RecordCodec(V={self.vocab_size}, U={self.num_classes}, id_bits={self.id_bits}, "
+                f"w_bits={self.w_bits}, {self.bytes_per_position} B/position)")
+
+    def pack(self, ids, weight_codes, entropy_codes) -> np.ndarray:
+        """`ids [P,U]` (< V or the sentinel), `weight_codes [P,U]` (< 2**w_bits),
+        `entropy_codes [P]` (< 256) -> uint8 `[P, 3U+1]`."""
+        U = self.num_classes
+        ids = _as_int64("ids", ids, 2)
+        wc = _as_int64("weight_codes", weight_codes, 2)
+        ec = _as_int64("entropy_codes", entropy_codes, 1)
+        P = ids.shape[0]
+        if ids.shape != (P, U) or wc.shape != (P, U) or ec.shape != (P,):
+            raise ValueError(f"shapes ids {ids.shape}, weight_codes {wc.shape}, entropy_codes "
+                             f"{ec.shape} do not match [P, U={U}] / [P]")
+        bad_id = (ids < 0) | ((ids >= self.vocab_size) & (ids != self.sentinel))
+        if bad_id.any():
+            raise ValueError(f"ids must be in [0, V={self.vocab_size}) or the sentinel "
+                             f"{self.sentinel}; got {ids[bad_id][:5].tolist()}")
+        if wc.size and (wc.min() < 0 or wc.max() >= 1 << self.w_bits):
+            raise ValueError(f"weight_codes must be in [0, {1 << self.w_bits}) for w_bits="
+                             f"{self.w_bits}; got range [{wc.min()}, {wc.max()}]")
+        if ec.size and (ec.min() < 0 or ec.max() > 255):
+            raise ValueError(f"entropy_codes must be in [0, 255]; got [{ec.min()}, {ec.max()}]")
+        rec = (ids | (wc << self.id_bits)).astype("<u4")          # [P, U] 24-bit values
+        out = np.empty((P, 3 * U + 1), dtype=np.uint8)
+        out[:, : 3 * U] = rec.view(np.uint8).reshape(P, U, 4)[:, :, :3].reshape(P, 3 * U)
+        out[:, 3 * U] = ec
+        return out
+
+    def unpack(self, buf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 `[P, 3U+1]` (or flat bytes of P*(3U+1)) -> (ids, weight_codes, entropy_codes)."""
+        U, B = self.num_classes, self.bytes_per_position
+        a = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) \
+            else np.asarray(buf, dtype=np.uint8)
+        if a.size % B:
+            raise ValueError(f"record buffer of {a.size} bytes is not a multiple of "
+                             f"{B} bytes/position (U={U})")
+        a = a.reshape(-1, B)
+        r = a[:, : 3 * U].reshape(-1, U, 3).astype(np.int64)
+        rec = r[:, :, 0] | (r[:, :, 1] << 8) | (r[:, :, 2] << 16)
+        ids = rec & self.sentinel
+        wc = rec >> self.id_bits
+        return ids, wc, a[:, 3 * U].astype(np.int64)
+
+    def weight_codebook(self, w_min: float = DEFAULT_WEIGHT_MIN) -> WeightCodebook:
+        return WeightCodebook(self.w_bits, w_min)
+
+    def entropy_codebook(self) -> EntropyCodebook:
+        return EntropyCodebook(self.vocab_size)

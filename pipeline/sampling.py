@@ -1,0 +1,297 @@
+"""Teacher logits -> (class ids, unbiased weights, exact entropy): the X axis.
+
+    ids, weights, entropy = sample_classes(logits [P, V], num_classes=12, method="priority")
+
+Samplers (DESIGN.md section 3):
+- `priority` (default): priority sampling (Duffield, Lund & Thorup 2007). Class i gets
+  priority p_i / u_i with u_i ~ U(0, 1]; keep the U largest; tau = the (U+1)-th largest
+  priority; weight p_hat_i = max(p_i, tau). E[p_hat_i] = p_i for every class, exactly U
+  distinct classes, and every class with p_i >= tau is kept with its exact probability.
+- `rskd`: N draws with replacement from q = softmax(z / tau_s), weight count_i/N * p_i/q_i.
+  Unbiased while at most U distinct classes are drawn; beyond U the top-U counts are kept
+  (biased, as in the RS-KD research code) and the truncation is counted in `stats`.
+- `topk`: the U most probable classes renormalised. Biased; a baseline.
+
+How the priority sampler avoids drawing V random numbers per position (on a CPU the random
+numbers, not the softmax, are the expensive part; see shared/notes/sampler-speed-facts.md):
+let b = p_(U+1), the (U+1)-th largest probability. Priorities dominate probabilities
+(u <= 1), so the (U+1)-th largest priority is >= b and only classes with p_i / u_i > b,
+i.e. u_i < r_i = p_i / b, can enter the top U+1. Classes are split at delta * b:
+- heavy (p_i >= delta * b; at most 1 / (delta * b) of them): draw u_i directly;
+- light (r_i < delta): propose every class independently with probability delta using
+  geometric gaps (about delta * V proposals per row, never a pass over V), give a
+  proposal u_i ~ U(0, delta), and keep it iff u_i < r_i. Then P(kept) = r_i and
+  u_i | kept ~ U(0, r_i): exactly the law of the direct draw, so the result is exact.
+Passes over [P, V]: max, shift, exp, sum, entropy dot, top-(U+1), heavy mask, nonzero;
+the probabilities are never normalised over V (the rules are scale-free).
+
+All randomness comes from one `torch.Generator` on the logits' device, so the same code runs
+on CPU and CUDA and is deterministic for a given seed and chunking. This module imports
+nothing of ours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+METHODS = ("priority", "rskd", "topk")
+DEFAULT_CHUNK = 2048
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _validate(logits: torch.Tensor, num_classes: int) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [P, V], got {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits dtype {logits.dtype} is not one of {_FLOAT_DTYPES}")
+    P, V = logits.shape
+    if P == 0:
+        raise ValueError("logits chunk is empty (P = 0 positions)")
+    if not isinstance(num_classes, int) or not 1 <= num_classes < V:
+        raise ValueError(f"num_classes U={num_classes!r} must be an integer in [1, V={V})")
+
+
+def _check_finite(S: torch.Tensor, entropy: torch.Tensor) -> None:
+    # A NaN or +inf logit makes its row's max shift NaN, and a -inf logit gives
+    # 0 * -inf = NaN in the entropy dot: checking the [P] results catches every
+    # non-finite input without another pass over [P, V].
+    bad = ~(torch.isfinite(S) & torch.isfinite(entropy))
+    if bad.any():
+        rows = torch.nonzero(bad).flatten()[:5].tolist()
+        raise ValueError(f"logits contain NaN or inf at positions {rows} "
+                         f"({int(bad.sum())} positions in all)")
+
+
+def softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(e [P,V], S [P], entropy [P])` in fp32 with e = exp(z - max z), p = e / S.
+
+    H = log S - <e, z - max> / S. This form is accurate to ~1e-6 nats at V = 151,936 in
+    fp32, where -<p, log p> with p = exp(log_softmax(z)) is off by (sum p - 1) * E[log p],
+    about 2e-4 nats. Samplers work on the unnormalised e (their rules are scale-free) and
+    divide by S only at the U selected classes.
+    """
+    z = logits.float()
+    zc = z - z.max(dim=-1, keepdim=True).values
+    e = torch.exp(zc)
+    S = e.sum(dim=-1)
+    entropy = torch.log(S) - torch.linalg.vecdot(e, zc) / S
+    _check_finite(S, entropy)
+    return e, S, entropy
+
+
+def _rows_topk(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, P: int, k: int):
+    """Top-k of ragged per-row lists given as (row, col, value) triples sorted by row.
+
+    Returns `(vals [P, k], cols [P, k])`, padded with -inf / -1 where a row has fewer.
+    """
+    counts = torch.bincount(rows, minlength=P)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    width = max(int(counts.max()) if counts.numel() else 0, k)
+    dense_v = torch.full((P, width), -math.inf, device=values.device, dtype=values.dtype)
+    dense_c = torch.full((P, width), -1, device=values.device, dtype=torch.long)
+    dense_v[rows, slot] = values
+    dense_c[rows, slot] = cols
+    top_v, top_i = torch.topk(dense_v, k, dim=-1)
+    return top_v, torch.gather(dense_c, 1, top_i)
+
+
+def _geometric_positions(rate: float, V: int, rows: torch.Tensor, gen: torch.Generator):
+    """Bernoulli(rate) process over [0, V) for each row in `rows`: (row, position) pairs.
+
+    Gaps between successes are Geometric(rate); we draw a generous batch of gaps per row
+    and draw again for the (astronomically rare) rows whose batch ended before V.
+    """
+    dev = rows.device
+    out_r, out_c = [], []
+    start = torch.full((rows.numel(),), -1, dtype=torch.long, device=dev)
+    pending = torch.arange(rows.numel(), device=dev)
+    mean = rate * V
+    m = int(mean + 8 * math.sqrt(mean) + 16)
+    log1m = math.log1p(-rate)
+    while pending.numel():
+        u = torch.rand((pending.numel(), m), generator=gen, device=dev)
+        gaps = torch.floor(torch.log1p(-u) / log1m).long() + 1           # >= 1
+        pos = start[pending, None] + torch.cumsum(gaps, dim=1)
+        keep = pos < V
+        r_idx, c_idx = torch.nonzero(keep, as_tuple=True)
+        out_r.append(rows[pending[r_idx]])
+        out_c.append(pos[r_idx, c_idx])
+        last = pos[:, -1]
+        start[pending] = last
+        pending = pending[last < V - 1]
+    if not out_r:
+        empty = torch.empty(0, dtype=torch.long, device=dev)
+        return empty, empty
+    return torch.cat(out_r), torch.cat(out_c)
+
+
+def _finish_priority(p: torch.Tensor, top_prio: torch.Tensor, top_cols: torch.Tensor, U: int):
+    """ids = the U largest priorities, tau = the (U+1)-th, p_hat = max(p, tau)."""
+    tau = torch.where(torch.isfinite(top_prio[:, U]), top_prio[:, U], 0.0)  # [P]
+    ids = top_cols[:, :U]
+    valid = (ids >= 0) & torch.isfinite(top_prio[:, :U])
+    p_sel = torch.gather(p, 1, ids.clamp_min(0))
+    weights = torch.where(valid & (p_sel > 0), torch.maximum(p_sel, tau[:, None]), 0.0)
+    return torch.where(valid, ids, -1), weights
+
+
+def _priority_dense(p: torch.Tensor, U: int, gen: torch.Generator):
+    u = 1.0 - torch.rand(p.shape, generator=gen, device=p.device)        # (0, 1]
+    prio = torch.where(p > 0, p / u, -math.inf)
+    top_prio, top_cols = torch.topk(prio, U + 1, dim=-1, sorted=True)
+    return _finish_priority(p, top_prio, top_cols, U)
+
+
+def _priority(p: torch.Tensor, U: int, gen: torch.Generator, delta: float,
+              dense_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    P, V = p.shape
+    dev = p.device
+    top_p, _ = torch.topk(p, U + 1, dim=-1, sorted=True)
+    b = top_p[:, U]                                                        # p_(U+1) [P]
+    # Heavy classes: drawn directly. Rows where delta * b underflows (b == 0 when fewer
+    # than U+1 classes have nonzero fp32 probability) have no light classes: every class
+    # with p >= tiny is heavy, and those with fewer than U+1 such classes keep them exactly.
+    tiny = torch.finfo(torch.float32).tiny
+    has_light = delta * b >= tiny
+    thr = torch.where(has_light, delta * b, tiny)
+    heavy = p >= thr[:, None]
+    n_heavy = int(heavy.sum())
+    if n_heavy > dense_fraction * P * V:
+        # Flat distributions: most classes are heavy, so draw u for every class.
+        return _priority_dense(p, U, gen)
+    h_rows, h_cols = torch.nonzero(heavy, as_tuple=True)
+    h_p = p[h_rows, h_cols]
+    h_u = 1.0 - torch.rand(h_p.shape, generator=gen, device=dev)          # (0, 1]
+    h_prio = h_p / h_u
+    # Light classes: proposals at rate delta, kept iff u < r = p / b.
+    l_rows, l_cols = _geometric_positions(delta, V, torch.nonzero(has_light).flatten(), gen)
+    l_p = p[l_rows, l_cols]
+    l_b = b[l_rows]
+    light = l_p < thr[l_rows]
+    u = delta * (1.0 - torch.rand(l_p.shape, generator=gen, device=dev))  # U(0, delta]
+    keep = light & (u * l_b < l_p)
+    rows = torch.cat([h_rows, l_rows[keep]])
+    cols = torch.cat([h_cols, l_cols[keep]])
+    prio = torch.cat([h_prio, l_p[keep] / u[keep]])
+    order = torch.argsort(rows, stable=True)
+    top_prio, top_cols = _rows_topk(prio[order], rows[order], cols[order], P, U + 1)
+    return _finish_priority(p, top_prio, top_cols, U)
+
+
+def _rskd(logits: torch.Tensor, e: torch.Tensor, U: int, gen: torch.Generator,
+          num_draws: int, tau_s: float, stats: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights in the scale of e: count_i / N * e_i / q_i (q normalised)."""
+    P, V = e.shape
+    dev = e.device
+    if tau_s == 1.0:
+        q_un = e                                          # q = p: the ratio p_i/q_i is 1
+    else:
+        zt = logits.float() / tau_s
+        q_un = torch.exp(zt - zt.max(dim=-1, keepdim=True).values)
+    draws = torch.multinomial(q_un, num_draws, replacement=True, generator=gen)   # [P, N]
+    draws, _ = torch.sort(draws, dim=1)
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = torch.cumsum(new.long(), dim=1) - 1           # distinct-class slot of each draw
+    counts = torch.zeros((P, num_draws), dtype=torch.float32, device=dev)
+    counts.scatter_add_(1, group, torch.ones_like(draws, dtype=torch.float32))
+    cls = torch.full((P, num_draws), -1, dtype=torch.long, device=dev)
+    cls.scatter_(1, group, draws)
+    distinct = new.sum(dim=1)
+    if stats is not None:
+        stats["rskd_positions"] = stats.get("rskd_positions", 0) + P
+        stats["rskd_truncated_positions"] = (stats.get("rskd_truncated_positions", 0)
+                                             + int((distinct > U).sum()))
+        stats["rskd_distinct_sum"] = stats.get("rskd_distinct_sum", 0) + int(distinct.sum())
+    # Keep the top-U counts (ties: the smaller class id), as the research code did.
+    k = min(U, num_draws)
+    top_c, top_g = torch.topk(counts, k, dim=1, sorted=True)
+    ids = torch.gather(cls, 1, top_g)
+    valid = top_c > 0
+    safe = ids.clamp_min(0)
+    q_sel = torch.gather(q_un, 1, safe) / q_un.sum(dim=-1, keepdim=True)
+    weights = torch.where(valid, top_c / num_draws * torch.gather(e, 1, safe) / q_sel, 0.0)
+    if k < U:
+        pad = U - k
+        ids = torch.cat([ids, ids.new_full((P, pad), -1)], 1)
+        weights = torch.cat([weights, weights.new_zeros((P, pad))], 1)
+        valid = torch.cat([valid, valid.new_zeros((P, pad))], 1)
+    return torch.where(valid, ids, -1), weights
+
+
+def _topk(e: torch.Tensor, U: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, ids = torch.topk(e, U, dim=-1, sorted=True)
+    return ids, vals / vals.sum(dim=-1, keepdim=True)
+
+
+def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "priority",
+                   generator: torch.Generator | None = None, *, chunk_size: int = DEFAULT_CHUNK,
+                   sentinel: int | None = None, stats: dict | None = None,
+                   **method_args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample U classes per position from teacher logits.
+
+    Args:
+        logits: `[P, V]` fp32/bf16/fp16 teacher logits (teacher temperature already applied).
+        num_classes: U, records per position.
+        method: one of `priority`, `rskd`, `topk`.
+        generator: torch.Generator on the logits' device (None: a fresh one seeded 0).
+        chunk_size: positions processed at once (bounds the [chunk, V] fp32 temporaries).
+        sentinel: id written into unused slots (support smaller than U); default V's
+            codec sentinel 2**bit_length(V) - 1.
+        stats: optional dict updated with sampler counters (rskd truncation).
+        method_args: `priority`: delta (default 1/256, the heavy/light split),
+            dense_fraction (0.25: above this share of heavy classes a chunk draws u for
+            every class instead);
+            `rskd`: num_draws (50), tau_s (1.0).
+
+    Returns:
+        ids `[P, U]` int64, weights `[P, U]` float32 (unquantized p_hat; 0 in unused
+        slots), entropy `[P]` float32 (nats).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    _validate(logits, num_classes)
+    allowed = {"priority": {"delta", "dense_fraction"}, "rskd": {"num_draws", "tau_s"}, "topk": set()}[method]
+    unknown = set(method_args) - allowed
+    if unknown:
+        raise ValueError(f"unknown argument(s) {sorted(unknown)} for method {method!r}; "
+                         f"allowed: {sorted(allowed)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    P, V = logits.shape
+    U = num_classes
+    sentinel = (1 << V.bit_length()) - 1 if sentinel is None else sentinel
+    if generator is None:
+        generator = torch.Generator(device=logits.device).manual_seed(0)
+    delta = float(method_args.get("delta", 1.0 / 256))
+    dense_fraction = float(method_args.get("dense_fraction", 0.25))
+    num_draws = int(method_args.get("num_draws", 50))
+    tau_s = float(method_args.get("tau_s", 1.0))
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta={delta} must be in (0, 1)")
+    if num_draws < 1 or tau_s <= 0:
+        raise ValueError(f"rskd needs num_draws >= 1 and tau_s > 0, got {num_draws}, {tau_s}")
+
+    ids_out = torch.empty((P, U), dtype=torch.long, device=logits.device)
+    w_out = torch.empty((P, U), dtype=torch.float32, device=logits.device)
+    h_out = torch.empty((P,), dtype=torch.float32, device=logits.device)
+    for s in range(0, P, chunk_size):
+        z = logits[s:s + chunk_size]
+        e, S, entropy = softmax_stats(z)
+        if method == "priority":
+            ids, w = _priority(e, U, generator, delta, dense_fraction)
+            w = w / S[:, None]
+        elif method == "rskd":
+            ids, w = _rskd(z, e, U, generator, num_draws, tau_s, stats)
+            w = w / S[:, None]
+        else:
+            ids, w = _topk(e, U)
+        ids_out[s:s + chunk_size] = torch.where(w > 0, ids, sentinel)
+        w_out[s:s + chunk_size] = w
+        h_out[s:s + chunk_size] = entropy
+    return ids_out, w_out, h_out

@@ -1,0 +1,148 @@
+"""Rank discovery, rank-aware logging, and the collectives the stages need.
+
+One `init_distributed()` for every launcher:
+- MPI (`mpiexec`, or `srun --mpi=pmi2`): mpi4py's COMM_WORLD. A launcher/MPI mismatch
+  (e.g. `srun` without `--mpi=pmi2`, or an MPI library other than the one mpi4py was
+  built against) silently gives every task a world of size 1, so the MPI size is checked
+  against the launcher's task count and a mismatch is an error.
+- torchrun / deepspeed / SLURM without MPI: RANK/WORLD_SIZE/LOCAL_RANK, or SLURM_PROCID/
+  SLURM_NTASKS/SLURM_LOCALID.
+- otherwise a single process.
+The stage-2 trainer uses torch.distributed (through DeepSpeed); `TorchComm` adapts it to the
+small communicator interface that selection.py (GLS) expects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID",
+            "PMI_FD")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str          # "mpi", "torchrun", "slurm" or "single"
+    node: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class MPIComm:
+    """gather/barrier over mpi4py (the cache stage's manifest merge)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        return self.comm.gather(obj, root=0)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+
+class SingleComm:
+    rank = 0
+    world_size = 1
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def all_gather(self, tensor):
+        return [tensor]
+
+
+class TorchComm:
+    """torch.distributed behind the communicator interface (GLS, learned selector)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_gather(self, tensor):
+        out = [tensor.new_empty(tensor.shape) for _ in range(self.world_size)]
+        self.dist.all_gather(out, tensor.contiguous())
+        return out
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out if self.rank == 0 else None
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+
+def _launcher_world() -> tuple[str, int] | None:
+    if "SLURM_STEP_NUM_TASKS" in os.environ or ("SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ):
+        return "SLURM_NTASKS", int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ["SLURM_NTASKS"]))
+    if "PMI_SIZE" in os.environ:
+        return "PMI_SIZE", int(os.environ["PMI_SIZE"])
+    if "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return "OMPI_COMM_WORLD_SIZE", int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    return None
+
+
+def init_distributed(use_mpi: bool | None = None) -> tuple[DistInfo, Any]:
+    """Discover this process's place in the job. Returns `(info, comm)`.
+
+    `use_mpi=None` picks MPI when an MPI launcher's variables are present.
+    """
+    env = os.environ
+    node = env.get("SLURMD_NODENAME") or os.uname().nodename
+    if use_mpi is None:
+        use_mpi = any(k in env for k in _MPI_ENV) and "RANK" not in env
+    if use_mpi:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        expected = _launcher_world()
+        if expected is not None and comm.Get_size() != expected[1]:
+            raise RuntimeError(
+                f"MPI world size {comm.Get_size()} != {expected[0]}={expected[1]}: the launcher "
+                "and MPI do not match (under SLURM use `srun --mpi=pmi2` with the mpich that "
+                "mpi4py was installed with; check `srun --mpi=list`)")
+        local = int(env.get("MPI_LOCALRANKID", env.get("SLURM_LOCALID", env.get("PMI_LOCAL_RANK", 0))))
+        return DistInfo(comm.Get_rank(), comm.Get_size(), local, "mpi", node), MPIComm(comm)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        "torchrun", node)
+        return info, None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                        int(env.get("SLURM_LOCALID", 0)), "slurm", node)
+        return info, None
+    return DistInfo(0, 1, 0, "single", node), SingleComm()
+
+
+_console = Console(stderr=True, highlight=False)
+
+
+def log(msg: str, info: DistInfo | None = None, all_ranks: bool = False) -> None:
+    """Print on rank 0 (or every rank with a rank prefix when `all_ranks`)."""
+    rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
+    if all_ranks:
+        _console.print(f"[dim]\\[rank {rank}][/dim] {msg}")
+    elif rank == 0:
+        _console.print(msg)
+
+
+def print0(msg: str) -> None:
+    log(msg)

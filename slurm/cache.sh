@@ -1,0 +1,40 @@
+#!/bin/bash
+# Stage 1: teacher -> sparse cache shards. One MPI rank per GPU across nodes (mpi4py over PMI2).
+#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 slurm/cache.sh   # 16 ranks; submit from the repo root
+#   sbatch --nodes=2 slurm/cache.sh                                         # CPU nodes: one rank per node
+#   NTASKS=2 bash slurm/cache.sh                                            # no SLURM: mpiexec -n 2 (default: 1 process)
+# Paths default to the demo run; optional flags are passed only when their variable is set
+# (the defaults live in pipeline.cache, nowhere else). EXTRA_ARGS is appended verbatim.
+#SBATCH --job-name=sampledkd-cache
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+# Under sbatch this file runs from a spool copy: the repo is then the submit directory.
+repo=$(cd "$(dirname "$0")/.." && pwd); [[ -d $repo/pipeline ]] || repo=${SLURM_SUBMIT_DIR:-$PWD}
+cd "${REPO_DIR:-$repo}"
+[[ -d pipeline ]] || { echo "cache.sh: no pipeline/ in $PWD: submit from the repo root or set REPO_DIR" >&2; exit 2; }
+
+PYTHON=${PYTHON:-python}
+TEACHER=${TEACHER:-runs/demo/teacher}   # HF directory or hub id
+DATA=${DATA:-runs/demo/data.jsonl}      # corpus path or dataset name
+CACHE_DIR=${CACHE_DIR:-runs/demo/cache}
+NTASKS=${NTASKS:-1}                     # ranks outside SLURM
+read -ra extra <<<"${EXTRA_ARGS:-}"
+args=(--teacher "$TEACHER" --data "$DATA" --out "$CACHE_DIR"
+  ${TEXT_FIELD:+--text-field "$TEXT_FIELD"} ${SEQ_LEN:+--seq-len "$SEQ_LEN"}
+  ${NUM_CLASSES:+--num-classes "$NUM_CLASSES"} ${SAMPLER:+--sampler "$SAMPLER"}
+  ${SEED:+--seed "$SEED"} ${BATCH_SIZE:+--batch-size "$BATCH_SIZE"}
+  ${MAX_WINDOWS:+--max-windows "$MAX_WINDOWS"} "${extra[@]}")
+
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+  # The allocation's --ntasks-per-node sets the ranks; PMI2 hands mpi4py its rank and size.
+  srun --mpi=pmi2 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "$PYTHON" -m pipeline.cache "${args[@]}"
+elif ((NTASKS > 1)); then
+  # The mpiexec next to $PYTHON is the venv's MPICH, the MPI mpi4py was built against.
+  "${MPIEXEC:-$(dirname "$(command -v "$PYTHON")")/mpiexec}" -n "$NTASKS" "$PYTHON" -m pipeline.cache "${args[@]}"
+else
+  "$PYTHON" -m pipeline.cache "${args[@]}"
+fi

@@ -1,0 +1,1 @@
+"""Fake stage entry points for the SLURM plumbing tests (see ../README.md)."""

@@ -1,0 +1,158 @@
+"""Held-out language-modeling metrics of a model: perplexity, NLL/token, KL to a teacher.
+
+The text is cut exactly as the cache stage cuts its corpus (`pipeline.data`: documents
+tokenized without special tokens, EOS appended, concatenated, consecutive windows of T
+tokens, the incomplete tail dropped), so the numbers are comparable with the KD loss the
+student trained on. In each window the T-1 positions 0..T-2 predict tokens 1..T-1:
+
+    nll_per_token = (1/N) * sum_{w,t} -log s_t(x_{t+1})       N = windows * (T-1)
+    perplexity    = exp(nll_per_token)
+    kl_to_teacher = (1/N) * sum_{w,t} sum_v p_t(v) (log p_t(v) - log s_t(v))   = KL(p || s)
+
+with `s` the student's and `p` the teacher's softmax (KL only when both share the
+tokenizer and the output vocabulary size). Memory stays bounded whatever V: each model
+runs its base network on a [B,T] batch for hidden states [B,T,H], and the output head runs
+on `chunk_positions` rows at a time, so at most a few [chunk, V] fp32 arrays exist at
+once (never [B,T,V]). Sums accumulate in float64.
+
+    python -m pipeline.evaluate --model OUT/export --heldout held.jsonl --teacher TEACHER --out EVAL
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import DataSpec, load_documents, token_stream, tokenizer_fingerprint, windows
+
+log = logging.getLogger(__name__)
+
+# Config attributes of architectures whose logits are not just `lm_head(hidden)`.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _load(model_dir: str | Path, dtype: torch.dtype, device: str):
+    """(model, tokenizer) from a saved HF directory, eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a model saved with save_pretrained")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    for attr in _LOGIT_TRANSFORMS:
+        if getattr(model.config, attr, None) not in (None, 1.0):  # HF config: optional attribute
+            raise ValueError(f"{path}: {type(model).__name__} transforms its logits ({attr}="
+                             f"{getattr(model.config, attr)}); heldout_metrics applies only lm_head")
+    return model, tok
+
+
+def _head_parts(model):
+    """(base network returning hidden states, output head) of a causal LM."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return model.base_model, head
+
+
+def _vocab(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def teacher_mismatch(student, s_tok, teacher, t_tok) -> str | None:
+    """Why KL(teacher || student) is undefined for this pair, or None when it is defined."""
+    if tokenizer_fingerprint(s_tok) != tokenizer_fingerprint(t_tok):
+        return "the tokenizers differ (vocabulary or EOS)"
+    if _vocab(student) != _vocab(teacher):
+        return f"output vocabularies differ: student {_vocab(student)}, teacher {_vocab(teacher)}"
+    return None
+
+
+def _batches(wins, batch_size: int, max_windows: int | None):
+    """Group an iterator of [T] uint32 windows into int64 arrays [B,T] (last batch may be short)."""
+    batch: list[np.ndarray] = []
+    for i, w in enumerate(wins):
+        if max_windows is not None and i >= max_windows:
+            break
+        batch.append(w.astype(np.int64))
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+@torch.no_grad()
+def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int,
+                    teacher_dir: str | Path | None = None, max_windows: int | None = None,
+                    batch_size: int = 4, chunk_positions: int = 512, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, progress=None) -> dict:
+    """Perplexity of `model_dir` on `texts_jsonl` (field `text`), and KL to `teacher_dir`.
+
+    Returns `{"perplexity", "nll_per_token", "tokens", "windows", "seq_len"}` plus
+    `"kl_to_teacher"` (mean per-token KL(teacher || student), nats) when a teacher is given
+    and shares the student's tokenizer and vocabulary; otherwise a warning says why not.
+    `tokens` = windows * (seq_len - 1) predicted tokens. `progress`: an optional
+    `rich.progress.Progress` to report windows on.
+    """
+    if batch_size < 1 or chunk_positions < 1:
+        raise ValueError(f"batch_size={batch_size} and chunk_positions={chunk_positions} must be >= 1")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--heldout-max-windows {max_windows} must be >= 1")
+    texts = Path(texts_jsonl)
+    if not texts.is_file():
+        raise FileNotFoundError(f"--heldout {texts}: no such file (JSONL with a 'text' field)")
+
+    student, tok = _load(model_dir, dtype, device)
+    teacher = None
+    if teacher_dir is not None:
+        teacher, t_tok = _load(teacher_dir, dtype, device)
+        reason = teacher_mismatch(student, tok, teacher, t_tok)
+        if reason is not None:
+            log.warning("heldout: no kl_to_teacher for teacher %s: %s", teacher_dir, reason)
+            teacher = None
+    s_base, s_head = _head_parts(student)
+    t_base, t_head = _head_parts(teacher) if teacher is not None else (None, None)
+
+    docs = load_documents(DataSpec(path=str(texts), text_field="text"))
+    wins = windows(token_stream(docs, tok), seq_len)
+    task = progress.add_task("held-out windows", total=max_windows) if progress is not None else None
+
+    nll_sum = 0.0  # float64 accumulators: N can reach 1e8 tokens
+    kl_sum = 0.0
+    n_tokens = 0
+    n_windows = 0
+    for batch in _batches(wins, batch_size, max_windows):
+        x = torch.from_numpy(batch).to(device)                           # [B,T]
+        h = s_base(input_ids=x).last_hidden_state[:, :-1]                # [B,T-1,H]
+        h = h.reshape(-1, h.shape[-1])                                   # [N_b,H]
+        y = x[:, 1:].reshape(-1)                                         # [N_b]
+        if teacher is not None:
+            ht = t_base(input_ids=x).last_hidden_state[:, :-1]
+            ht = ht.reshape(-1, ht.shape[-1])
+        for s in range(0, y.numel(), chunk_positions):
+            e = min(s + chunk_positions, y.numel())
+            ls = torch.log_softmax(s_head(h[s:e]).float(), dim=-1)       # [C,V]
+            nll_sum -= ls.gather(1, y[s:e, None]).double().sum().item()
+            if teacher is not None:
+                lt = torch.log_softmax(t_head(ht[s:e]).float(), dim=-1)  # [C,V]
+                p = lt.exp()
+                # p*(log p - log s), with 0*log 0 = 0 where the teacher gives a class no mass
+                kl = torch.where(p > 0, p * (lt - ls), torch.zeros_like(p))
+                kl_sum += kl.double().sum().item()
+        n_tokens += y.numel()
+        n_windows += x.shape[0]
+        if task is not None:
+            progress.advance(task, x.shape[0])
+    if n_windows == 0:
+        raise ValueError(f"--heldout {texts}: the text gives no complete window of --seq-len "
+                         f"{seq_len} tokens; use a shorter --seq-len or more text")
+    out = {"perplexity": math.exp(nll_sum / n_tokens), "nll_per_token": nll_sum / n_tokens,
+           "tokens": n_tokens, "windows": n_windows, "seq_len": seq_len}
+    if teacher is not None:
+        out["kl_to_teacher"] = kl_sum / n_tokens
+    return out

@@ -1,0 +1,123 @@
+"""pipeline.heldout against an independent float64 computation on tiny real models.
+
+The reference cuts windows by hand (tokenize each document, append EOS, concatenate,
+reshape), runs the whole model once in float64 for full [W,T,V] logits and computes NLL
+and KL(teacher || student) densely; the code under test uses pipeline.data, fp32, a
+hidden-state/lm_head split, batches and position chunks that do not divide the sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.heldout import heldout_metrics
+from pipeline.tiny import build_tiny_model
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Knowledge distillation trains a small student to imitate a large teacher.",
+    "Numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 appear in word problems.",
+    "A teacher's output distribution carries more information than a one-hot label.",
+    "Short one.",
+    "Because the answer to the question is 42, the fox jumps twice over the dog.",
+    "The lazy dog sleeps while the student learns from the teacher.",
+]
+T = 16
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Student, a peaked teacher on the same tokenizer, and a held-out JSONL file."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("heldout")
+    student = build_tiny_model(root / "student", seed=0)
+    teacher = build_tiny_model(root / "teacher", seed=1)
+    # Scale the final norm so the teacher's softmax is far from uniform and the KL is large
+    # enough (order 1 nat) for a relative comparison to mean something.
+    m = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    with torch.no_grad():
+        m.model.norm.weight.mul_(40.0)
+    m.save_pretrained(teacher)
+    texts = root / "held.jsonl"
+    texts.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    return student, teacher, texts
+
+
+def reference(student_dir, teacher_dir, texts, seq_len, max_windows=None):
+    """(nll_per_token, kl, windows) in float64 from full logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    ids: list[int] = []
+    for line in texts.read_text().splitlines():
+        ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    x = torch.tensor(np.asarray(ids[:n * seq_len]).reshape(n, seq_len))
+
+    def logprobs(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), dim=-1)
+
+    ls = logprobs(student_dir)                                          # [W,T-1,V]
+    nll = -ls.gather(-1, x[:, 1:, None]).mean().item()
+    kl = None
+    if teacher_dir is not None:
+        lt = logprobs(teacher_dir)
+        kl = (lt.exp() * (lt - ls)).sum(-1).mean().item()
+    return nll, kl, n
+
+
+def test_matches_float64_reference(models):
+    student, teacher, texts = models
+    got = heldout_metrics(student, texts, T, teacher_dir=teacher, batch_size=3, chunk_positions=7)
+    nll, kl, n = reference(student, teacher, texts, T)
+    assert n >= 4, "the corpus must give several windows for batching to matter"
+    assert got["windows"] == n
+    assert got["tokens"] == n * (T - 1)
+    assert got["seq_len"] == T
+    # fp32 vs fp64 on a 2-layer model: ~1e-7 relative; 1e-5 leaves margin, catches any
+    # off-by-one shift or wrong window (those change the NLL in the 2nd-3rd digit).
+    assert got["nll_per_token"] == pytest.approx(nll, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert kl > 0.1, "the reference teacher must differ clearly from the student"
+    assert got["kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_max_windows_and_no_teacher(models):
+    student, _, texts = models
+    got = heldout_metrics(student, texts, T, max_windows=2, batch_size=4, chunk_positions=1000)
+    nll, _, n = reference(student, None, texts, T, max_windows=2)
+    assert n == 2 and got["windows"] == 2 and got["tokens"] == 2 * (T - 1)
+    assert got["nll_per_token"] == pytest.approx(nll, rel=1e-5)
+    assert "kl_to_teacher" not in got
+
+
+def test_teacher_with_other_vocab_gives_no_kl(models, tmp_path):
+    student, _, texts = models
+    padded = build_tiny_model(tmp_path / "padded", seed=2, vocab_size=600)
+    other_tok = build_tiny_model(tmp_path / "other", seed=2, texts=["entirely different words"] * 4,
+                                 tokenizer_vocab=300)
+    nll, _, _ = reference(student, None, texts, T)
+    for teacher in (padded, other_tok):
+        got = heldout_metrics(student, texts, T, teacher_dir=teacher)
+        assert "kl_to_teacher" not in got
+        assert got["nll_per_token"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_bad_input(models, tmp_path):
+    student, _, texts = models
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        heldout_metrics(student, tmp_path / "missing.jsonl", T)
+    with pytest.raises(ValueError, match="no complete window"):
+        heldout_metrics(student, texts, 100_000)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        heldout_metrics(tmp_path, texts, T)

@@ -1,0 +1,361 @@
+"""Stage 1: run the teacher once over the corpus and write the 37-byte/position cache.
+
+    python -m pipeline.cache --teacher PATH_OR_ID --data PATH_OR_NAME --out DIR \
+        [--seq-len 2048] [--num-classes 12] [--sampler priority] [--batch-size 4]
+    mpiexec -n 2 python -m pipeline.cache ...      # or: srun --mpi=pmi2 (slurm/cache.sh)
+
+Per rank: windows w with w % world == rank (pipeline.data), teacher forward in
+micro-batches, lm_head applied to chunks of positions (the [B, T, V] logits never exist),
+sample_classes -> codebooks -> RecordCodec.pack -> one WebDataset sample per window:
+`__key__` = {rank:04d}-{window:09d}, `tokens.u32` (T x uint32 LE), `kd.bin` (T x 37 B).
+
+Crash safety: a shard is written as `*.tar.tmp`; when complete it is hashed, recorded in
+this rank's manifest part (atomic rewrite), then renamed. A restart verifies recorded
+shards, deletes partial files, and continues with the next window; completed shards are
+never rewritten. Samples are seeded per window (seed, window index), so the records do
+not depend on the number of ranks, the batch size or a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import config as C
+from pipeline.codec import FORMAT_VERSION, RecordCodec
+from pipeline.data import DataSpec, dataset_fingerprint, rank_windows, tokenizer_fingerprint
+from pipeline.distributed import DistInfo, SingleComm, TorchComm, init_distributed, log
+from pipeline.manifest import (MANIFEST, check_compatible, merge_parts, part_name, sha256_file,
+                               shard_name, write_json_atomic)
+from pipeline.progress import StageProgress
+from pipeline.sampling import METHODS, sample_classes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    teacher: str = C.opt(None, "teacher: local HF checkpoint directory or hub id")
+    data: str = C.opt(None, "corpus: local json/jsonl/parquet/txt file or folder, or a hub dataset")
+    out: str = C.opt(None, "output cache directory")
+    text_field: str = C.opt("text", "column holding the document text")
+    split: str = C.opt("train", "dataset split")
+    dataset_name: str | None = C.opt(None, "hub dataset configuration name")
+    streaming: bool = C.opt(False, "stream the dataset instead of materializing it")
+    seq_len: int = C.opt(2048, "window length T in tokens")
+    num_classes: int = C.opt(12, "U: sampled classes stored per position")
+    sampler: str = C.opt("priority", "class sampler", choices=METHODS)
+    rskd_draws: int = C.opt(50, "rskd: draws with replacement per position")
+    rskd_tau: float = C.opt(1.0, "rskd: proposal temperature tau_s")
+    teacher_temperature: float = C.opt(1.0, "temperature applied to teacher logits before sampling")
+    seed: int = C.opt(0, "seed; every window's randomness derives from (seed, window index)")
+    batch_size: int = C.opt(1, "windows per teacher forward pass")
+    chunk_positions: int = C.opt(2048, "positions per lm_head call (bounds [chunk, V] logits)")
+    max_windows: int | None = C.opt(None, "use only the first N windows of the corpus")
+    shard_samples: int = C.opt(256, "windows per shard (256 x 2048 tokens = 21 MB)")
+    device: str = C.opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, or cuda")
+    device_map: str | None = C.opt(None, "'auto' spreads a teacher too big for one GPU over the node")
+    dtype: str = C.opt("auto", "teacher dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16",
+                       choices=("auto", "float32", "bfloat16", "float16"))
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("teacher", "data", "out"):
+            if not getattr(self, name):  # noqa: the config's own fields, by name
+                problems.append(f"--{name} is required")
+        if self.seq_len < 2:
+            problems.append(f"--seq-len {self.seq_len} must be >= 2")
+        if self.num_classes < 1:
+            problems.append(f"--num-classes {self.num_classes} must be >= 1")
+        if self.batch_size < 1 or self.chunk_positions < 1 or self.shard_samples < 1:
+            problems.append("--batch-size, --chunk-positions and --shard-samples must be >= 1")
+        if self.max_windows is not None and self.max_windows < 1:
+            problems.append(f"--max-windows {self.max_windows} must be >= 1")
+        if self.teacher_temperature <= 0:
+            problems.append(f"--teacher-temperature {self.teacher_temperature} must be > 0")
+        C.raise_if(problems, "cache")
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.data, self.text_field, self.split, self.dataset_name, self.streaming)
+
+    @property
+    def sampler_args(self) -> dict:
+        return {"num_draws": self.rskd_draws, "tau_s": self.rskd_tau} if self.sampler == "rskd" else {}
+
+
+def _pick_device(cfg: CacheConfig, info: DistInfo) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def load_teacher(cfg: CacheConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.teacher)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--teacher {cfg.teacher}: cannot load its tokenizer ({e})") from e
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    kw = {"device_map": cfg.device_map} if cfg.device_map else {}
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, **kw)
+    if not cfg.device_map:
+        model.to(device)
+    model.eval()
+    return tok, model
+
+
+def teacher_logit_chunks(model, input_ids: torch.Tensor, chunk: int, temperature: float):
+    """Yield `(b, start, logits [n, V])` per window b and chunk of positions.
+
+    The decoder runs once per micro-batch; lm_head runs on `chunk` positions at a time, so
+    at V = 151,936 the logits never take more than chunk x V floats.
+    """
+    base, head = model.get_decoder(), model.get_output_embeddings()
+    if model.config.get_text_config().to_dict().get("final_logit_softcapping"):
+        raise ValueError("teachers with final_logit_softcapping are not supported yet")
+    with torch.inference_mode():
+        hidden = base(input_ids=input_ids).last_hidden_state
+        for b in range(hidden.shape[0]):
+            for s in range(0, hidden.shape[1], chunk):
+                h = hidden[b, s:s + chunk].to(head.weight.device)
+                yield b, s, head(h).float() / temperature
+
+
+class RankWriter:
+    """One rank's shards and manifest part (see module docstring for the protocol)."""
+
+    def __init__(self, out: Path, rank: int, header: dict, part: dict | None):
+        self.out, self.rank, self.header = out, rank, header
+        self.part = part or {"rank": rank, "header": header, "shards": [], "finished": False,
+                             "stats": {}}
+        self.part["finished"] = False
+        self.writer = None
+        self.shard_stats = self._empty_stats()
+
+    @staticmethod
+    def _empty_stats() -> dict:
+        return {"entropy_code_hist": [0] * 256, "distinct_hist": [0] * 65, "positions": 0,
+                "samples": 0, "rskd_truncated_positions": 0}
+
+    def recover(self) -> int:
+        """Verify recorded shards, finish interrupted renames, delete partial files.
+        Returns the number of this rank's windows already cached."""
+        recorded = {s["file"] for s in self.part["shards"]}
+        for s in self.part["shards"]:
+            final, tmp = self.out / s["file"], self.out / (s["file"] + ".tmp")
+            if not final.exists() and tmp.exists() and sha256_file(tmp) == s["sha256"]:
+                os.replace(tmp, final)       # crashed between recording and renaming
+            if not final.exists():
+                raise ValueError(f"{final} is recorded in {part_name(self.rank)} but missing; "
+                                 "restore it or start over in a new --out directory")
+            if sha256_file(final) != s["sha256"]:
+                raise ValueError(f"{final}: sha256 differs from {part_name(self.rank)}; the shard "
+                                 "is damaged. Delete it and its entry (or the whole cache) to redo it")
+        for f in self.out.glob(f"cache-r{self.rank:04d}-*"):
+            if f.name not in recorded:
+                log(f"removing partial shard {f.name} from an interrupted run", all_ranks=True)
+                f.unlink()
+        return sum(s["samples"] for s in self.part["shards"])
+
+    def _finish_shard(self, tmp_name: str) -> None:
+        tmp = Path(tmp_name)
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        st = self.shard_stats
+        entry = {"file": final.name, "samples": st["samples"], "positions": st["positions"],
+                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        self.part["shards"].append(entry)
+        for k, v in st.items():
+            agg = self.part["stats"]
+            agg[k] = [a + b for a, b in zip(agg[k], v)] if isinstance(v, list) and k in agg else \
+                (list(v) if isinstance(v, list) else agg.get(k, 0) + v)
+        write_json_atomic(self.out / part_name(self.rank), self.part)   # record, then rename
+        os.replace(tmp, final)
+        self.shard_stats = self._empty_stats()
+
+    def write(self, window: int, tokens: np.ndarray, records: np.ndarray, ecodes, n_distinct,
+              truncated: int) -> None:
+        import webdataset as wds
+
+        if self.writer is None:
+            pattern = str(self.out / shard_name(self.rank, 0)).replace("000000.tar", "%06d.tar.tmp")
+            self.writer = wds.ShardWriter(pattern, maxcount=self.header["shard_samples"],
+                                          start_shard=len(self.part["shards"]),
+                                          post=self._finish_shard, verbose=0, encoder=False,
+                                          mtime=0.0)
+        if self.writer.tarstream is not None and self.writer.count >= self.writer.maxcount:
+            self.writer.next_stream()        # finish the full shard before counting into the next
+        self.writer.write({"__key__": f"{self.rank:04d}-{window:09d}",
+                           "tokens.u32": tokens.astype("<u4").tobytes(),
+                           "kd.bin": records.tobytes()})
+        st = self.shard_stats
+        st["samples"] += 1
+        st["positions"] += len(tokens)
+        st["entropy_code_hist"] = (np.asarray(st["entropy_code_hist"])
+                                   + np.bincount(ecodes, minlength=256)).tolist()
+        st["distinct_hist"] = (np.asarray(st["distinct_hist"])
+                               + np.bincount(n_distinct, minlength=65)[:65]).tolist()
+        st["rskd_truncated_positions"] += truncated
+
+    def close(self) -> dict:
+        if self.writer is not None:
+            self.writer.close()
+        self.part["finished"] = True
+        write_json_atomic(self.out / part_name(self.rank), self.part)
+        return self.part
+
+
+def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": cfg.teacher,
+        "teacher_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": codec.vocab_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "eos_token_id": tok.eos_token_id,
+        "seq_len": cfg.seq_len,
+        "num_classes": cfg.num_classes,
+        "id_bits": codec.id_bits,
+        "w_bits": codec.w_bits,
+        "sentinel": codec.sentinel,
+        "bytes_per_position": codec.bytes_per_position,
+        "sampler": cfg.sampler,
+        "sampler_args": cfg.sampler_args,
+        "teacher_temperature": cfg.teacher_temperature,
+        "seed": cfg.seed,
+        "dataset": cfg.data_spec.to_json(),
+        "dataset_fingerprint": dataset_fingerprint(cfg.data_spec),
+        "max_windows": cfg.max_windows,
+        "shard_samples": cfg.shard_samples,
+        "weight_codebook": codec.weight_codebook().levels.tolist(),
+        "entropy_codebook": codec.entropy_codebook().levels.tolist(),
+        "entropy_max_error": codec.entropy_codebook().max_error,
+    }
+
+
+def encode_window(codec: RecordCodec, ids, w, h, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    wc = codec.weight_codebook().encode(w, rng)
+    ec = codec.entropy_codebook().encode(h)
+    return codec.pack(ids, wc, ec), ec
+
+
+def window_generators(seed: int, window: int, device: torch.device):
+    """Independent torch (sampling) and numpy (rounding) streams for one window."""
+    ss = np.random.SeedSequence([seed, window])
+    s_torch, s_np = ss.generate_state(2, dtype=np.uint64)
+    gen = torch.Generator(device=device).manual_seed(int(s_torch) & (2**63 - 1))
+    return gen, np.random.default_rng(int(s_np))
+
+
+def run(cfg: CacheConfig) -> dict | None:
+    info, comm = init_distributed()
+    if comm is None:                                  # torchrun / srun without MPI
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        comm = TorchComm()
+    device = _pick_device(cfg, info)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, model = load_teacher(cfg, device)
+    V = model.get_output_embeddings().weight.shape[0]
+    try:
+        codec = RecordCodec(V, cfg.num_classes)
+    except ValueError as e:
+        raise ValueError(f"--teacher {cfg.teacher}: {e}") from e
+    max_pos = model.config.get_text_config().to_dict().get("max_position_embeddings")
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the teacher's context "
+                         f"(max_position_embeddings={max_pos}); use --seq-len <= {max_pos}")
+    header = build_header(cfg, tok, model, codec)
+    part = check_compatible(out, header, info.rank)
+    writer = RankWriter(out, info.rank, header, part)
+    done = writer.recover()
+    if done:
+        log(f"rank {info.rank}: resuming after {done} cached windows "
+            f"({len(writer.part['shards'])} shards verified)", info, all_ranks=True)
+
+    prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ")
+    stats: dict = {}
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush():
+        ids_in = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64)).to(device)
+        per_window: dict[int, list] = {b: [] for b in range(len(batch))}
+        gens = [window_generators(cfg.seed, w, device) for w, _ in batch]
+        for b, _, logits in teacher_logit_chunks(model, ids_in, cfg.chunk_positions,
+                                                 cfg.teacher_temperature):
+            before = stats.get("rskd_truncated_positions", 0)
+            ids, w, h = sample_classes(logits, cfg.num_classes, cfg.sampler, gens[b][0],
+                                       sentinel=codec.sentinel, stats=stats, **cfg.sampler_args)
+            per_window[b].append((ids.cpu(), w.cpu(), h.cpu(),
+                                  stats.get("rskd_truncated_positions", 0) - before))
+        for b, (window, tokens) in enumerate(batch):
+            parts = per_window[b]
+            ids = torch.cat([p[0] for p in parts]).numpy()
+            w = torch.cat([p[1] for p in parts]).numpy()
+            h = torch.cat([p[2] for p in parts]).numpy()
+            records, ec = encode_window(codec, ids, w, h, gens[b][1])
+            n_distinct = (ids != codec.sentinel).sum(1)
+            writer.write(window, tokens, records, ec, n_distinct, sum(p[3] for p in parts))
+        prog.update(len(batch), len(batch) * cfg.seq_len)
+        batch.clear()
+
+    t0 = time.perf_counter()
+    for window, tokens in rank_windows(cfg.data_spec, tok, cfg.seq_len, info.rank,
+                                       info.world_size, start=done, max_windows=cfg.max_windows):
+        if int(tokens.max()) >= V:
+            raise ValueError(f"window {window}: token id {int(tokens.max())} >= teacher V={V}")
+        batch.append((window, tokens))
+        if len(batch) == cfg.batch_size:
+            flush()
+    if batch:
+        flush()
+    prog.close()
+    part = writer.close()
+    part["wall_time_s"] = time.perf_counter() - t0
+    parts = comm.gather_object(part)
+    if info.rank != 0:
+        return None
+    if not any(p["shards"] for p in parts):
+        raise ValueError(f"--data {cfg.data}: no complete window of {cfg.seq_len} tokens "
+                         f"(the corpus is empty or shorter than one window)")
+    manifest = merge_parts(header, parts)
+    manifest["wall_time_s"] = max(p["wall_time_s"] for p in parts)
+    write_json_atomic(out / MANIFEST, manifest)
+    _summary(manifest, out)
+    return manifest
+
+
+def _summary(m: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"teacher cache: {out}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    bpp = m["bytes"] / max(m["positions"], 1)
+    for k, v in [("ranks", m["world_size"]), ("shards", len(m["shards"])),
+                 ("windows", m["samples"]), ("positions", f"{m['positions']:,}"),
+                 ("bytes on disk", f"{m['bytes']:,}"), ("bytes / position", f"{bpp:.2f}"),
+                 ("V / id bits / w bits", f"{m['vocab_size']} / {m['id_bits']} / {m['w_bits']}"),
+                 ("sampler", f"{m['sampler']} U={m['num_classes']}"),
+                 ("wall time", f"{m['wall_time_s']:.1f} s")]:
+        t.add_row(k, str(v))
+    Console(stderr=True).print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = C.parse(CacheConfig, argv, __doc__)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

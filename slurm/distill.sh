@@ -20,6 +20,8 @@ set -euo pipefail
 # Under sbatch this file runs from a spool copy: the repo is then the submit directory.
 repo=$(cd "$(dirname "$0")/.." && pwd); [[ -d $repo/pipeline ]] || repo=${SLURM_SUBMIT_DIR:-$PWD}
 cd "${REPO_DIR:-$repo}"
+# Demo defaults (any variable set in the environment wins); see slurm/defaults.sh.
+[[ -f $repo/slurm/defaults.sh && -z ${SAMPLEDKD_NO_DEFAULTS:-} ]] && source "$repo/slurm/defaults.sh"
 [[ -d pipeline ]] || { echo "distill.sh: no pipeline/ in $PWD: submit from the repo root or set REPO_DIR" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python}

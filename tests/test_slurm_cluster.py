@@ -62,7 +62,8 @@ def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(REPO_DIR=str(FAKE_REPO), PYTHON=sys.executable, TEACHER="teacher-id",
                DATA=str(tmp_path / "data.jsonl"), CACHE_DIR=str(tmp_path / "cache"),
                STUDENT=str(tmp_path / "student-init"), RUN_DIR=str(tmp_path / "run"),
-               EVAL_DIR=str(tmp_path / "eval"), DS_CONFIG="", LOG_DIR=str(tmp_path / "logs"))
+               EVAL_DIR=str(tmp_path / "eval"), DS_CONFIG="", LOG_DIR=str(tmp_path / "logs"),
+               SAMPLEDKD_NO_DEFAULTS="1")  # the scripts' own logic, not the demo defaults
     env.update(extra)
     (tmp_path / "logs").mkdir(exist_ok=True)  # sbatch does not create the --output folder
     return env

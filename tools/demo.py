@@ -1,0 +1,173 @@
+"""The whole pipeline on the embedded default: real SmolLM2-135M-Instruct teacher, real
+Wikipedia text, 2 CPU ranks per stage. Run through `bash scripts/demo.sh`.
+
+    python tools/demo.py [--out runs/demo] [--steps 48] [--max-windows 192] [--tiny]
+
+1. assets (cached after the first run): teacher, 4-layer student cut, train/held-out text;
+2. stage 1 through slurm/cache.sh (mpiexec, 2 ranks, U=12 priority samples, T=256);
+3. stage 2 through slurm/distill.sh (torchrun, 2 ranks, ZeRO-3): the SampledKD student
+   (teacher-entropy top-25% with GLS) and a no-KD student on the same windows and steps;
+4. stage 3: held-out perplexity and KL to the teacher for teacher, initial student, no-KD
+   and SampledKD students; the nine offline fixture tasks for the two trained students;
+5. the storage table (tools/inspect_cache.py), the comparison table, and PNG plots
+   (entropy histogram, loss curves, comparison) under OUT/plots.
+`--tiny` swaps in tiny random models and a few windows (the CI smoke test of this path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def sh(cmd: list[str], env: dict, what: str) -> float:
+    """Run a stage with its output streaming; fail loudly with the stage's name."""
+    print(f"\n=== {what} ===\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, env=env, cwd=REPO).returncode
+    if rc:
+        sys.exit(f"demo: {what} failed with exit code {rc}")
+    dt = time.perf_counter() - t0
+    print(f"--- {what}: {dt:.0f} s", flush=True)
+    return dt
+
+
+def tiny_assets(out: Path) -> dict:
+    """Tiny random teacher/student sharing a tokenizer, and a few paragraphs of text."""
+    from pipeline.tiny import build_tiny_model
+
+    d = out / "tiny-assets"
+    text = [p for f in sorted((REPO / "pipeline").glob("*.py")) for p in f.read_text().split("\n\n")]
+    d.mkdir(parents=True, exist_ok=True)
+    for name, lines in (("train.jsonl", text * 3), ("heldout.jsonl", text[:20])):
+        with open(d / name, "w") as f:
+            for t in lines:
+                if t.strip():
+                    f.write(json.dumps({"text": t}) + "\n")
+    teacher = build_tiny_model(d / "teacher", "llama", hidden=48, layers=2, seed=0)
+    student = build_tiny_model(d / "student", "llama", hidden=48, layers=1, seed=1)
+    return {"teacher": str(teacher), "student": str(student), "train": str(d / "train.jsonl"),
+            "heldout": str(d / "heldout.jsonl")}
+
+
+def loss_plot(runs: dict[str, Path], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, run in runs.items():
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in recs]
+        ax[0].plot(steps, [r["loss"] for r in recs], label=name)
+        if any(r["kd_loss"] for r in recs):
+            ax[1].plot(steps, [r["kl_est"] for r in recs], label=f"{name}: est. KL")
+    ax[0].set(xlabel="step", ylabel="training loss", title="loss")
+    ax[1].set(xlabel="step", ylabel="nats", title="estimated KL to the teacher (cache)")
+    for a in ax:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    ap.add_argument("--assets", type=Path, default=None, help="asset cache (default $SAMPLEDKD_ASSETS or ./assets_cache)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (CI smoke test)")
+    args = ap.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    t_all = time.perf_counter()
+
+    if args.tiny:
+        assets = tiny_assets(out)
+    else:
+        from pipeline.assets import prepare_assets
+        cache = args.assets or Path(os.environ.get("SAMPLEDKD_ASSETS", REPO / "assets_cache"))
+        print(f"=== assets ({cache}) ===", flush=True)
+        assets = prepare_assets(cache)
+    seq = "64" if args.tiny else os.environ.get("SEQ_LEN", "256")
+    env = dict(os.environ, PYTHON=PY, TEACHER=assets["teacher"], DATA=assets["train"],
+               STUDENT=assets["student"], CACHE_DIR=str(out / "cache"), SEQ_LEN=seq,
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.max_windows or args.tiny:
+        env["MAX_WINDOWS"] = str(args.max_windows or 24)
+    if args.steps or args.tiny:
+        env["STEPS"] = str(args.steps or 4)
+    if args.tiny:
+        env.update(MICRO_BATCH="1")
+    times = {"cache": sh(["bash", "slurm/cache.sh"], dict(env, EXTRA_ARGS="--shard-samples 16"),
+                         "stage 1: teacher cache (2 ranks)")}
+    runs = {"sampledkd": out / "sampledkd", "no_kd": out / "no_kd"}
+    gls_queue = "4096" if args.tiny else "30000"
+    times["sampledkd"] = sh(["bash", "slurm/distill.sh"], dict(
+        env, RUN_DIR=str(runs["sampledkd"]), MODE="sampledkd", SELECT="gls",
+        EXTRA_ARGS=f"--gls-queue {gls_queue} --gls-warmup 2048 --select-score teacher_entropy"),
+        "stage 2: SampledKD student (2 ranks, ZeRO-3, GLS top-25%)")
+    times["no_kd"] = sh(["bash", "slurm/distill.sh"], dict(
+        env, RUN_DIR=str(runs["no_kd"]), MODE="no_kd", SELECT="all",
+        EXTRA_ARGS="--ce-weight 1 --kd-weight 0"),
+        "stage 2: no-KD student (same windows and steps)")
+
+    models = {"teacher": assets["teacher"], "student_init": assets["student"],
+              "no_kd": str(runs["no_kd"] / "export"), "sampledkd": str(runs["sampledkd"] / "export")}
+    hw = "8" if args.tiny else "24"
+    for name, model in models.items():
+        tasks = ["--tasks", "paper", "--data-dir", "pipeline/tasks/fixtures", "--limit", "2",
+                 "--max-gen-toks", "16"] if name in ("no_kd", "sampledkd") else []
+        sh([PY, "-m", "pipeline.evaluate", "--model", model, "--out", str(out / "eval" / name),
+            "--heldout", assets["heldout"], "--teacher", assets["teacher"], "--seq-len", seq,
+            "--heldout-max-windows", hw, *tasks], env, f"stage 3: evaluate {name}")
+        run_dir = runs.get(name)
+        if run_dir is not None:
+            info = json.loads((run_dir / "run_info.json").read_text())
+            info["name"] = name
+            (out / "eval" / name / "run_info.json").write_text(json.dumps(info))
+
+    sh([PY, "tools/inspect_cache.py", str(out / "cache"), "--plot", str(plots / "entropy.png")],
+       env, "storage: tools/inspect_cache.py")
+    sh([PY, "tools/compare_runs.py", *[f"{n}={out / 'eval' / n}" for n in ("no_kd", "sampledkd")],
+        "--out", str(plots / "comparison")], env, "comparison: tools/compare_runs.py")
+    loss_plot(runs, plots / "loss_curves.png")
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="held-out language modelling (real Wikipedia text the student never saw)")
+    for c in ("model", "perplexity", "KL(teacher || model) nats/token", "tokens"):
+        t.add_column(c, justify="right")
+    ppl = {}
+    for name in models:
+        h = json.loads((out / "eval" / name / "results.json").read_text())["heldout"]
+        ppl[name] = h["perplexity"]
+        kl = h.get("kl_to_teacher")
+        t.add_row(name, f"{h['perplexity']:.2f}", "-" if kl is None else f"{kl:.4f}", str(h["tokens"]))
+    con = Console()
+    con.print(t)
+    verdict = "lower" if ppl["sampledkd"] < ppl["no_kd"] else "NOT lower"
+    con.print(f"SampledKD student perplexity {ppl['sampledkd']:.2f} is {verdict} than no-KD's "
+              f"{ppl['no_kd']:.2f} (same windows, same steps); teacher {ppl['teacher']:.2f}.")
+    summary = {"perplexity": ppl, "stage_seconds": times,
+               "total_seconds": time.perf_counter() - t_all, "plots": sorted(str(p) for p in plots.glob("*.png"))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    con.print(f"plots: {', '.join(summary['plots'])}\nsummary: {out / 'summary.json'} "
+              f"(total {summary['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

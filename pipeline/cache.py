@@ -9,17 +9,22 @@ micro-batches, lm_head applied to chunks of positions (the [B, T, V] logits neve
 sample_classes -> codebooks -> RecordCodec.pack -> one WebDataset sample per window:
 `__key__` = {rank:04d}-{window:09d}, `tokens.u32` (T x uint32 LE), `kd.bin` (T x 37 B).
 
-Crash safety: a shard is written as `*.tar.tmp`; when complete it is hashed, recorded in
-this rank's manifest part (atomic rewrite), then renamed. A restart verifies recorded
-shards, deletes partial files, and continues with the next window; completed shards are
-never rewritten. Samples are seeded per window (seed, window index), so the records do
-not depend on the number of ranks, the batch size or a restart.
+Crash safety: a shard is written as `*.tar.tmp`; as soon as it holds --shard-samples
+windows it is hashed, recorded in this rank's manifest part (atomic rewrite), then renamed.
+A restart verifies recorded shards, deletes partial files, and continues with the next
+window; completed shards are never rewritten. A restart must use the same number of ranks
+(window w belongs to rank w % world). Samples are seeded per window (seed, window index),
+so the records do not depend on the number of ranks, the batch size or a restart. Under
+MPI a rank that fails aborts the whole job (the others would otherwise wait forever in
+the final gather).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +33,11 @@ import torch
 
 from pipeline import config as C
 from pipeline.codec import FORMAT_VERSION, RecordCodec
-from pipeline.data import DataSpec, dataset_fingerprint, rank_windows, tokenizer_fingerprint
-from pipeline.distributed import DistInfo, SingleComm, TorchComm, init_distributed, log
-from pipeline.manifest import (MANIFEST, check_compatible, merge_parts, part_name, sha256_file,
-                               shard_name, write_json_atomic)
+from pipeline.data import (DataSpec, dataset_fingerprint, load_documents, rank_windows,
+                           tokenizer_fingerprint)
+from pipeline.distributed import DistInfo, MPIComm, TorchComm, init_distributed, log
+from pipeline.manifest import (MANIFEST, check_compatible, check_world, merge_parts, part_name,
+                               sha256_file, shard_name, write_json_atomic)
 from pipeline.progress import StageProgress
 from pipeline.sampling import METHODS, sample_classes
 
@@ -132,11 +138,16 @@ def teacher_logit_chunks(model, input_ids: torch.Tensor, chunk: int, temperature
 class RankWriter:
     """One rank's shards and manifest part (see module docstring for the protocol)."""
 
-    def __init__(self, out: Path, rank: int, header: dict, part: dict | None):
-        self.out, self.rank, self.header = out, rank, header
+    def __init__(self, out: Path, rank: int, header: dict, part: dict | None,
+                 info: DistInfo | None = None):
+        self.out, self.rank, self.header, self.info = out, rank, header, info
         self.part = part or {"rank": rank, "header": header, "shards": [], "finished": False,
                              "stats": {}}
         self.part["finished"] = False
+        # Which windows a rank holds depends on the world size (w % world == rank): a
+        # restart with another world size is refused (manifest.check_world).
+        self.part["world_size"] = info.world_size if info is not None else 1
+        self.part["node"] = info.node if info is not None else os.uname().nodename
         self.writer = None
         self.shard_stats = self._empty_stats()
 
@@ -161,13 +172,20 @@ class RankWriter:
                                  "is damaged. Delete it and its entry (or the whole cache) to redo it")
         for f in self.out.glob(f"cache-r{self.rank:04d}-*"):
             if f.name not in recorded:
-                log(f"removing partial shard {f.name} from an interrupted run", all_ranks=True)
+                log(f"removing partial shard {f.name} from an interrupted run", self.info,
+                    all_ranks=True)
                 f.unlink()
+        # A kill during write_json_atomic leaves its temporary file behind.
+        leftovers = [part_name(self.rank)] + ([MANIFEST] if self.rank == 0 else [])
+        for f in [f for name in leftovers for f in self.out.glob(f"{name}.tmp*")]:
+            f.unlink()
         return sum(s["samples"] for s in self.part["shards"])
 
     def _finish_shard(self, tmp_name: str) -> None:
         tmp = Path(tmp_name)
         final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())     # durable before the part records its hash
         st = self.shard_stats
         entry = {"file": final.name, "samples": st["samples"], "positions": st["positions"],
                  "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
@@ -176,8 +194,8 @@ class RankWriter:
             agg = self.part["stats"]
             agg[k] = [a + b for a, b in zip(agg[k], v)] if isinstance(v, list) and k in agg else \
                 (list(v) if isinstance(v, list) else agg.get(k, 0) + v)
-        write_json_atomic(self.out / part_name(self.rank), self.part)   # record, then rename
-        os.replace(tmp, final)
+        write_json_atomic(self.out / part_name(self.rank), self.part, indent=None)  # record,
+        os.replace(tmp, final)                                                    # then rename
         self.shard_stats = self._empty_stats()
 
     def write(self, window: int, tokens: np.ndarray, records: np.ndarray, ecodes, n_distinct,
@@ -185,13 +203,14 @@ class RankWriter:
         import webdataset as wds
 
         if self.writer is None:
+            # mtime must be the int 0: a float mtime makes tarfile (PAX format; webdataset
+            # does not pass its `format` on) add a 1 KiB PAX header to every member, 2 KiB
+            # per window = +2.4% at T=2048.
             pattern = str(self.out / shard_name(self.rank, 0)).replace("000000.tar", "%06d.tar.tmp")
             self.writer = wds.ShardWriter(pattern, maxcount=self.header["shard_samples"],
                                           start_shard=len(self.part["shards"]),
                                           post=self._finish_shard, verbose=0, encoder=False,
-                                          mtime=0.0)
-        if self.writer.tarstream is not None and self.writer.count >= self.writer.maxcount:
-            self.writer.next_stream()        # finish the full shard before counting into the next
+                                          mtime=0)
         self.writer.write({"__key__": f"{self.rank:04d}-{window:09d}",
                            "tokens.u32": tokens.astype("<u4").tobytes(),
                            "kd.bin": records.tobytes()})
@@ -203,12 +222,17 @@ class RankWriter:
         st["distinct_hist"] = (np.asarray(st["distinct_hist"])
                                + np.bincount(n_distinct, minlength=65)[:65]).tolist()
         st["rskd_truncated_positions"] += truncated
+        if self.writer.count >= self.writer.maxcount:
+            # Finish (hash, record, rename) a full shard now, not when the next window
+            # arrives: a crash then loses at most the shard being filled. The next write
+            # opens the next shard (ShardWriter.write calls next_stream when none is open).
+            self.writer.finish()
 
     def close(self) -> dict:
         if self.writer is not None:
             self.writer.close()
         self.part["finished"] = True
-        write_json_atomic(self.out / part_name(self.rank), self.part)
+        write_json_atomic(self.out / part_name(self.rank), self.part, indent=None)
         return self.part
 
 
@@ -217,6 +241,7 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec) -> dict:
         "format_version": FORMAT_VERSION,
         "teacher": cfg.teacher,
         "teacher_parameters": sum(p.numel() for p in model.parameters()),
+        "teacher_dtype": str(model.dtype).removeprefix("torch."),
         "vocab_size": codec.vocab_size,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "eos_token_id": tok.eos_token_id,
@@ -255,14 +280,30 @@ def window_generators(seed: int, window: int, device: torch.device):
 
 
 def run(cfg: CacheConfig) -> dict | None:
+    """Cache the corpus; returns the merged manifest on rank 0, None on other ranks."""
     info, comm = init_distributed()
     if comm is None:                                  # torchrun / srun without MPI
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
         comm = TorchComm()
+    try:
+        return _run(cfg, info, comm)
+    except BaseException:
+        if isinstance(comm, MPIComm) and info.world_size > 1:
+            # A rank that raises would leave the others blocked in gather_object forever
+            # (mpiexec does not stop the job when one rank exits with an error): report
+            # the error with its rank, then abort every rank.
+            sys.stderr.write(f"[rank {info.rank}] pipeline.cache failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            comm.comm.Abort(1)
+        raise
+
+
+def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
     device = _pick_device(cfg, info)
     out = Path(cfg.out)
+    load_documents(cfg.data_spec)     # fail fast on a missing/empty corpus or a wrong --text-field
     out.mkdir(parents=True, exist_ok=True)
     tok, model = load_teacher(cfg, device)
     V = model.get_output_embeddings().weight.shape[0]
@@ -276,10 +317,11 @@ def run(cfg: CacheConfig) -> dict | None:
                          f"(max_position_embeddings={max_pos}); use --seq-len <= {max_pos}")
     header = build_header(cfg, tok, model, codec)
     part = check_compatible(out, header, info.rank)
-    writer = RankWriter(out, info.rank, header, part)
+    check_world(out, info.world_size)
+    writer = RankWriter(out, info.rank, header, part, info)
     done = writer.recover()
     if done:
-        log(f"rank {info.rank}: resuming after {done} cached windows "
+        log(f"resuming after {done} cached windows "
             f"({len(writer.part['shards'])} shards verified)", info, all_ranks=True)
 
     prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ")

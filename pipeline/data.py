@@ -68,6 +68,9 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
         ds = datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
                                    streaming=spec.streaming)
         field = "text" if builder == "text" else spec.text_field
+    elif path.suffix in _BUILDERS:
+        # "data/corpus.jsonl" would otherwise be taken for the hub name "data/corpus.jsonl".
+        raise ValueError(f"--data {spec.path}: no such file ({path.resolve()})")
     elif "/" in spec.path and not spec.path.startswith((".", "/", "~")):
         ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
         field = spec.text_field

@@ -8,7 +8,8 @@ Layout of a cache directory:
 The header holds only what determines the records (teacher, tokenizer, data, T, U, sampler,
 codebooks, seed): training settings never enter it, so changing a training knob never
 invalidates a cache. A run into a directory whose header differs is refused, naming the
-fields that differ.
+fields that differ; so is a restart with a different number of ranks (each part records the
+world size that decided which windows its rank holds).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-HEADER_KEYS = ("format_version", "teacher", "vocab_size", "tokenizer_fingerprint", "seq_len",
+HEADER_KEYS = ("format_version", "teacher", "teacher_dtype", "vocab_size",
+               "tokenizer_fingerprint", "seq_len",
                "num_classes", "id_bits", "w_bits", "sampler", "sampler_args",
                "teacher_temperature", "seed", "dataset", "dataset_fingerprint", "max_windows",
                "weight_codebook", "entropy_codebook", "shard_samples")
@@ -42,10 +44,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 1) -> None:
+    """Write `obj` as JSON to `path` atomically (temporary file, fsync, rename).
+
+    `indent=None` writes compact JSON (the per-rank parts, rewritten after every shard)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -85,6 +90,24 @@ def check_compatible(out: Path, header: dict, rank: int) -> dict | None:
     return read_json(part) if part.exists() else None
 
 
+def check_world(out: Path, world_size: int) -> None:
+    """Refuse to resume with another number of ranks.
+
+    Window w belongs to rank w % world, and a restarted rank skips as many of its windows as
+    its part records: with another world size those would be other windows (some cached
+    twice, some never), and parts of ranks >= world would be silently dropped.
+    """
+    paths = sorted(out.glob("manifest.r[0-9][0-9][0-9][0-9].json"))
+    if (out / MANIFEST).exists():
+        paths.append(out / MANIFEST)
+    for f in paths:
+        got = read_json(f).get("world_size")
+        if got != world_size:
+            raise ValueError(
+                f"--out {out}: {f.name} was written by a run with {got} rank(s), this run has "
+                f"{world_size}; resume with {got} rank(s), or use a new --out directory")
+
+
 def merge_parts(header: dict, parts: list[dict]) -> dict:
     """Rank 0: one manifest from every rank's part (shards in rank, then shard order)."""
     shards = [s for p in sorted(parts, key=lambda p: p["rank"]) for s in p["shards"]]
@@ -100,7 +123,8 @@ def merge_parts(header: dict, parts: list[dict]) -> dict:
         **header,
         "world_size": len(parts),
         "ranks": {str(p["rank"]): {"shards": [s["file"] for s in p["shards"]],
-                                   "finished": p["finished"]} for p in parts},
+                                   "finished": p["finished"], "node": p.get("node")}
+                  for p in parts},
         "shards": shards,
         "samples": sum(s["samples"] for s in shards),
         "positions": sum(s["positions"] for s in shards),

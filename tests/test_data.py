@@ -1,0 +1,169 @@
+"""pipeline.data: corpus -> windows of T tokens, against an independent tokenization.
+
+The reference tokenizes every document on its own (`encode(doc, add_special_tokens=False)`
+plus EOS), concatenates in file order, cuts windows of T tokens and drops the tail; the
+code under test batches documents through HF `datasets` and a streaming window cutter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import DataSpec, count_windows, load_documents, rank_windows
+
+T = 16
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teacher", "student",
+         "knowledge", "42", "answer", "because", "naïve", "café", "東京", "🙂", "--", "(x)"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pipeline.tiny import train_tokenizer
+
+    return train_tokenizer()
+
+
+def make_docs(n: int, seed: int) -> list[str]:
+    """n documents of 0-40 words (empty ones included), no newlines."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, int(rng.integers(0, 41)))) for _ in range(n)]
+
+
+def reference_windows(docs: list[str], tok, seq_len: int) -> np.ndarray:
+    """Independent reference: per-document encode + EOS, concatenate, cut, drop the tail."""
+    stream: list[int] = []
+    for d in docs:
+        stream += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
+    n = len(stream) // seq_len
+    return np.asarray(stream[:n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    with open(path, "w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": d, "meta": "x"}, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_corpus(tmp_path: Path, kind: str, docs: list[str]) -> tuple[DataSpec, list[str]]:
+    """The corpus as `kind`; returns the spec and the documents in the order they are read."""
+    if kind == "jsonl":
+        return DataSpec(str(write_jsonl(tmp_path / "c.jsonl", docs))), docs
+    if kind == "txt":
+        # One document per line (HF's text builder), blank lines included: each is an
+        # empty document and contributes one EOS.
+        p = tmp_path / "c.txt"
+        p.write_text("\n".join(docs) + "\n", encoding="utf-8")
+        return DataSpec(str(p), text_field="ignored-for-txt"), docs
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"body": docs, "n": list(range(len(docs)))}), p)
+        return DataSpec(str(p), text_field="body"), docs
+    if kind == "folder":
+        # Files are read in sorted name order: b.jsonl's documents come after a.jsonl's.
+        d = tmp_path / "corpus"
+        d.mkdir()
+        write_jsonl(d / "b.jsonl", docs[len(docs) // 2:])
+        write_jsonl(d / "a.jsonl", docs[:len(docs) // 2])
+        (d / "README").write_text("not a data file: ignored")
+        return DataSpec(str(d)), docs
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "folder"])
+def test_windows_equal_independent_tokenization_and_split_over_ranks(tmp_path, tok, kind):
+    spec, docs = write_corpus(tmp_path, kind, make_docs(60, seed=1))
+    ref = reference_windows(docs, tok, T)
+    assert len(ref) >= 20, "corpus too small for a meaningful test"
+    assert count_windows(spec, tok, T) == len(ref)
+    for world in (1, 2, 3):
+        seen: dict[int, int] = {}
+        for rank in range(world):
+            for w, win in rank_windows(spec, tok, T, rank, world):
+                assert w % world == rank, (w, rank, world)
+                assert w not in seen, f"window {w} given to ranks {seen[w]} and {rank}"
+                seen[w] = rank
+                assert win.dtype == np.uint32 and win.shape == (T,)
+                np.testing.assert_array_equal(win, ref[w], err_msg=f"window {w}, world {world}")
+        assert sorted(seen) == list(range(len(ref))), f"world {world}: windows missing"
+
+
+def test_start_and_max_windows(tmp_path, tok):
+    spec, docs = write_corpus(tmp_path, "jsonl", make_docs(60, seed=2))
+    ref = reference_windows(docs, tok, T)
+    got = [(w, win) for w, win in rank_windows(spec, tok, T, rank=1, world=2, start=2,
+                                                 max_windows=11)]
+    # rank 1 of 2 holds windows 1, 3, 5, 7, 9 among the first 11; start=2 skips 1 and 3.
+    assert [w for w, _ in got] == [5, 7, 9]
+    for w, win in got:
+        np.testing.assert_array_equal(win, ref[w])
+    assert count_windows(spec, tok, T, max_windows=11) == 11
+
+
+def test_document_boundaries_carry_eos(tmp_path, tok):
+    docs = ["the quick brown fox", "", "lazy dog"]
+    spec, _ = write_corpus(tmp_path, "jsonl", docs * 20)
+    eos = tok.eos_token_id
+    flat = np.concatenate([win for _, win in rank_windows(spec, tok, 4)])
+    a, b = (tok.encode(d, add_special_tokens=False) for d in ("the quick brown fox", "lazy dog"))
+    period = a + [eos] + [eos] + b + [eos]          # the empty document is one EOS
+    np.testing.assert_array_equal(flat, np.tile(period, 20)[:len(flat)])
+
+
+def test_missing_file(tmp_path, tok, monkeypatch):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(ValueError, match=r"--data .*nope\.jsonl.*no such file"):
+        load_documents(DataSpec(str(missing)))
+    # A relative path with a data suffix is a missing file, not a hub dataset name.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--data data/corpus\.jsonl: no such file"):
+        load_documents(DataSpec("data/corpus.jsonl"))
+
+
+def test_empty_file_and_folder(tmp_path, tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"--data .*empty\.jsonl: empty file"):
+        load_documents(DataSpec(str(empty)))
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    (folder / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match=r"--data .*nothing: folder holds no"):
+        load_documents(DataSpec(str(folder)))
+
+
+def test_text_field_that_does_not_exist_lists_columns(tmp_path, tok):
+    spec, _ = write_corpus(tmp_path, "jsonl", make_docs(5, seed=3))
+    with pytest.raises(ValueError, match=r"--text-field 'content' is not a column") as e:
+        load_documents(DataSpec(spec.path, text_field="content"))
+    for col in ("id", "text", "meta"):
+        assert repr(col) in str(e.value), str(e.value)
+    pspec, _ = write_corpus(tmp_path, "parquet", make_docs(5, seed=3))
+    with pytest.raises(ValueError, match=r"'text' is not a column .*'body'"):
+        load_documents(DataSpec(pspec.path, text_field="text"))
+
+
+def test_non_string_documents_are_an_error(tmp_path, tok):
+    p = tmp_path / "mixed.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": null}\n')
+    with pytest.raises(ValueError, match="NoneType"):
+        list(rank_windows(DataSpec(str(p)), tok, 2))
+
+
+def test_streaming_gives_the_same_windows(tmp_path, tok):
+    spec, docs = write_corpus(tmp_path, "jsonl", make_docs(40, seed=4))
+    streamed = DataSpec(spec.path, streaming=True)
+    ref = reference_windows(docs, tok, T)
+    got = [(w, win) for w, win in rank_windows(streamed, tok, T, rank=0, world=2)]
+    assert [w for w, _ in got] == list(range(0, len(ref), 2))
+    for w, win in got:
+        np.testing.assert_array_equal(win, ref[w])
+    with pytest.raises(ValueError, match=r"--text-field 'body' is not a column .*'text'"):
+        load_documents(DataSpec(spec.path, text_field="body", streaming=True))

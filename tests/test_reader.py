@@ -1,0 +1,215 @@
+"""pipeline.reader.CacheReader on a real cache written by pipeline.cache (tiny teacher).
+
+References are independent of the reader: shards are read with `tarfile` and the 24-bit
+records unpacked by hand with the manifest's codebooks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.reader import CacheReader, ShardError
+
+T = 64
+WINDOWS = 23          # shards of 3: 7 full shards and one of 2 (unequal shards on purpose)
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teacher", "student",
+         "knowledge", "42", "answer", "question", "because"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    from pipeline.cache import main as cache_main
+    from pipeline.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("reader")
+    teacher = build_tiny_model(root / "teacher", vocab_size=4096, hidden=32, layers=1)
+    rng = np.random.default_rng(0)
+    with open(root / "corpus.jsonl", "w") as f:
+        for _ in range(150):
+            doc = " ".join(rng.choice(WORDS, int(rng.integers(1, 50))))
+            f.write(json.dumps({"text": doc}) + "\n")
+    out = root / "cache"
+    cache_main(["--teacher", str(teacher), "--data", str(root / "corpus.jsonl"), "--out", str(out),
+                "--seq-len", str(T), "--max-windows", str(WINDOWS), "--shard-samples", "3"])
+    return out
+
+
+def manifest_of(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text())
+
+
+def reference(cache: Path) -> dict[str, dict[str, np.ndarray]]:
+    """key -> tokens, ids, weights, entropy, decoded by hand from the tar files."""
+    m = manifest_of(cache)
+    U, id_bits = m["num_classes"], m["vocab_size"].bit_length()
+    wl = np.asarray(m["weight_codebook"], dtype=np.float32)
+    el = np.asarray(m["entropy_codebook"], dtype=np.float32)
+    out: dict[str, dict] = {}
+    for shard in sorted(cache.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            for mem in tf.getmembers():
+                key, ext = mem.name.split(".", 1)
+                out.setdefault(key, {"shard": shard.name})[ext] = tf.extractfile(mem).read()
+    for key, s in out.items():
+        s["tokens"] = np.frombuffer(s.pop("tokens.u32"), dtype="<u4").astype(np.int64)
+        a = np.frombuffer(s.pop("kd.bin"), dtype=np.uint8).reshape(T, 3 * U + 1).astype(np.int64)
+        rec = a[:, 0:3 * U:3] + (a[:, 1:3 * U:3] << 8) + (a[:, 2:3 * U:3] << 16)
+        s["ids"] = rec & ((1 << id_bits) - 1)
+        s["weights"] = wl[rec >> id_bits]
+        s["entropy"] = el[a[:, 3 * U]]
+    return out
+
+
+def epoch_keys(reader: CacheReader, epoch: int, skip: int = 0) -> list[list[str]]:
+    return [b.keys for b in reader.batches(epoch, skip=skip)]
+
+
+def test_batches_equal_the_shards_decoded_by_hand(cache):
+    ref = reference(cache)
+    assert len(ref) == WINDOWS
+    reader = CacheReader(cache, micro_batch=2, seed=3)
+    seen = []
+    for b in reader.batches(0):
+        assert b.input_ids.shape == (2, T) and b.input_ids.dtype == torch.int64
+        assert b.ids.shape == b.weights.shape == (2, T, 12) and b.entropy.shape == (2, T)
+        assert b.ids.dtype == torch.int64 and b.weights.dtype == b.entropy.dtype == torch.float32
+        for i, key in enumerate(b.keys):
+            r = ref[key]
+            np.testing.assert_array_equal(b.input_ids[i].numpy(), r["tokens"])
+            np.testing.assert_array_equal(b.ids[i].numpy(), r["ids"])
+            np.testing.assert_array_equal(b.weights[i].numpy(), r["weights"])
+            np.testing.assert_array_equal(b.entropy[i].numpy(), r["entropy"])
+        seen += b.keys
+    assert len(seen) == reader.steps_per_epoch(0) * 2 == (WINDOWS // 2) * 2
+    assert len(set(seen)) == len(seen)
+
+
+@pytest.mark.parametrize("world,micro_batch", [(2, 1), (2, 2), (3, 2), (2, 3)])
+def test_epoch_plan_equal_steps_and_no_window_twice(cache, world, micro_batch):
+    readers = [CacheReader(cache, r, world, micro_batch=micro_batch, seed=5, shuffle_buffer=8)
+               for r in range(world)]
+    shard_of = {k: s["shard"] for k, s in reference(cache).items()}
+    for epoch in range(4):
+        steps = {r.steps_per_epoch(epoch) for r in readers}
+        assert len(steps) == 1, f"epoch {epoch}: steps differ across ranks: {steps}"
+        (n,) = steps
+        assert n >= 1
+        keys = [epoch_keys(r, epoch) for r in readers]
+        assert [len(k) for k in keys] == [n] * world, "a rank ran a different number of steps"
+        flat = [k for rank in keys for batch in rank for k in batch]
+        assert all(len(batch) == micro_batch for rank in keys for batch in rank)
+        assert len(set(flat)) == len(flat), f"epoch {epoch}: a window was used twice"
+        # Ranks read disjoint shards.
+        shards = [{shard_of[k] for batch in rank for k in batch} for rank in keys]
+        for a in range(world):
+            for b in range(a + 1, world):
+                assert not shards[a] & shards[b], f"ranks {a} and {b} share a shard"
+
+
+def test_skip_yields_exactly_the_tail(cache):
+    reader = CacheReader(cache, 1, 2, micro_batch=2, seed=1, shuffle_buffer=16)
+    full = list(reader.batches(2))
+    assert len(full) == reader.steps_per_epoch(2) >= 3
+    for k in (0, 1, len(full) - 1, len(full), len(full) + 3):
+        tail = list(reader.batches(2, skip=k))
+        assert [b.keys for b in tail] == [b.keys for b in full[k:]]
+        for a, b in zip(tail, full[k:]):
+            assert (a.ids == b.ids).all() and (a.weights == b.weights).all()
+            assert (a.input_ids == b.input_ids).all() and (a.entropy == b.entropy).all()
+
+
+def test_orders_are_deterministic_and_differ_between_epochs(cache):
+    reader = CacheReader(cache, micro_batch=1, seed=0, shuffle_buffer=8)
+    e0, e0_again, e1 = epoch_keys(reader, 0), epoch_keys(reader, 0), epoch_keys(reader, 1)
+    assert e0 == e0_again
+    assert e0 != e1 and sorted(e0) == sorted(e1)       # every window, another order
+    assert epoch_keys(CacheReader(cache, micro_batch=1, seed=1, shuffle_buffer=8), 0) != e0
+
+
+def _broken_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
+    bad = tmp_path / "cache"
+    shutil.copytree(cache, bad)
+    return bad, bad / manifest_of(bad)["shards"][2]["file"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "missing"])
+def test_damaged_shard_raises_shard_error_naming_it(cache, tmp_path, damage):
+    bad, shard = _broken_copy(cache, tmp_path)
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(data[:len(data) // 2])
+        expect = "truncated"
+    elif damage == "flip":
+        data[2000:2008] = bytes(255 - x for x in data[2000:2008])   # inside the first kd.bin
+        shard.write_bytes(bytes(data))
+        expect = "sha256 mismatch"
+    else:
+        shard.unlink()
+        expect = "cannot read"
+    damaged_keys = {k for k, s in reference(cache).items() if s["shard"] == shard.name}
+    reader = CacheReader(bad, micro_batch=1, shuffle_buffer=0)
+    got: list[str] = []
+    with pytest.raises(ShardError, match=expect) as e:
+        for b in reader.batches(0):
+            got += b.keys
+    assert str(shard) in str(e.value)
+    assert not damaged_keys & set(got), "samples of the damaged shard were yielded"
+
+
+def test_bad_records_without_verification_are_still_caught(cache, tmp_path):
+    """verify=False skips the hash; records with an id outside V are then still refused."""
+    bad, shard = _broken_copy(cache, tmp_path)
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:
+        kd = next(m for m in tf.getmembers() if m.name.endswith(".kd.bin"))
+    # The first record's 3 bytes -> id = 2**13 - 2 (>= V = 4096, not the sentinel).
+    m = manifest_of(bad)
+    rec = (2 ** m["id_bits"] - 2).to_bytes(3, "little")
+    data[kd.offset_data:kd.offset_data + 3] = rec
+    shard.write_bytes(bytes(data))
+    reader = CacheReader(bad, micro_batch=1, shuffle_buffer=0, verify=False)
+    with pytest.raises(ShardError, match="ids outside V=4096") as e:
+        for _ in reader.batches(0):
+            pass
+    assert shard.name in str(e.value)
+
+
+def test_check_student_names_both_sides(cache, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.tiny import train_tokenizer
+
+    m = manifest_of(cache)
+    reader = CacheReader(cache)
+    teacher_tok = AutoTokenizer.from_pretrained(m["teacher"])
+    reader.check_student(teacher_tok, 4096)                        # the teacher's own: fine
+    with pytest.raises(ValueError, match=r"cache V=4096, student V=4000"):
+        reader.check_student(teacher_tok, 4000)
+    other = train_tokenizer(["a completely different corpus of words"] * 4, vocab_size=300)
+    other.save_pretrained(tmp_path / "student")
+    other = AutoTokenizer.from_pretrained(tmp_path / "student")
+    with pytest.raises(ValueError, match="tokenizer fingerprint") as e:
+        reader.check_student(other, 4096)
+    msg = str(e.value)
+    assert m["tokenizer_fingerprint"][:16] in msg and m["teacher"] in msg
+    assert str(tmp_path / "student") in msg
+
+
+def test_unreadable_caches_are_refused(cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json does not exist"):
+        CacheReader(tmp_path)
+    partial = tmp_path / "partial"
+    shutil.copytree(cache, partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="rank part"):
+        CacheReader(partial)
+    n = len(manifest_of(cache)["shards"])
+    with pytest.raises(ValueError, match=f"{n} shard\\(s\\) for {n + 1} ranks"):
+        CacheReader(cache, 0, n + 1)

@@ -82,6 +82,11 @@ class CacheConfig:
             problems.append(f"--max-windows {self.max_windows} must be >= 1")
         if self.teacher_temperature <= 0:
             problems.append(f"--teacher-temperature {self.teacher_temperature} must be > 0")
+        if self.sampler == "rskd" and self.rskd_tau != 1.0:
+            # count/N * p/q can exceed 1 when q is flatter than p; the version-1 weight
+            # codebook ends at 1.0 and nothing is clipped.
+            problems.append(f"--rskd-tau {self.rskd_tau}: only 1.0 is supported by the version-1 "
+                            "weight codebook (weights count/N * p/q may exceed 1)")
         C.raise_if(problems, "cache")
 
     @property
@@ -253,6 +258,8 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec) -> dict:
         "bytes_per_position": codec.bytes_per_position,
         "sampler": cfg.sampler,
         "sampler_args": cfg.sampler_args,
+        # The lm_head chunking sets how a window's random stream is consumed: part of the records.
+        "chunk_positions": cfg.chunk_positions,
         "teacher_temperature": cfg.teacher_temperature,
         "seed": cfg.seed,
         "dataset": cfg.data_spec.to_json(),

@@ -17,6 +17,13 @@ batch (DeepSpeed then averages gradients over ranks, hence the factor `world`).
 
 Batch arithmetic (asserted): global batch = micro_batch x grad_accum x world windows;
 tokens per step = global batch x T, e.g. 4 x 1 x 8 x 2048 = 65,536.
+
+OUT/metrics.jsonl (rank 0), one record per step: step, epoch, loss, kd_loss, ce_loss,
+kl_est, selected_frac, select_threshold, lr (the rate the step used), tokens_per_s,
+step_time_s, keys (the global batch's window keys, rank order), rank_keys. On resume,
+records after the checkpoint's step are dropped (they are recomputed), so the file
+always describes one trajectory. OUT/ckpt/latest names only complete checkpoints
+(`Trainer.save`); SIGUSR1/SIGTERM on any rank -> every rank checkpoints, exit 0.
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
                         category=FutureWarning)
 
 MODES = ("sampledkd", "no_kd", "dense_kd", "rskd_all")
-# Fields that may differ between a checkpoint and a resumed run.
-RESUMABLE = {"steps", "resume", "checkpoint_every", "log_every", "log_all_ranks", "export"}
+# Fields that may differ between a checkpoint and a resumed run (`out`: a run directory
+# may be moved or copied; the checkpoint is wherever it is found).
+RESUMABLE = {"steps", "resume", "checkpoint_every", "log_every", "log_all_ranks", "export", "out"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,13 @@ class DistillConfig:
 
 
 class StopFlag:
-    """SIGUSR1/SIGTERM (SLURM preemption or time limit) -> checkpoint at the next step, exit 0."""
+    """SIGUSR1/SIGTERM (SLURM preemption or time limit) -> checkpoint at the next step, exit 0.
+
+    The handler only sets a flag. Signals reach the ranks at different times (or only some
+    of them), so the loop decides with `Trainer.any_rank(flag)`, an all-reduce, and every
+    rank checkpoints at the same step: a rank that saved (collectives) while another
+    trained would hang or mix up their collectives.
+    """
 
     def __init__(self):
         self.signum = None
@@ -160,6 +174,18 @@ def ds_config(cfg: DistillConfig, world: int, device: torch.device) -> dict:
     ds["bf16"] = {"enabled": bf16}
     ds.pop("fp16", None)
     return ds
+
+
+def check_model_path(flag: str, value: str) -> None:
+    """A local-looking model path that does not exist is an error here, not a hub lookup.
+
+    `org/name` (two parts, relative) may be a hub id; anything absolute, starting with
+    `.`, or deeper is a path, and transformers would report it as an invalid repo id.
+    """
+    path = Path(value)
+    if not path.exists() and (path.is_absolute() or value.startswith(".") or len(path.parts) > 2):
+        raise ValueError(f"{flag} {value}: no such file or directory (expected an HF model "
+                         "directory, a config.json, or a hub id org/name)")
 
 
 def load_student(cfg: DistillConfig, ds: dict):
@@ -211,6 +237,9 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.comm = TorchComm()
+        check_model_path("--student", cfg.student)
+        if cfg.mode == "dense_kd":
+            check_model_path("--teacher", cfg.teacher)
         self.reader = CacheReader(cfg.cache, self.rank, self.world, cfg.micro_batch, cfg.seed,
                                   cfg.shuffle_buffer)
         steps_epoch = self.reader.steps_per_epoch(0) // cfg.grad_accum
@@ -236,6 +265,7 @@ class Trainer:
                                                              lr_scheduler=sched, config=self.ds)
         self.model = self.engine.module
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.saved_step: int | None = None
 
     def _load_teacher(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -321,7 +351,7 @@ class Trainer:
             local = torch.stack([o["kd"][0].detach(), o["kd"][1], o["ce"][0].detach(), o["ce"][1],
                                  o.get("kl_est", torch.zeros(())).to(o["kd"][1]),
                                  o["selected"].float(),
-                                 torch.tensor(float(b.input_ids.numel()))]).float()
+                                 torch.tensor(float(b.input_ids.numel()), device=self.device)]).float()
             self.comm.dist.all_reduce(local)
             g = dict(zip(keys, local.tolist()))
             loss = (cfg.kd_weight * o["kd"][0] / max(g["kd_cnt"], 1.0)
@@ -334,15 +364,38 @@ class Trainer:
         stats["threshold"] = threshold
         return stats
 
+    # -- collectives for the loop -----------------------------------------------------------
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one (all-reduce MAX)."""
+        t = torch.tensor([int(flag)], device=self.device)
+        self.comm.dist.all_reduce(t, op=self.comm.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def global_keys(self, keys: list[str]) -> list[str]:
+        """This step's window keys of every rank, in rank order (the global batch)."""
+        parts: list[list[str] | None] = [None] * self.world
+        self.comm.dist.all_gather_object(parts, keys)
+        return [k for part in parts for k in part]
+
     # -- checkpoints -------------------------------------------------------------------------
     @property
     def ckpt_dir(self) -> Path:
         return self.out / "ckpt"
 
     def save(self) -> None:
+        """Write ckpt/step{N} on every rank, then point ckpt/latest at it.
+
+        Crash safety (kill -9 at any moment): DeepSpeed's own `latest` is written by rank 0
+        before the final barrier, i.e. possibly before the other ranks' shards and before
+        our files below exist. So DeepSpeed does not write it; after a barrier that follows
+        every file of the tag, rank 0 replaces `latest` atomically (temp file + rename).
+        `latest` therefore only ever names a complete checkpoint.
+        """
+        if self.saved_step == self.step:
+            return  # already on disk (e.g. a finished run resumed): never rewrite `latest`'s tag
         tag = f"step{self.step:08d}"
         client = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         d = self.ckpt_dir / tag
         np_state = np.random.get_state()
         rank_state = {"selector": self.selector.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -356,7 +409,13 @@ class Trainer:
                                               "config": C.to_json(self.cfg)}, indent=1))
             self.model.config.save_pretrained(d / "hf_config")
             self.tok.save_pretrained(d / "hf_config")
+        self.comm.barrier()                 # every rank's files of `tag` are complete
+        if self.rank == 0:
+            tmp = self.ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.ckpt_dir / "latest")
         self.comm.barrier()
+        self.saved_step = self.step
         log(f"checkpoint {d}")
 
     def try_resume(self) -> bool:
@@ -366,7 +425,8 @@ class Trainer:
         tag = latest_tag(self.ckpt_dir)
         meta = json.loads((self.ckpt_dir / tag / META).read_text())
         mine = C.to_json(self.cfg)
-        diffs = [f"{k}: checkpoint {meta['config'].get(k)!r}, now {v!r}" for k, v in mine.items()
+        diffs = [f"--{k.replace('_', '-')}: checkpoint {meta['config'].get(k)!r}, now {v!r}"
+                 for k, v in mine.items()
                  if k not in RESUMABLE and meta["config"].get(k) != v]
         if meta["world_size"] != self.world:
             diffs.append(f"world size: checkpoint {meta['world_size']}, now {self.world}")
@@ -375,6 +435,7 @@ class Trainer:
                              + "\n  ".join(diffs) + "\nUse a new --out, or the same settings.")
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         self.step, self.epoch, self.batch_in_epoch = client["step"], client["epoch"], client["batch_in_epoch"]
+        self.saved_step = self.step
         rs = torch.load(self.ckpt_dir / tag / f"rank{self.rank:04d}_state.pt", weights_only=True)
         self.selector.load_state_dict(rs["selector"])
         torch.set_rng_state(rs["torch_rng"])
@@ -413,6 +474,18 @@ def batches_forever(tr: Trainer):
         tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records of `path` (JSONL) with `"step" <= step`; atomic rewrite."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+
+
 def run(cfg: DistillConfig) -> Path | None:
     stop = StopFlag()                      # before the slow setup: a signal then still counts
     tr = Trainer(cfg)
@@ -422,11 +495,13 @@ def run(cfg: DistillConfig) -> Path | None:
         tr.try_resume()
     if tr.rank == 0:
         (out / "config.json").write_text(json.dumps(C.to_json(cfg), indent=1))
-    sinks = []
-    if tr.rank == 0:
-        sinks.append(open(out / "metrics.jsonl", "a"))
-    if cfg.log_all_ranks:
-        sinks.append(open(out / f"metrics-rank{tr.rank}.jsonl", "a"))
+    paths = ([out / "metrics.jsonl"] if tr.rank == 0 else []) + (
+        [out / f"metrics-rank{tr.rank}.jsonl"] if cfg.log_all_ranks else [])
+    for path in paths:
+        # Steps after the checkpoint were lost with the crash and will be run again: drop
+        # them so the file holds one record per step, from one trajectory.
+        truncate_metrics(path, tr.step)
+    sinks = [open(path, "a") for path in paths]
     from pipeline.progress import StageProgress
 
     prog = StageProgress("distill", cfg.steps, "tokens") if tr.rank == 0 else None
@@ -435,11 +510,14 @@ def run(cfg: DistillConfig) -> Path | None:
     data = batches_forever(tr)
     t_start = time.perf_counter()
     while tr.step < cfg.steps:
-        if stop.signum is not None:
-            log(f"signal {stop.signum}: checkpointing at step {tr.step} and exiting for requeue")
+        if tr.any_rank(stop.signum is not None):
+            log(f"signal (rank 0: {stop.signum}): checkpointing at step {tr.step} and exiting for requeue")
             tr.save()
+            for f in sinks:
+                f.close()
             return None
         t0 = time.perf_counter()
+        lr = tr.sched.get_last_lr()[0]          # the rate this step uses
         keys_before = []
         micro = []
         for _ in range(cfg.grad_accum):
@@ -449,6 +527,8 @@ def run(cfg: DistillConfig) -> Path | None:
         s = tr.train_step(micro)
         tr.step += 1
         dt = time.perf_counter() - t0
+        if tr.step % cfg.log_every == 0:
+            all_keys = tr.global_keys(keys_before)  # collective: every rank, same steps
         if sinks and tr.step % cfg.log_every == 0:
             rec = {"step": tr.step, "epoch": tr.epoch, "rank": tr.rank,
                    "loss": cfg.kd_weight * s["kd_sum"] / max(s["kd_cnt"], 1)
@@ -458,8 +538,8 @@ def run(cfg: DistillConfig) -> Path | None:
                    "kl_est": s["kl"] / max(s["kd_cnt"], 1),
                    "selected_frac": s["selected"] / max(s["positions"], 1),
                    "select_threshold": s["threshold"],
-                   "lr": tr.sched.get_last_lr()[0], "tokens_per_s": s["positions"] / dt,
-                   "step_time_s": dt, "keys": keys_before}
+                   "lr": lr, "tokens_per_s": s["positions"] / dt,
+                   "step_time_s": dt, "keys": all_keys, "rank_keys": keys_before}
             for f in sinks:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -469,6 +549,8 @@ def run(cfg: DistillConfig) -> Path | None:
             tr.save()
     if prog:
         prog.close()
+    for f in sinks:
+        f.close()
     tr.save()
     wall = time.perf_counter() - t_start
     result = tr.export() if cfg.export else None

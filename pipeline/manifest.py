@@ -25,7 +25,7 @@ HEADER_KEYS = ("format_version", "teacher", "teacher_dtype", "vocab_size",
                "tokenizer_fingerprint", "seq_len",
                "num_classes", "id_bits", "w_bits", "sampler", "sampler_args",
                "teacher_temperature", "seed", "dataset", "dataset_fingerprint", "max_windows",
-               "weight_codebook", "entropy_codebook", "shard_samples")
+               "weight_codebook", "entropy_codebook", "shard_samples", "chunk_positions")
 
 
 def part_name(rank: int) -> str:

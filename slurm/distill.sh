@@ -20,6 +20,9 @@ set -euo pipefail
 # Under sbatch this file runs from a spool copy: the repo is then the submit directory.
 repo=$(cd "$(dirname "$0")/.." && pwd); [[ -d $repo/pipeline ]] || repo=${SLURM_SUBMIT_DIR:-$PWD}
 cd "${REPO_DIR:-$repo}"
+# The caller's NPROC_PER_NODE, before the defaults: theirs (2 CPU workers) is for runs
+# outside SLURM; inside, workers per node follow the allocation (its GPUs, else 1).
+nproc_caller=${NPROC_PER_NODE-}
 # Demo defaults (any variable set in the environment wins); see slurm/defaults.sh.
 [[ -f $repo/slurm/defaults.sh && -z ${SAMPLEDKD_NO_DEFAULTS:-} ]] && source "$repo/slurm/defaults.sh"
 [[ -d pipeline ]] || { echo "distill.sh: no pipeline/ in $PWD: submit from the repo root or set REPO_DIR" >&2; exit 2; }
@@ -31,6 +34,7 @@ RUN_DIR=${RUN_DIR:-runs/demo/student}
 MODE=${MODE:-sampledkd}                      # sampledkd | no_kd | dense_kd | rskd_all
 DS_CONFIG=${DS_CONFIG-ds_configs/zero3.json}  # set it empty to run without --deepspeed
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+if [[ -n ${SLURM_JOB_ID:-} ]]; then NPROC_PER_NODE=$nproc_caller; fi
 export NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1))}
 read -ra extra <<<"${EXTRA_ARGS:-}"
 args=(--student "$STUDENT" --cache "$CACHE_DIR" --out "$RUN_DIR" --mode "$MODE" --resume

@@ -179,7 +179,7 @@ def test_pipeline_sh_chains_three_jobs_and_waits(cluster, tmp_path):
     assert len(_records(tmp_path / "cache", "rank*.json")) == 2
     assert len(_records(tmp_path / "run", "done-rank*.json")) == 2
     (result,) = _records(tmp_path / "eval", "results.json")
-    assert result["argv"][:2] == ["--model", str(tmp_path / "run" / "hf")]
+    assert result["argv"][:2] == ["--model", str(tmp_path / "run" / "export")]
     # Each stage was its own job, submitted with --chdir to the repo.
     assert len({r["env"]["SLURM_JOB_ID"] for r in (*_records(tmp_path / "cache", "rank*.json"),
                                                    *_records(tmp_path / "run", "done-*.json"),

@@ -33,5 +33,5 @@ if os.environ.get("FAKE_WAIT_USR1") == "1" and restart == 0:
     record(out / f"usr1-rank{rank}.json", signals=len(got))
     sys.exit(0 if got else 5)
 fail_if_asked("distill")
-(out / "hf").mkdir(parents=True, exist_ok=True)
+(out / "export").mkdir(parents=True, exist_ok=True)
 record(out / f"done-rank{rank}.json")

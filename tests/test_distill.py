@@ -1,0 +1,482 @@
+"""Stage 2 (pipeline.distill) for real: 2-rank ZeRO-3 on CPU (gloo), tiny Llama models.
+
+Process start-ups dominate the cost on a 2-core machine, so they are shared:
+- `shared_runs()` (once per session, also used by tests/test_export.py) builds a tiny
+  teacher, a student (same tokenizer, other init) and caches in-process, then makes ONE
+  `torchrun --nproc_per_node 2` launch of a test-only driver (`DRIVER`) that calls
+  `pipeline.distill.run` for: run A (sampledkd, topk on teacher entropy, 20 steps, a
+  checkpoint every 2, export), the baselines no_kd / dense_kd / rskd_all (2 steps each),
+  and every bad-input case. The driver adds two probes the CLI cannot give: the ZeRO-3
+  partition facts of every parameter after setup, and the live engine's logits on a fixed
+  input after training (OUT/engine_logits.safetensors, compared with the exports).
+- `interrupted()` runs the real CLI three times on one run directory: SIGUSR1 to rank 1
+  only (-> checkpoint, exit 0), `--resume` killed with SIGKILL, `--resume` to the end.
+References are independent of the code under test: a plain-torch training loop (no
+DeepSpeed, no pipeline.losses / pipeline.selection) on the same global batches from
+`CacheReader`, and dense step-1 losses for the baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DS_TEST = REPO / "ds_configs" / "zero3_test.json"
+STEPS, LR, WARMUP, FRAC, CKPT_EVERY = 20, 1e-3, 3, 0.25, 2   # 16 steps per epoch: A crosses one
+TEXTS = [f"The quick brown fox {i} jumps over the lazy dog; knowledge distillation trains a "
+         f"small student {7 * i} times because a teacher answers." for i in range(200)]
+OTHER_TEXTS = ["zebra quartz violin mango pixel 7 8 9"] * 4   # another tokenizer
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "400", "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 900
+
+DRIVER = '''
+import json, shutil, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import pipeline.distill as D
+from pipeline import config as C
+
+spec = json.loads(Path(sys.argv[1]).read_text())
+facts = {}
+_init, _export = D.Trainer.__init__, D.Trainer.export
+
+def init(self, cfg):
+    _init(self, cfg)
+    facts["partition"] = [{"name": n, "ds_numel": int(p.ds_numel), "local": int(p.ds_tensor.numel()),
+                           "data": int(p.data.numel()), "status": p.ds_status.name}
+                          for n, p in self.engine.module.named_parameters()]
+
+def export(self):
+    path = _export(self)
+    probe = torch.tensor(spec["probe"], dtype=torch.long)
+    with torch.no_grad():  # collective on every rank: ZeRO-3 gathers each layer's weights
+        logits = self.engine.module(input_ids=probe).logits.float().contiguous()
+    if self.rank == 0:
+        from safetensors.torch import save_file
+        save_file({"input_ids": probe, "logits": logits}, str(Path(self.cfg.out) / "engine_logits.safetensors"))
+    return path
+
+D.Trainer.__init__, D.Trainer.export = init, export
+results = []
+for job in spec["jobs"]:
+    if "copy" in job:
+        if dist.get_rank() == 0:
+            shutil.copytree(*job["copy"])
+        dist.barrier()
+        continue
+    facts.clear()
+    rec = {"name": job["name"]}
+    try:
+        D.run(C.parse(D.DistillConfig, job["argv"]))
+        rec["ok"] = True
+    except ValueError as e:
+        rec.update(ok=False, error=str(e))
+    rec["partition"] = facts.get("partition")
+    results.append(rec)
+if dist.get_rank() == 0:
+    Path(spec["result"]).write_text(json.dumps(results, indent=1))
+'''
+
+THROTTLE = '''
+import os, sys, time
+import pipeline.distill as D
+_step = D.Trainer.train_step
+def slow(self, batches):  # test-only: room to signal or kill mid-run; numerics untouched
+    time.sleep(float(os.environ["THROTTLE_S"]))
+    return _step(self, batches)
+D.Trainer.train_step = slow
+D.main(sys.argv[1:])
+'''
+
+
+def torchrun(script_and_args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc), *script_and_args]
+
+
+def base_args(a: dict, out: Path, **flags) -> list[str]:
+    """The run-A settings; `flags` override or add (`select_frac=0.5` -> --select-frac 0.5)."""
+    opts = {"student": a["student"], "cache": a["cache"], "out": out, "deepspeed": DS_TEST,
+            "steps": STEPS, "lr": LR, "warmup_steps": WARMUP, "select": "topk",
+            "select_score": "teacher_entropy", "select_frac": FRAC, "checkpoint_every": CKPT_EVERY}
+    opts.update(flags)
+    argv = []
+    for k, v in opts.items():
+        if v is True or v is False:
+            argv.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+        else:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _steps_so_far(run: Path) -> list[int]:
+    """Steps in metrics.jsonl while a run writes it (a line may be half written)."""
+    try:
+        return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if line.endswith("}")]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def _build_assets(root: Path) -> dict:
+    from pipeline import cache
+    from pipeline.tiny import build_tiny_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    kw = dict(arch="llama", hidden=32, layers=1, heads=4, texts=TEXTS)
+    teacher = build_tiny_model(root / "teacher", seed=0, **kw)
+    student = build_tiny_model(root / "student", seed=1, **kw)   # same tokenizer, other weights
+    cache.main(["--teacher", str(teacher), "--data", str(data), "--out", str(root / "cache"),
+                "--seq-len", "64", "--max-windows", "32", "--shard-samples", "4"])
+    # 3 windows in 3 shards: with 2 ranks, 1 window per rank < --micro-batch 2.
+    cache.main(["--teacher", str(teacher), "--data", str(data), "--out", str(root / "small_cache"),
+                "--seq-len", "64", "--max-windows", "3", "--shard-samples", "1"])
+    V = json.loads((root / "cache" / "manifest.json").read_text())["vocab_size"]
+    other_tok = build_tiny_model(root / "other_tok", seed=1, vocab_size=V, **{**kw, "texts": OTHER_TEXTS})
+    big_v = build_tiny_model(root / "big_v", seed=1, vocab_size=V + 3, **kw)
+    bad_ds = root / "bad_ds.json"
+    bad_ds.write_text(json.dumps({**json.loads(DS_TEST.read_text()), "train_batch_size": 7}))
+    return {"root": root, "data": data, "teacher": teacher, "student": student, "V": V,
+            "cache": root / "cache", "small_cache": root / "small_cache", "other_tok": other_tok,
+            "big_v": big_v, "bad_ds": bad_ds}
+
+
+_SHARED: dict = {}
+
+
+def shared_runs(tmp_path_factory) -> dict:
+    """Assets + the one driver launch (see the module docstring); built once per session."""
+    if _SHARED:
+        return _SHARED
+    a = _build_assets(tmp_path_factory.mktemp("distill"))
+    root = a["root"]
+    A = root / "A"
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, a["V"], (2, 40), generator=g).tolist()
+    jobs = [{"name": "A", "argv": base_args(a, A)}]
+    for mode, extra in (("no_kd", {"ce_weight": 1.0}), ("dense_kd", {"teacher": a["teacher"]}),
+                        ("rskd_all", {})):
+        jobs.append({"name": mode, "argv": base_args(a, root / mode, mode=mode, steps=2,
+                                                      export=False, checkpoint_every=0, **extra)})
+    jobs.append({"copy": [str(A), str(root / "A_copy")]})
+    bad = {"tokenizer": dict(student=a["other_tok"]), "vocab": dict(student=a["big_v"]),
+           "student_path": dict(student=root / "no_such_student"),
+           "ds_batch": dict(deepspeed=a["bad_ds"]),
+           "small_cache": dict(cache=a["small_cache"], micro_batch=2),
+           "resume_frac": dict(out=root / "A_copy", resume=True, select_frac=0.5),
+           "resume_mode": dict(out=root / "A_copy", resume=True, mode="rskd_all")}
+    for name, flags in bad.items():
+        flags = {"out": root / f"bad_{name}", **flags}
+        jobs.append({"name": f"bad_{name}", "argv": base_args(a, **flags)})
+    spec = root / "driver.json"
+    spec.write_text(json.dumps({"jobs": jobs, "probe": probe, "result": str(root / "driver_result.json")},
+                               default=str))
+    (root / "driver.py").write_text(DRIVER)
+    proc = subprocess.run(torchrun([str(root / "driver.py"), str(spec)]), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = {r["name"]: r for r in json.loads((root / "driver_result.json").read_text())}
+    failed = {n: r["error"] for n, r in results.items() if not n.startswith("bad_") and not r["ok"]}
+    assert not failed, failed
+    _SHARED.update(a, A=A, results=results, log=proc.stderr)
+    return _SHARED
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    return shared_runs(tmp_path_factory)
+
+
+# ------------------------------------------------------------------ independent references
+def _global_batches(cache: Path, world: int = 2, seed: int = 0):
+    """((rank 0's batch, rank 1's batch), ...) epoch after epoch, as every rank reads them."""
+    from pipeline.reader import CacheReader
+
+    readers = [CacheReader(cache, r, world, micro_batch=1, seed=seed) for r in range(world)]
+    epoch = 0
+    while True:
+        yield from zip(*(rd.batches(epoch) for rd in readers))
+        epoch += 1
+
+
+def _cat(pair, name):
+    return torch.cat([getattr(b, name) for b in pair])
+
+
+def _topk_sparse_kd(logits: torch.Tensor, ids, w, entropy, frac: float) -> torch.Tensor:
+    """Mean over selected positions of -sum_{i: id_i < V} p_hat_i log softmax(z)_i, where each
+    sequence selects its ceil(frac*T) highest-entropy positions (ties: earlier first)."""
+    B, T, V = logits.shape
+    logp = torch.log_softmax(logits.float(), -1)
+    k = math.ceil(frac * T - 1e-9)
+    total, count = logits.new_zeros(()), 0
+    for b in range(B):
+        ent = entropy[b].tolist()
+        for t in sorted(range(T), key=lambda t: (-ent[t], t))[:k]:
+            ok = ids[b, t] < V
+            if ok.any():
+                total = total - (w[b, t][ok] * logp[b, t, ids[b, t][ok]]).sum()
+                count += 1
+    return total / count
+
+
+def reference_trajectory(a: dict, steps: int = STEPS) -> tuple[list[float], list[list[str]]]:
+    """Plain torch, one process, no DeepSpeed: same init, global batches, loss, AdamW, schedule."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.distill import DistillConfig, lr_lambda
+
+    model = AutoModelForCausalLM.from_pretrained(a["student"], dtype=torch.float32)
+    cfg = DistillConfig(student="s", cache="c", out="o", steps=steps, lr=LR, warmup_steps=WARMUP)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    loss_log, keys = [], []
+    for _, pair in zip(range(steps), _global_batches(a["cache"])):
+        logits = model(input_ids=_cat(pair, "input_ids")).logits
+        loss = _topk_sparse_kd(logits, _cat(pair, "ids"), _cat(pair, "weights"), _cat(pair, "entropy"), FRAC)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_log.append(loss.item())
+        keys.append([k for b in pair for k in b.keys])
+    return loss_log, keys
+
+
+# ------------------------------------------------------------------ 1. ZeRO-3 == plain torch
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero3_params_are_partitioned_over_two_ranks(runs):
+    part = runs["results"]["A"]["partition"]
+    assert part, "the driver recorded no partition facts"
+    for p in part:
+        # Each rank holds ceil(n/2) elements of every parameter; the module's .data is empty.
+        assert p["data"] == 0 and p["status"] == "NOT_AVAILABLE", p
+        assert p["local"] == math.ceil(p["ds_numel"] / 2), p
+    assert "model.embed_tokens.weight" in {p["name"] for p in part}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero3_two_ranks_match_single_process_plain_torch(runs):
+    ref_loss, ref_keys = reference_trajectory(runs)
+    got = metrics(runs["A"])
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["keys"] for r in got] == ref_keys               # same global batches, same order
+    assert {r["epoch"] for r in got} >= {0, 1}                 # the epoch boundary was crossed
+    diff = max(abs(r["loss"] - x) for r, x in zip(got, ref_loss))
+    assert diff < 1e-4, list(zip([r["loss"] for r in got], ref_loss))
+    assert abs(ref_loss[-1] - ref_loss[0]) > 1e-2              # it did train: losses moved
+
+
+# ------------------------------------------------------------------ 2. preemption and crashes
+def _tree(pid: int):
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = _steps_so_far(run)
+        if done and done[-1] >= step:
+            return done[-1]
+        assert proc.poll() is None, f"the run exited early: rc {proc.returncode}"
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {run}/metrics.jsonl after {timeout} s")
+
+
+def _launch(a: dict, run: Path, throttle: float | None, resume: bool) -> subprocess.Popen:
+    script = run.parent / "throttle.py"
+    script.write_text(THROTTLE)
+    args = base_args(a, run, resume=resume)
+    cmd = torchrun([str(script), *args]) if throttle else torchrun(["-m", "pipeline.distill", *args])
+    return subprocess.Popen(cmd, cwd=REPO, env={**ENV, "THROTTLE_S": str(throttle or 0)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _resumed_at(stderr: str) -> int:
+    m = re.search(r"resumed from \S+ at step (\d+)", stderr)
+    assert m, stderr[-4000:]
+    return int(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def interrupted(runs) -> dict:
+    """One run directory: SIGUSR1 to rank 1 at step >= 3; --resume, SIGKILL to every process
+    two checkpoints later; --resume to the end."""
+    run = runs["root"] / "interrupted"
+    run.mkdir()
+    info = {"run": run}
+    p1 = _launch(runs, run, throttle=0.4, resume=False)
+    _wait_for_step(run, p1, 3)
+    (rank1,) = [p for p in _tree(p1.pid)[1:] if p.ppid() == p1.pid and p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGUSR1)        # one rank only: the stop must still be collective
+    out, err = p1.communicate(timeout=TIMEOUT)
+    info.update(usr1_rc=p1.returncode, usr1_err=err, usr1_steps=[r["step"] for r in metrics(run)],
+                usr1_latest=(run / "ckpt" / "latest").read_text().strip(),
+                usr1_exported=(run / "export").exists())
+
+    p2 = _launch(runs, run, throttle=0.4, resume=True)
+    info["killed_after"] = _wait_for_step(run, p2, info["usr1_steps"][-1] + CKPT_EVERY + 1)
+    import psutil
+
+    for p in _tree(p2.pid):                  # torchrun and its workers (own sessions)
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass                             # exited between the listing and the kill
+    _, err2 = p2.communicate(timeout=60)
+    info.update(kill_err=err2, kill_latest=(run / "ckpt" / "latest").read_text().strip())
+
+    p3 = _launch(runs, run, throttle=None, resume=True)
+    _, err3 = p3.communicate(timeout=TIMEOUT)
+    info.update(final_rc=p3.returncode, final_err=err3)
+    return info
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sigusr1_to_one_rank_checkpoints_all_and_exits_zero(interrupted):
+    i = interrupted
+    assert i["usr1_rc"] == 0, i["usr1_err"][-4000:]
+    s = i["usr1_steps"][-1]
+    assert 3 <= s < STEPS and i["usr1_steps"] == list(range(1, s + 1))
+    assert i["usr1_latest"] == f"step{s:08d}"      # checkpoint at the step it stopped
+    assert not i["usr1_exported"]                   # stopped for requeue: no export yet
+    assert _resumed_at(i["kill_err"]) == s          # the later --resume continued from it
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_kill9_then_resume_continues_the_uninterrupted_trajectory(interrupted, runs):
+    i = interrupted
+    assert i["final_rc"] == 0, i["final_err"][-4000:]
+    at = _resumed_at(i["final_err"])
+    assert f"step{at:08d}" == i["kill_latest"]
+    assert i["usr1_steps"][-1] < at <= i["killed_after"]    # from the checkpoint after the kill
+    got, ref = metrics(i["run"]), metrics(runs["A"])
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))   # one record per step
+    assert [r["keys"] for r in got] == [r["keys"] for r in ref]
+    assert max(abs(g["loss"] - r["loss"]) for g, r in zip(got, ref)) < 1e-5
+    from safetensors.torch import load_file
+
+    w_got, w_ref = load_file(i["run"] / "export" / "model.safetensors"), load_file(runs["A"] / "export" / "model.safetensors")
+    assert w_got.keys() == w_ref.keys()
+    assert max((w_got[k] - w_ref[k]).abs().max().item() for k in w_ref) < 1e-6
+
+
+# ------------------------------------------------------------------ 4. modes
+def _step1_pair(a: dict):
+    return next(_global_batches(a["cache"]))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sampledkd", "no_kd", "dense_kd", "rskd_all"])
+def test_modes_write_metrics_and_step1_loss_matches_dense_reference(runs, mode):
+    from transformers import AutoModelForCausalLM
+
+    run = runs["A"] if mode == "sampledkd" else runs["root"] / mode
+    recs = metrics(run)
+    assert len(recs) == (STEPS if mode == "sampledkd" else 2)
+    for r in recs:
+        assert {"step", "loss", "kd_loss", "ce_loss", "selected_frac", "tokens_per_s"} <= r.keys()
+        assert all(math.isfinite(r[k]) for k in ("loss", "kd_loss", "ce_loss", "tokens_per_s"))
+        assert r["selected_frac"] == (FRAC if mode == "sampledkd" else 1.0)
+    pair = _step1_pair(runs)
+    x = _cat(pair, "input_ids")
+    with torch.no_grad():
+        z = AutoModelForCausalLM.from_pretrained(runs["student"], dtype=torch.float32)(input_ids=x).logits
+        logp = torch.log_softmax(z, -1)
+        if mode == "no_kd":      # CE on the next token, every position that has one
+            want = -logp[:, :-1].gather(-1, x[:, 1:, None]).mean()
+        elif mode == "dense_kd":  # KL(teacher || student), every position, full vocabulary
+            y = AutoModelForCausalLM.from_pretrained(runs["teacher"], dtype=torch.float32)(input_ids=x).logits
+            lp = torch.log_softmax(y, -1)
+            want = (lp.exp() * (lp - logp)).sum(-1).mean()
+        else:
+            frac = FRAC if mode == "sampledkd" else 1.0
+            want = _topk_sparse_kd(z, _cat(pair, "ids"), _cat(pair, "weights"), _cat(pair, "entropy"), frac)
+    key = "ce_loss" if mode == "no_kd" else "kd_loss"
+    assert abs(recs[0][key] - want.item()) < 1e-4, (recs[0], want.item())
+    assert recs[0]["loss"] == pytest.approx(recs[0][key], abs=1e-6)
+
+
+# ------------------------------------------------------------------ 5. bad input
+BAD = {  # job -> words the message must contain
+    "bad_tokenizer": ["tokenizer fingerprint"],
+    "bad_vocab": ["vocabulary size", "V={V}", "V={V3}"],
+    "bad_student_path": ["--student", "no_such_student: no such file or directory"],
+    "bad_ds_batch": ["--deepspeed", "train_batch_size=7", "derived 2"],
+    "bad_small_cache": ["--cache", "fewer than one global batch", "--micro-batch"],
+    "bad_resume_frac": ["--select-frac: checkpoint 0.25, now 0.5"],
+    "bad_resume_mode": ["--mode: checkpoint 'sampledkd', now 'rskd_all'"],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("job", sorted(BAD))
+def test_bad_input_fails_before_any_step_and_names_it(runs, job):
+    r = runs["results"][job]
+    assert r["ok"] is False, f"{job} trained instead of failing"
+    for word in BAD[job]:
+        assert word.format(V=runs["V"], V3=runs["V"] + 3) in r["error"], r["error"]
+    if job.startswith("bad_resume"):
+        assert r["error"].count("\n  --") == 1, r["error"]   # that one difference, nothing else
+        copy, orig = runs["root"] / "A_copy", runs["A"]
+        assert metrics(copy) == metrics(orig)                 # nothing trained or logged
+        assert sorted(p.name for p in (copy / "ckpt").iterdir()) == sorted(
+            p.name for p in (orig / "ckpt").iterdir())
+    else:
+        assert not (runs["root"] / job).exists()              # failed during setup
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--select-frac", "1.5"], ["--select-frac 1.5", "(0, 1]"]),
+    (["--select", "percentile_band", "--select-band", "60", "40"], ["--select-band 60.0 40.0", "LO < HI"]),
+    (["--select-band", "30", "30"], ["--select-band 30.0 30.0"]),
+    (["--mode", "dense_kd"], ["--teacher"]),
+    (["--mode", "no_kd"], ["--ce-weight"]),
+])
+def test_bad_flags_are_rejected_by_name(flags, words, tmp_path):
+    from pipeline import config as C
+    from pipeline.distill import DistillConfig
+
+    with pytest.raises(ValueError) as e:
+        C.parse(DistillConfig, ["--student", "s", "--cache", "c", "--out", str(tmp_path), *flags])
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
+    from pipeline.distill import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5)))
+    truncate_metrics(path, 3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    truncate_metrics(tmp_path / "absent.jsonl", 0)   # no file: nothing to do

@@ -1,0 +1,114 @@
+"""HF export of a distillation run: pipeline/export.py and tools/export_hf.py.
+
+The reference for "the exported model is the trained model" is the live ZeRO-3 engine
+itself: the test-only driver of tests/test_distill.py runs a forward pass of
+`engine.module` (parameters partitioned over 2 ranks, gathered layer by layer by
+DeepSpeed's hooks) on a fixed input right after training, and saves those logits. Both
+exports are then loaded with plain `from_pretrained` in this process and must give the
+same logits: OUT/export (written by the trainer from gathered parameters) and the
+directory tools/export_hf.py consolidates offline from the checkpoint's fp32 ZeRO shards.
+The runs are shared with test_distill.py (built once per session).
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_distill import STEPS, shared_runs  # noqa: E402  (the shared 2-rank runs)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    return shared_runs(tmp_path_factory)
+
+
+def _engine(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    d = load_file(run / "engine_logits.safetensors")
+    return d["input_ids"], d["logits"]
+
+
+def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _check_hf_dir(d: Path, tied: bool = True) -> None:
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    with safe_open(d / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and not any(k.startswith("module.") for k in keys)
+    assert ("lm_head.weight" in keys) is not tied          # a tied head is stored once
+    assert AutoTokenizer.from_pretrained(d)("the fox").input_ids
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_trainer_export_logits_equal_the_engine(runs):
+    ids, want = _engine(runs["A"])
+    d = runs["A"] / "export"
+    _check_hf_dir(d)
+    got = _logits(d, ids)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_export_hf_tool_from_checkpoint_equals_the_engine(runs, tmp_path, monkeypatch):
+    ids, want = _engine(runs["A"])
+    out = tmp_path / "hf"
+    monkeypatch.setattr(sys, "argv", ["export_hf.py", str(runs["A"] / "ckpt"), str(out)])
+    runpy.run_path(str(REPO / "tools" / "export_hf.py"), run_name="__main__")
+    _check_hf_dir(out)
+    info = json.loads((out / "sampledkd_export.json").read_text())
+    assert info["step"] == STEPS and info["checkpoint"].endswith(f"step{STEPS:08d}")
+    assert (_logits(out, ids) - want).abs().max().item() < 1e-5
+
+
+def test_latest_tag_and_missing_meta_errors_name_the_path(tmp_path):
+    from pipeline.export import META, export_checkpoint, latest_tag
+
+    with pytest.raises(FileNotFoundError, match="no 'latest' file"):
+        latest_tag(tmp_path)
+    (tmp_path / "step00000002").mkdir()
+    (tmp_path / "latest").write_text("step00000002\n")
+    assert latest_tag(tmp_path) == "step00000002"
+    with pytest.raises(FileNotFoundError) as e:
+        export_checkpoint(tmp_path, tmp_path / "out")
+    assert str(tmp_path / "step00000002" / META) in str(e.value)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_hf_round_trips_a_wrapped_state_dict(tmp_path, tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.export import save_hf
+    from pipeline.tiny import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "src", hidden=16, layers=1, heads=2, seed=3,
+                           tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    # A DeepSpeed-style prefix, and lm_head listed even when tied (state_dict() does that).
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    save_hf(sd, model.config, AutoTokenizer.from_pretrained(src), tmp_path / "out")
+    _check_hf_dir(tmp_path / "out", tied=tied)
+    ids = torch.arange(20)[None] % model.config.vocab_size
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert torch.equal(_logits(tmp_path / "out", ids), want)

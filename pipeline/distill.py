@@ -13,7 +13,10 @@ sparse KD loss uses the cached (ids, p_hat) there. Modes:
   dense_kd   online teacher in the loop, every position, full vocabulary (the baseline)
 loss = ce_weight * CE + kd_weight * KD, each a global mean: sums and counts are summed
 over ranks before the division, so the result equals a single-process run on the global
-batch (DeepSpeed then averages gradients over ranks, hence the factor `world`).
+batch (DeepSpeed then averages gradients over ranks, hence the factor `world`). With
+--grad-accum > 1 each micro-step is normalised by its own global count (later micro-steps'
+counts are not known at backward time): exact for rules that select a fixed count
+(topk, all), a mean of micro-step means for gls / percentile_band / positional.
 
 Batch arithmetic (asserted): global batch = micro_batch x grad_accum x world windows;
 tokens per step = global batch x T, e.g. 4 x 1 x 8 x 2048 = 65,536.

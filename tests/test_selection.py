@@ -1,0 +1,392 @@
+"""Tests for pipeline.selection: scores vs a dense reference, rules vs brute force, GLS vs a
+plain-list FIFO across simulated ranks, positional unbiasedness, checkpoint round-trips."""
+
+from __future__ import annotations
+
+import math
+import threading
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.selection import (RULES, SCORES, RuleContext, Selection, SelectionConfig,
+                                SelectionInputs, Selector, all_gather_rows, compute_scores,
+                                compute_signals, next_token_labels, percentile_band_rule,
+                                positional_rule, topk_rule)
+from pipeline.selection_config import Curriculum
+
+
+# ------------------------------------------------------------------ fake process group
+class _Shared:
+    def __init__(self, world: int):
+        self.world = world
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.barrier = threading.Barrier(world, timeout=60)
+
+
+class ThreadComm:
+    """R ranks as R threads in one process; all_gather requires equal shapes like NCCL."""
+
+    def __init__(self, rank: int, shared: _Shared):
+        self.rank, self.world_size, self._sh = rank, shared.world, shared
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self._sh.slots[self.rank] = tensor.clone()
+        self._sh.barrier.wait()
+        shapes = {tuple(s.shape) for s in self._sh.slots}
+        assert len(shapes) == 1, f"all_gather with unequal shapes {shapes}"
+        out = [s.clone() for s in self._sh.slots]
+        self._sh.barrier.wait()
+        return out
+
+
+def run_ranks(world: int, fn):
+    """Run fn(rank, comm) on `world` threads in lock-step; return the results by rank."""
+    sh, res, errs = _Shared(world), [None] * world, []
+
+    def body(r):
+        try:
+            res[r] = fn(r, ThreadComm(r, sh))
+        except BaseException as e:  # re-raised in the main thread below
+            errs.append(e)
+            sh.barrier.abort()
+
+    ts = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errs:
+        raise errs[0]
+    return res
+
+
+def _valid(b, t, gen, min_len=0):
+    lens = torch.randint(min_len, t + 1, (b,), generator=gen)
+    return torch.arange(t)[None, :] < lens[:, None]
+
+
+# ------------------------------------------------------------------------------ scores
+@torch.no_grad()
+def _dense_reference(h, w_head, labels, ids, wts, ent, valid):
+    """Every signal from full [B,T,V] logits in float64 (the definition, no chunking)."""
+    z = (h.double() @ w_head.double().T)
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    s_ent = -(p * logp).sum(-1)
+    ce = -logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    ce = torch.where(labels >= 0, ce, s_ent)
+    V = z.shape[-1]
+    used = ids < V
+    lp_ids = logp.gather(-1, torch.where(used, ids, 0).long())
+    kl = -(torch.where(used, wts.double(), 0.0) * lp_ids).sum(-1) - ent.double()
+    z0 = lambda x: torch.where(valid, x, 0.0)
+    return {"teacher_entropy": z0(ent.double()), "student_entropy": z0(s_ent),
+            "student_ce": z0(ce), "kl": z0(kl)}
+
+
+def _inputs(B, T, H, V, U, seed):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    valid = _valid(B, T, g, min_len=1)
+    valid[0] = True                     # the last position: valid, but no next-token label
+    ids = torch.randint(0, V, (B, T, U), generator=g)
+    sentinel = 2 ** V.bit_length() - 1
+    ids[..., U // 2:] = torch.where(torch.rand(B, T, U - U // 2, generator=g) < 0.5, sentinel,
+                                    ids[..., U // 2:])
+    labels = next_token_labels(torch.randint(0, V, (B, T), generator=g))
+    inp = SelectionInputs(valid, hidden=torch.randn(B, T, H, generator=g), labels=labels,
+                          teacher_entropy=torch.rand(B, T, generator=g) * 4, ids=ids,
+                          weights=torch.rand(B, T, U, generator=g) * 0.2)
+    return inp, head
+
+
+@pytest.mark.parametrize("V,chunks", [(37, (1, 3, 5, 1000)), (151_936, (5, 64))])
+def test_signals_chunked_equal_dense(V, chunks):
+    inp, head = _inputs(B=2, T=8 if V > 1000 else 13, H=16, V=V, U=6, seed=1)
+    ref = _dense_reference(inp.hidden, head.weight, inp.labels, inp.ids, inp.weights,
+                           inp.teacher_entropy, inp.valid)
+    for c in chunks:
+        got = compute_signals(set(ref), inp, head, c)
+        for k in ref:
+            torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-4, atol=2e-4, msg=f"{k} c={c}")
+
+
+def test_combined_is_weighted_per_sequence_zscores():
+    inp, head = _inputs(B=3, T=11, H=8, V=29, U=4, seed=2)
+    ref = _dense_reference(inp.hidden, head.weight, inp.labels, inp.ids, inp.weights,
+                           inp.teacher_entropy, inp.valid)
+    w = (0.5, 1.0, 2.0, 0.25)
+    got = compute_scores("combined", inp, head, 4, torch.Generator(), combined_weights=w)
+    for b in range(3):
+        v = inp.valid[b].numpy()
+        want = sum(wj * (ref[n][b].numpy()[v] - ref[n][b].numpy()[v].mean())
+                   / (ref[n][b].numpy()[v].std() + 1e-6)
+                   for n, wj in zip(("teacher_entropy", "student_entropy", "student_ce", "kl"), w))
+        np.testing.assert_allclose(got[b].numpy()[v], want, rtol=1e-4, atol=1e-4)
+        assert (got[b].numpy()[~v] == 0).all()
+
+
+def test_one_chunked_pass_and_only_needed_signals():
+    inp, head = _inputs(B=2, T=9, H=8, V=23, U=4, seed=3)
+    calls = []
+    counted = lambda x: (calls.append(x.shape[0]), head(x))[1]
+    n = int(inp.valid.sum())
+    compute_scores("combined", inp, counted, 4, torch.Generator())
+    assert calls == [min(4, n - s) for s in range(0, n, 4)]      # one pass for 3 signals
+
+    def forbidden(x):
+        raise AssertionError("lm_head must not run for this score")
+    for name in ("teacher_entropy", "random"):
+        compute_scores(name, inp, forbidden, 4, torch.Generator())
+    assert not Selector(SelectionConfig(score="teacher_entropy")).needs_student_logits
+    assert Selector(SelectionConfig(score="kl")).needs_student_logits
+    assert not Selector(SelectionConfig(rule="all", score="kl")).needs_student_logits
+
+
+# ------------------------------------------------------------------------------- rules
+@pytest.mark.parametrize("frac", [0.07, 0.1, 0.25, 1 / 3, 0.5, 0.999, 1.0])
+def test_topk_exact_count_never_padded(frac):
+    g = torch.Generator().manual_seed(4)
+    B, T = 64, 120
+    valid = _valid(B, T, g)
+    valid[0] = True
+    valid[1] = False
+    valid[2] = torch.arange(T) < 100   # 100 * 0.07 = 7.000000000000001 in floating point
+    scores = torch.randint(0, 5, (B, T), generator=g).float()    # many ties
+    scores[~valid] = 100.0                                        # padding must lose anyway
+    m = topk_rule(scores, valid, frac).mask
+    for b in range(B):
+        n = int(valid[b].sum())
+        k = math.ceil(Fraction(str(frac)) * n) if frac != 1 / 3 else math.ceil(n / 3)
+        sel = m[b].nonzero().flatten().tolist()
+        assert len(sel) == k, (b, n, k, sel)
+        assert all(valid[b, t] for t in sel)
+        if 0 < k < n:
+            rest = [t for t in range(T) if valid[b, t] and t not in sel]
+            assert min(scores[b, sel]) >= max(scores[b, rest])
+
+
+def test_percentile_band_hand_example():
+    scores = torch.tensor([[9.0, 0, 8, 1, 7, 2, 6, 3, 5, 4, -1, -1]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    valid[0, 10:] = False
+    ctx = RuleContext(torch.Generator(), band=(20.0, 60.0))
+    # sorted 0..9: q20 = 0.2*9 = 1.8, q60 = 5.4  ->  scores 2, 3, 4, 5
+    m = percentile_band_rule(scores, valid, 0.25, ctx).mask
+    assert sorted(scores[m].tolist()) == [2.0, 3.0, 4.0, 5.0]
+    m = percentile_band_rule(scores, valid, 0.25, RuleContext(torch.Generator(), band=(0.0, 100.0))).mask
+    assert m.tolist() == valid.tolist()
+
+
+def test_positional_unbiased_for_all_positions_sum():
+    g = torch.Generator().manual_seed(5)
+    T, R = 40, 20_000                                             # R independent draws as rows
+    valid1 = torch.arange(T) < 33
+    score1 = torch.rand(T, generator=g) ** 3 * 5
+    score1[3] = 0.0                                               # eps path
+    x1 = torch.randn(T, generator=g).double() * 2 + score1.double()
+    truth = float(x1[valid1].sum())
+    for alpha, frac in [(1.0, 0.25), (2.0, 0.1), (0.0, 0.5), (0.5, 1.0)]:
+        valid, scores = valid1.expand(R, T), score1.expand(R, T)
+        ctx = RuleContext(torch.Generator().manual_seed(6), positional_alpha=alpha)
+        out = positional_rule(scores, valid, frac, ctx)
+        k = math.ceil(frac * 33 - 1e-9)
+        assert (out.mask.sum(1) == k).all() and not out.mask[:, 33:].any()
+        assert (out.weights[out.mask] >= 1).all() and (out.weights[~out.mask] == 0).all()
+        est = (out.weights.double() * x1).sum(1)
+        mean, se = float(est.mean()), float(est.std() / math.sqrt(R))
+        if frac == 1.0:
+            assert torch.allclose(est, torch.full_like(est, truth))
+        else:
+            assert abs(mean - truth) < 4 * se, (alpha, frac, mean, truth, se)
+
+
+# --------------------------------------------------------------------------------- GLS
+def _gls_batches(steps, world, B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        out.append([( torch.randn(B, T, generator=g), _valid(B, T, g)) for _ in range(world)])
+    return out
+
+
+def _gls_reference(batches, Q, warm, fracs):
+    """Independent: a Python list FIFO + numpy quantile; top-k by sorting during warm-up."""
+    fifo, seen, res = [], 0, []
+    for step, ranks in enumerate(batches):
+        for sc, va in ranks:                                      # rank order
+            fifo.extend(sc[va].tolist())
+            seen += int(va.sum())
+        fifo = fifo[-Q:]
+        frac = fracs[step]
+        if seen < warm:
+            masks = []
+            for sc, va in ranks:
+                m = torch.zeros_like(va)
+                for b in range(va.shape[0]):
+                    idx = [t for t in range(va.shape[1]) if va[b, t]]
+                    idx.sort(key=lambda t: (-float(sc[b, t]), t))
+                    for t in idx[:math.ceil(frac * len(idx) - 1e-9)]:
+                        m[b, t] = True
+                masks.append(m)
+            res.append((None, masks, list(fifo)))
+        else:
+            thr = float(np.quantile(np.array(fifo, dtype=np.float64), 1 - frac))
+            res.append((thr, [va & (sc.double() >= thr) for sc, va in ranks], list(fifo)))
+    return res
+
+
+def _run_gls(world, cfg, batches, steps_range, state=None):
+    def fn(rank, comm):
+        sel = Selector(cfg, comm=comm)
+        if state is not None:
+            sel.load_state_dict(state[rank])
+        out = []
+        for step in steps_range:
+            sc, va = batches[step][rank]
+            s = sel.select(SelectionInputs(va, teacher_entropy=sc), None, step)
+            out.append((s.threshold, s.mask, sel.gls.buf.tolist()))
+        return out, sel.state_dict()
+    return run_ranks(world, fn)
+
+
+@pytest.mark.parametrize("curriculum", ["constant", "linear:0.5:0.2:6"])
+def test_gls_two_ranks_bit_identical_and_equal_reference(curriculum):
+    world, B, T, Q, steps = 2, 3, 17, 200, 14
+    cfg = SelectionConfig(rule="gls", frac=0.3, gls_queue=Q, gls_warmup=120, curriculum=curriculum)
+    cfg.validate(positions_per_step=B * T * world)
+    batches = _gls_batches(steps, world, B, T, seed=7)
+    cur = Curriculum.parse(curriculum, 0.3)
+    ref = _gls_reference(batches, Q, 120, [cur(s) for s in range(steps)])
+    res = _run_gls(world, cfg, batches, range(steps))
+    assert ref[0][0] is None and ref[-1][0] is not None and len(ref[-1][2]) == Q
+    for step in range(steps):
+        t0, t1 = res[0][0][step][0], res[1][0][step][0]
+        assert t0 == t1 == ref[step][0], (step, t0, t1, ref[step][0])   # bit for bit
+        for r in range(world):
+            assert res[r][0][step][1].tolist() == ref[step][1][r].tolist()
+            assert res[r][0][step][2] == ref[step][2]            # same FIFO, same order
+
+    # checkpoint after 6 steps, restore into fresh selectors, continue: identical tail
+    first = _run_gls(world, cfg, batches, range(6))
+    states = [first[r][1] for r in range(world)]
+    assert states[0]["gls"]["buf"].tolist() == ref[5][2]
+    resumed = _run_gls(world, cfg, batches, range(6, steps), state=states)
+    for r in range(world):
+        for i, step in enumerate(range(6, steps)):
+            assert resumed[r][0][i][0] == res[r][0][step][0]
+            assert resumed[r][0][i][1].tolist() == res[r][0][step][1].tolist()
+        assert torch.equal(resumed[r][1]["gls"]["buf"], res[r][1]["gls"]["buf"])
+
+
+def test_gls_no_scores_yet_falls_back():
+    sel = Selector(SelectionConfig(rule="gls", gls_queue=50, gls_warmup=0))
+    empty = torch.zeros(2, 5, dtype=torch.bool)
+    s = sel.select(SelectionInputs(empty, teacher_entropy=torch.rand(2, 5)), None, 0)
+    assert s.threshold is None and not s.mask.any()
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    s = sel.select(SelectionInputs(valid, teacher_entropy=torch.arange(10.0).reshape(2, 5)), None, 1)
+    assert s.threshold == float(np.quantile(np.arange(10.0), 0.75)) and int(s.mask.sum()) == 3
+
+
+def test_all_gather_rows_uneven():
+    def fn(rank, comm):
+        x = torch.arange(rank * 3, dtype=torch.float32).reshape(-1, 1) + 10 * rank
+        return all_gather_rows(comm, x).flatten().tolist()
+    res = run_ranks(3, fn)
+    assert res[0] == res[1] == res[2] == [10.0, 11.0, 12.0, 20.0, 21.0, 22.0, 23.0, 24.0, 25.0]
+
+
+# ------------------------------------------------------------------- selector plumbing
+@pytest.mark.parametrize("rule", ["topk", "positional", "percentile_band", "all"])
+def test_random_stream_round_trips(rule):
+    inp, head = _inputs(B=2, T=12, H=8, V=19, U=4, seed=8)
+    cfg = SelectionConfig(rule=rule, score="random")
+    a = Selector(cfg)
+    a.select(inp, head, 0)
+    sd = a.state_dict()
+    want = [a.select(inp, head, s) for s in range(1, 4)]
+    b = Selector(cfg)
+    b.load_state_dict(sd)
+    for s, w in zip(range(1, 4), want):
+        got = b.select(inp, head, s)
+        assert torch.equal(got.scores, w.scores) and torch.equal(got.weights, w.weights)
+
+
+def test_selection_fields():
+    inp, head = _inputs(B=2, T=12, H=8, V=19, U=4, seed=9)
+    s = Selector(SelectionConfig(rule="positional", score="kl", frac=0.5)).select(inp, head, 0)
+    assert isinstance(s, Selection) and s.mask.dtype == torch.bool and s.weights.dtype == torch.float32
+    assert not (s.mask & ~inp.valid).any() and float(s.denominator) == float(inp.valid.sum())
+    assert set(RULES) >= {"topk", "gls", "learned"} and "kl" in SCORES
+
+
+def test_curriculum_schedules():
+    lin, cos = Curriculum.parse("linear:0.5:0.1:100", 0.3), Curriculum.parse("cosine:0.5:0.1:100", 0.3)
+    assert [lin(s) for s in (0, 50, 100, 500)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
+    assert [cos(s) for s in (0, 50, 100)] == pytest.approx([0.5, 0.3, 0.1])
+    assert Curriculum.parse("constant", 0.3)(1234) == 0.3
+
+
+# -------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs,vkw,needle", [
+    (dict(frac=1.5), {}, "--select-frac 1.5 must be in (0, 1]"),
+    (dict(frac=0.0), {}, "--select-frac 0.0 must be in (0, 1]"),
+    (dict(rule="nope"), {}, "--select 'nope' must be one of"),
+    (dict(score="nope"), {}, "--select-score 'nope' must be one of"),
+    (dict(band_lo=60, band_hi=40), {}, "--select-band 60 40"),
+    (dict(band_lo=10, band_hi=101), {}, "--select-band 10 101"),
+    (dict(gls_queue=0), {}, "--gls-queue 0 must be >= 1"),
+    (dict(rule="gls", gls_queue=1000), dict(positions_per_step=2048), "smaller than one step's positions"),
+    (dict(gls_warmup=-1), {}, "--gls-warmup -1"),
+    (dict(positional_alpha=-1.0), {}, "--positional-alpha -1.0"),
+    (dict(learned_kind="svm"), {}, "--learned-kind 'svm'"),
+    (dict(learned_kind="mlp", explore=1.5), {}, "--learned-explore 1.5"),
+    (dict(learned_kind="linucb", explore=-0.1), {}, "--learned-explore -0.1"),
+    (dict(curriculum="linear:0.5:0.1"), {}, "--curriculum 'linear:0.5:0.1'"),
+    (dict(curriculum="cosine:0.5:1.2:10"), {}, "--curriculum fraction 1.2"),
+    (dict(curriculum="linear:0.5:0.2:0"), {}, "--curriculum steps 0"),
+    (dict(combined_weights=(0.0, 0.0, 0.0, 0.0)), {}, "--combined-weights"),
+    (dict(combined_weights=(1.0, -1.0, 0.0, 0.0)), {}, "--combined-weights"),
+    (dict(chunk_size=0), {}, "--select-chunk 0"),
+    (dict(seed=-2), {}, "--select-seed -2"),
+    (dict(rule="positional", score="combined"), {}, "needs nonnegative scores"),
+    (dict(score="kl"), dict(has_targets=False), "--select-score kl needs ['kl']"),
+    (dict(score="combined"), dict(has_targets=False), "--select-score combined needs ['kl']"),
+    (dict(score="teacher_entropy"), dict(has_targets=False), "needs ['teacher_entropy']"),
+    (dict(rule="learned"), dict(has_targets=False), "--select learned needs"),
+])
+def test_validation_errors(kwargs, vkw, needle):
+    with pytest.raises(ValueError) as e:
+        SelectionConfig(**kwargs).validate(**vkw)
+    assert needle in str(e.value)
+
+
+def test_validation_collects_all_and_accepts_good():
+    with pytest.raises(ValueError) as e:
+        SelectionConfig(frac=2.0, band_lo=90, band_hi=10, chunk_size=0).validate()
+    assert all(s in str(e.value) for s in ("--select-frac", "--select-band", "--select-chunk"))
+    SelectionConfig(score="student_ce").validate(has_targets=False)
+    SelectionConfig(score="combined", combined_weights=(0.0, 1.0, 1.0, 0.0)).validate(has_targets=False)
+    SelectionConfig(rule="gls", gls_queue=4096).validate(positions_per_step=4096)
+
+
+def test_cli_round_trip():
+    import argparse
+    ap = argparse.ArgumentParser()
+    SelectionConfig.add_arguments(ap)
+    assert SelectionConfig.from_args(ap.parse_args([])) == SelectionConfig()
+    ns = ap.parse_args("--select gls --select-score kl --select-frac 0.2 --select-band 10 90 "
+                       "--gls-queue 5000 --gls-warmup 100 --positional-alpha 2 --learned-kind mlp "
+                       "--learned-explore 0.2 --curriculum linear:0.5:0.2:10 "
+                       "--combined-weights 1 0 1 0 --select-chunk 64 --select-seed 3".split())
+    c = SelectionConfig.from_args(ns)
+    assert (c.rule, c.score, c.frac, c.band_lo, c.band_hi, c.gls_queue, c.gls_warmup) == \
+        ("gls", "kl", 0.2, 10.0, 90.0, 5000, 100)
+    assert (c.learned_kind, c.explore, c.combined_weights, c.chunk_size, c.seed) == \
+        ("mlp", 0.2, (1.0, 0.0, 1.0, 0.0), 64, 3)

@@ -28,6 +28,10 @@ RECORD_BITS = 24
 MIN_WEIGHT_BITS = 5
 MAX_VOCAB = 2 ** (RECORD_BITS - MIN_WEIGHT_BITS) - 1  # 524,287
 DEFAULT_WEIGHT_MIN = 2.0 ** -20  # smallest nonzero weight level (~9.5e-7)
+# Priority-sampling weights max(p_i, tau) exceed 1 when tau does: that needs U+1 classes with
+# u_i < p_i, a Poisson-binomial tail with mean sum(p) = 1 (~6e-11 per position at U = 12);
+# tau > 2 needs them with u_i < p_i / 2 (~1e-14). The top level is therefore 2.
+DEFAULT_WEIGHT_MAX = 2.0
 
 
 def _as_int64(name: str, a, ndim: int) -> np.ndarray:
@@ -63,23 +67,24 @@ def stochastic_round(values: np.ndarray, levels: np.ndarray, rng: np.random.Gene
 
 @dataclass(frozen=True)
 class WeightCodebook:
-    """2**w_bits float32 levels: 0, then log-spaced from `w_min` to 1.
+    """2**w_bits float32 levels: 0, then log-spaced from `w_min` to `w_max` (2).
 
-    Priority-sampling weights are max(p_i, tau) <= 1. Log spacing gives a constant
-    relative step: (1/w_min)**(1/(2**w_bits - 2)), e.g. 1.25x at 6 bits, 1.06x at 8 bits.
+    Log spacing gives a constant relative step: (w_max/w_min)**(1/(2**w_bits - 2)), e.g.
+    1.26x at 6 bits, 1.06x at 8 bits.
     """
 
     w_bits: int
     w_min: float = DEFAULT_WEIGHT_MIN
+    w_max: float = DEFAULT_WEIGHT_MAX
 
     @property
     def levels(self) -> np.ndarray:
         n = 2 ** self.w_bits
-        nonzero = np.geomspace(self.w_min, 1.0, n - 1)
+        nonzero = np.geomspace(self.w_min, self.w_max, n - 1)
         return np.concatenate([[0.0], nonzero]).astype(np.float32)
 
     def encode(self, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Stochastic rounding of weights in [0, 1] onto the codebook (unbiased)."""
+        """Stochastic rounding of weights in [0, w_max] onto the codebook (unbiased)."""
         return stochastic_round(weights, self.levels, rng)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -195,8 +200,8 @@ class RecordCodec:
         wc = rec >> self.id_bits
         return ids, wc, a[:, 3 * U].astype(np.int64)
 
-    def weight_codebook(self, w_min: float = DEFAULT_WEIGHT_MIN) -> WeightCodebook:
-        return WeightCodebook(self.w_bits, w_min)
+    def weight_codebook(self) -> WeightCodebook:
+        return WeightCodebook(self.w_bits)
 
     def entropy_codebook(self) -> EntropyCodebook:
         return EntropyCodebook(self.vocab_size)

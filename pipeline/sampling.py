@@ -221,7 +221,10 @@ def _rskd(logits: torch.Tensor, e: torch.Tensor, U: int, gen: torch.Generator,
     valid = top_c > 0
     safe = ids.clamp_min(0)
     q_sel = torch.gather(q_un, 1, safe) / q_un.sum(dim=-1, keepdim=True)
-    weights = torch.where(valid, top_c / num_draws * torch.gather(e, 1, safe) / q_sel, 0.0)
+    if tau_s == 1.0:
+        weights = torch.where(valid, top_c / num_draws, 0.0)      # p/q = 1 exactly
+    else:
+        weights = torch.where(valid, top_c / num_draws * torch.gather(e, 1, safe) / q_sel, 0.0)
     if k < U:
         pad = U - k
         ids = torch.cat([ids, ids.new_full((P, pad), -1)], 1)

@@ -112,7 +112,7 @@ def test_stochastic_rounding_below_smallest_level_and_out_of_range():
     codes = cb.encode(np.full(100_000, 2.0 ** -22), np.random.default_rng(1))
     assert set(np.unique(codes)) == {0, 1}     # between 0 and the smallest nonzero level
     with pytest.raises(ValueError, match="outside the codebook"):
-        cb.encode(np.array([1.5]), np.random.default_rng(0))
+        cb.encode(np.array([2.5]), np.random.default_rng(0))
     with pytest.raises(ValueError, match="outside the codebook"):
         stochastic_round(np.array([-0.1]), cb.levels, np.random.default_rng(0))
 

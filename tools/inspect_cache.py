@@ -1,0 +1,442 @@
+"""Storage statistics of a teacher cache, an optional integrity check, and a plot.
+
+    python tools/inspect_cache.py CACHE_DIR                 # rich table
+    python tools/inspect_cache.py CACHE_DIR --verify        # + sha256 and record checks
+    python tools/inspect_cache.py CACHE_DIR --json          # one JSON object on stdout
+    python tools/inspect_cache.py CACHE_DIR --plot out.png  # entropy histogram + one sample
+
+Numbers (DESIGN.md sections 2 and 9), with N positions = samples x T:
+    bytes_on_disk             sum of the shard files' real sizes (os.stat), manifest excluded
+    record_bytes_per_position 3U + 1 (U records of 3 B + 1 entropy byte)
+    bytes_per_position        bytes_on_disk / N (records + 4 B of tokens + tar headers)
+    reduction_vs_bf16 / fp32  2V / bytes_per_position, 4V / bytes_per_position
+    reduction_vs_top128       128 x (2 B fp16 value + 4 B int32 id) / bytes_per_position
+    tar_overhead_fraction     (bytes_on_disk - N x (3U+1+4)) / (N x (3U+1+4))
+Entropy statistics come from the manifest's histogram over the 256 entropy codebook
+levels (exact for the quantized entropies); distinct-class statistics from its histogram
+of non-sentinel ids per position.
+
+`--verify` re-hashes every shard against the manifest (size, sha256), reads every sample
+(tar members, `tokens.u32` of 4T bytes, `kd.bin` of (3U+1)T bytes) and decodes its records
+with pipeline.codec: ids < V or the sentinel, weight code 0 in sentinel slots, no repeated
+id within a position, tokens < V, keys `{rank:04d}-{window:09d}` unique and of the shard's
+rank, sample/position counts as recorded; when every shard passes it also recomputes the
+entropy and distinct-class histograms and compares them with the manifest's.
+
+Exit status: 0 fine; 1 `--verify` found a bad shard (each one is named); 2 the directory
+is not a readable cache (no manifest.json: an unfinished run leaves only rank parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.codec import RecordCodec
+from pipeline.manifest import load_manifest
+
+TOP_K_BASELINE = 128            # a top-k logit cache as DistillKit-style pipelines store it
+TOP_K_BYTES_PER_CLASS = 2 + 4   # fp16 value + int32 id
+TOKEN_BYTES = 4                 # tokens.u32
+SPARK = "▁▂▃▄▅▆▇█"
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+KEY_RE = re.compile(r"^(\d{4})-(\d{9})$")
+SHARD_RE = re.compile(r"^cache-r(\d{4})-(\d{6})\.tar$")
+MAX_PROBLEMS = 5                # per shard, so one bad shard does not flood the report
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)   # messages stay greppable
+
+
+# -- statistics from the manifest -------------------------------------------------------------
+def sparkline(counts: np.ndarray) -> str:
+    """One block character per bin, height proportional to count (empty bins: a dot)."""
+    top = counts.max() if counts.size else 0
+    if top <= 0:
+        return "·" * len(counts)
+    return "".join("·" if c == 0 else SPARK[min(len(SPARK) - 1, int(c / top * len(SPARK)))]
+                   for c in counts)
+
+
+def histogram_quantile(levels: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """Lower q-quantile of a sample given as `counts[k]` copies of `levels[k]` (levels sorted)."""
+    cdf = np.cumsum(counts)
+    return float(levels[int(np.searchsorted(cdf, q * cdf[-1], side="left"))])
+
+
+def entropy_stats(m: dict, bins: int = 32) -> dict:
+    """Mean, quantiles and an equal-width (in nats) rebinning of the code histogram."""
+    levels = np.asarray(m["entropy_codebook"], dtype=np.float64)
+    hist = np.asarray(m["stats"]["entropy_code_hist"], dtype=np.int64)
+    if hist.shape != (256,) or levels.shape != (256,):
+        raise ValueError(f"manifest: entropy histogram/codebook of {hist.shape}/{levels.shape} "
+                         "entries, expected 256 each")
+    n = int(hist.sum())
+    top = math.log(m["vocab_size"])
+    edges = np.linspace(0.0, top, bins + 1)
+    which = np.clip(np.searchsorted(edges, levels, side="right") - 1, 0, bins - 1)
+    rebinned = np.bincount(which, weights=hist, minlength=bins).astype(np.int64)
+    out = {"positions": n, "max_nats": top, "max_quantization_error": m.get("entropy_max_error"),
+           "hist_edges_nats": edges.tolist(), "hist_counts": rebinned.tolist()}
+    if n:
+        out["mean"] = float((levels * hist).sum() / n)
+        out["quantiles"] = {f"p{round(q * 100):02d}": histogram_quantile(levels, hist, q)
+                            for q in QUANTILES}
+    return out
+
+
+def distinct_stats(m: dict) -> dict:
+    """Non-sentinel classes per position: mean, range, share of padded positions."""
+    hist = np.asarray(m["stats"]["distinct_hist"], dtype=np.int64)
+    U, n = m["num_classes"], int(hist.sum())
+    out: dict = {"hist": hist[: U + 1].tolist(), "positions": n}
+    if n:
+        k = np.arange(len(hist))
+        nz = np.nonzero(hist)[0]
+        out |= {"mean": float((k * hist).sum() / n), "min": int(nz[0]), "max": int(nz[-1]),
+                "fraction_full": float(hist[U] / n) if U < len(hist) else 0.0,
+                "fraction_padded": float(hist[:U].sum() / n)}
+    return out
+
+
+def storage_stats(cache_dir: Path, m: dict) -> dict:
+    """Sizes from the file system; every ratio derived from them (see module docstring)."""
+    V, U, T = m["vocab_size"], m["num_classes"], m["seq_len"]
+    sizes, missing = {}, []
+    for s in m["shards"]:
+        p = cache_dir / s["file"]
+        if p.exists():
+            sizes[s["file"]] = p.stat().st_size
+        else:
+            missing.append(s["file"])
+    on_disk = sum(sizes.values())
+    samples = sum(s["samples"] for s in m["shards"])
+    positions = sum(s["positions"] for s in m["shards"])
+    record_bpp = 3 * U + 1
+    payload = positions * (record_bpp + TOKEN_BYTES)
+    if not positions:
+        raise ValueError(f"{cache_dir}/manifest.json lists no positions (an empty cache)")
+    bpp = on_disk / positions
+    listed = {s["file"] for s in m["shards"]}
+    stray = sorted(p.name for p in cache_dir.glob("cache-r*.tar*") if p.name not in listed)
+    return {
+        "samples": samples, "positions": positions, "shards": len(m["shards"]),
+        "positions_expected": samples * T,
+        "bytes_on_disk": on_disk, "bytes_in_manifest": sum(s["bytes"] for s in m["shards"]),
+        "manifest_bytes": (cache_dir / "manifest.json").stat().st_size,
+        "missing_shards": missing, "stray_files": stray,
+        "record_bytes_per_position": record_bpp,
+        "bytes_per_position": bpp,
+        "tar_overhead_fraction": (on_disk - payload) / payload,
+        "reduction_vs_bf16": 2 * V / bpp, "reduction_vs_fp32": 4 * V / bpp,
+        "reduction_vs_top128": TOP_K_BASELINE * TOP_K_BYTES_PER_CLASS / bpp,
+        "record_reduction_vs_bf16": 2 * V / record_bpp,
+        "record_reduction_vs_fp32": 4 * V / record_bpp,
+        "record_reduction_vs_top128": TOP_K_BASELINE * TOP_K_BYTES_PER_CLASS / record_bpp,
+    }
+
+
+def settings(m: dict) -> dict:
+    st = m["stats"]
+    n = st.get("positions") or m["positions"]
+    return {k: m.get(k) for k in ("teacher", "teacher_parameters", "vocab_size", "seq_len",
+                                   "num_classes", "id_bits", "w_bits", "sentinel", "sampler",
+                                   "sampler_args", "teacher_temperature", "seed", "dataset",
+                                   "max_windows", "shard_samples", "world_size", "wall_time_s")} | {
+        "rskd_truncated_positions": st.get("rskd_truncated_positions", 0),
+        "rskd_truncated_fraction": st.get("rskd_truncated_positions", 0) / n if n else 0.0}
+
+
+# -- verification -----------------------------------------------------------------------------
+def tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, grouping consecutive members by key as
+    webdataset does (key = basename up to its first dot)."""
+    key, group = None, {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        for info in tf:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            k, _, ext = base.partition(".")
+            if k != key and key is not None:
+                yield key, group
+                group = {}
+            key = k
+            if ext in group:
+                raise ValueError(f"sample {k}: member .{ext} appears twice")
+            f = tf.extractfile(info)
+            group[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, group
+
+
+def check_sample(codec: RecordCodec, T: int, key: str, group: dict[str, bytes],
+                 rank: int | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """Problems of one sample; its entropy codes [T] and distinct counts [T] when decodable."""
+    problems = []
+    km = KEY_RE.match(key)
+    if km is None:
+        problems.append(f"key {key!r} is not rank-window ({{rank:04d}}-{{window:09d}})")
+    elif rank is not None and int(km.group(1)) != rank:
+        problems.append(f"key {key} belongs to rank {int(km.group(1))}, shard is rank {rank}")
+    if set(group) != {"tokens.u32", "kd.bin"}:
+        problems.append(f"sample {key}: members {sorted(group)}, expected ['kd.bin', 'tokens.u32']")
+    tok, kd = group.get("tokens.u32", b""), group.get("kd.bin", b"")
+    B = codec.bytes_per_position
+    if len(tok) != TOKEN_BYTES * T or len(kd) != B * T:
+        problems.append(f"sample {key}: tokens.u32 {len(tok)} B (want {TOKEN_BYTES * T}), "
+                        f"kd.bin {len(kd)} B (want {B} x T={T} = {B * T})")
+        return problems, None, None
+    tokens = np.frombuffer(tok, dtype="<u4")
+    if int(tokens.max()) >= codec.vocab_size:
+        problems.append(f"sample {key}: token id {int(tokens.max())} >= V={codec.vocab_size}")
+    ids, wc, ec = codec.unpack(kd)
+    pad = ids == codec.sentinel
+    bad = (ids >= codec.vocab_size) & ~pad
+    if bad.any():
+        problems.append(f"sample {key}: {int(bad.sum())} id(s) outside V={codec.vocab_size} "
+                        f"and not the sentinel {codec.sentinel}, e.g. {ids[bad][:3].tolist()}")
+    if (wc[pad] != 0).any():
+        problems.append(f"sample {key}: {int((wc[pad] != 0).sum())} sentinel slot(s) with a "
+                        "nonzero weight code")
+    srt = np.sort(ids, axis=1)
+    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] != codec.sentinel)
+    if dup.any():
+        problems.append(f"sample {key}: {int(dup.any(1).sum())} position(s) repeat a class id")
+    return problems, ec, (~pad).sum(1)
+
+
+def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
+                 seen_keys: set[str], acc: dict) -> list[str]:
+    """Problems of one shard (empty = good); adds its histograms into `acc`."""
+    path = cache_dir / s["file"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return [f"cannot read ({e.strerror or e})"]
+    problems = []
+    if len(data) != s["bytes"]:
+        problems.append(f"{len(data)} bytes, manifest says {s['bytes']} (truncated or replaced)")
+    if hashlib.sha256(data).hexdigest() != s["sha256"]:
+        problems.append("sha256 differs from manifest.json (corrupted or replaced)")
+    sm = SHARD_RE.match(s["file"])
+    rank = int(sm.group(1)) if sm else None
+    samples = positions = 0
+    try:
+        for key, group in tar_samples(data):
+            samples += 1
+            p, ec, nd = check_sample(codec, T, key, group, rank)
+            if key in seen_keys:
+                p.append(f"sample {key} appears in more than one place")
+            seen_keys.add(key)
+            problems += p
+            if ec is not None:
+                positions += len(ec)
+                acc["entropy"] += np.bincount(ec, minlength=256)
+                acc["distinct"] += np.bincount(nd, minlength=len(acc["distinct"]))[: len(acc["distinct"])]
+    except (tarfile.TarError, EOFError, ValueError) as e:
+        problems.append(f"unreadable tar after {samples} sample(s): {e}")
+    if (samples, positions) != (s["samples"], s["positions"]):
+        problems.append(f"{samples} samples / {positions} positions decoded, manifest says "
+                        f"{s['samples']} / {s['positions']}")
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more"]
+    return problems
+
+
+def verify_cache(cache_dir: Path, m: dict) -> dict:
+    """Check every shard; `{"ok", "bad_shards", "shards": [{file, ok, problems}], "stats_match"}`."""
+    codec = RecordCodec(m["vocab_size"], m["num_classes"])
+    problems_cache = []
+    if (codec.id_bits, codec.w_bits) != (m["id_bits"], m["w_bits"]):
+        problems_cache.append(f"manifest id/w bits {m['id_bits']}/{m['w_bits']} disagree with "
+                              f"V={m['vocab_size']} ({codec.id_bits}/{codec.w_bits})")
+    acc = {"entropy": np.zeros(256, np.int64),
+           "distinct": np.zeros(len(m["stats"]["distinct_hist"]), np.int64)}
+    seen: set[str] = set()
+    results = []
+    for s in m["shards"]:
+        p = verify_shard(cache_dir, s, codec, m["seq_len"], seen, acc)
+        results.append({"file": s["file"], "ok": not p, "problems": p})
+    bad = [r["file"] for r in results if not r["ok"]]
+    stats_match = None
+    if not bad:   # histograms of damaged shards cannot match; only compare a clean cache
+        stats_match = (acc["entropy"].tolist() == list(m["stats"]["entropy_code_hist"])
+                       and acc["distinct"].tolist() == list(m["stats"]["distinct_hist"]))
+        if not stats_match:
+            problems_cache.append("entropy/distinct histograms recomputed from the records "
+                                  "differ from manifest.json's stats")
+    return {"ok": not bad and not problems_cache, "bad_shards": bad, "cache_problems": problems_cache,
+            "stats_match": stats_match, "shards": results}
+
+
+# -- report -----------------------------------------------------------------------------------
+def build_report(cache_dir: Path, verify: bool) -> tuple[dict, dict]:
+    m = load_manifest(cache_dir)
+    rep = storage_stats(cache_dir, m)
+    rep |= {"entropy": entropy_stats(m), "distinct": distinct_stats(m), "settings": settings(m)}
+    if verify:
+        rep["verify"] = verify_cache(cache_dir, m)
+    return rep, m
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(rep: dict, cache_dir: Path, console: Console) -> None:
+    s, e, d = rep["settings"], rep["entropy"], rep["distinct"]
+    V, U = s["vocab_size"], s["num_classes"]
+    t = Table(title=f"teacher cache {cache_dir}", show_lines=False)
+    t.add_column("quantity")
+    t.add_column("value", justify="right", no_wrap=True)   # sparklines must stay whole
+    t.add_column("note", style="dim")
+    rows = [
+        ("samples (windows)", f"{rep['samples']:,}", f"T={s['seq_len']}"),
+        ("positions", f"{rep['positions']:,}", "samples x T" if rep["positions"] ==
+         rep["positions_expected"] else f"[red]!= samples x T = {rep['positions_expected']:,}"),
+        ("shards", f"{rep['shards']}", f"{len(rep['missing_shards'])} missing"
+         if rep["missing_shards"] else f"{s['shard_samples']} samples/shard max"),
+        ("bytes on disk", _fmt_bytes(rep["bytes_on_disk"]), f"{rep['bytes_on_disk']:,} B of shards; "
+         f"manifest.json {_fmt_bytes(rep['manifest_bytes'])}"),
+        ("B/position, records", f"{rep['record_bytes_per_position']}", f"3U+1, U={U}"),
+        ("B/position, on disk", f"{rep['bytes_per_position']:.2f}",
+         f"+{TOKEN_BYTES} B tokens, tar overhead {100 * rep['tar_overhead_fraction']:.2f}%"),
+    ]
+    for name, key, base in (("bf16", "bf16", f"2V = {2 * V:,} B"), ("fp32", "fp32", f"4V = {4 * V:,} B"),
+                            ("top-128 fp16+int32", "top128", f"{TOP_K_BASELINE * TOP_K_BYTES_PER_CLASS} B")):
+        rows.append((f"reduction vs {name}", f"{rep['reduction_vs_' + key]:,.1f}x",
+                     f"{base}/position; records only {rep['record_reduction_vs_' + key]:,.1f}x"))
+    for r in rows:
+        t.add_row(*r)
+    t.add_section()
+    if "mean" in e:
+        q = e["quantiles"]
+        t.add_row("entropy mean", f"{e['mean']:.3f} nats", f"quantization error <= "
+                  f"{e['max_quantization_error'] or float('nan'):.4f}")
+        t.add_row("entropy p5/p25/p50/p75/p95", " / ".join(f"{v:.2f}" for v in q.values()), "nats")
+        t.add_row("entropy histogram", sparkline(np.asarray(e["hist_counts"])),
+                  f"0 .. ln V = {e['max_nats']:.2f} nats, {len(e['hist_counts'])} bins")
+    if "mean" in d:
+        t.add_row("distinct classes mean", f"{d['mean']:.3f}", f"min {d['min']}, max {d['max']}, U={U}")
+        t.add_row("positions with < U classes", f"{100 * d['fraction_padded']:.2f}%", "sentinel-padded")
+        t.add_row("distinct histogram", sparkline(np.asarray(d["hist"])), f"0 .. {U}")
+    t.add_section()
+    t.add_row("teacher", str(s["teacher"]), f"{s['teacher_parameters'] or 0:,} parameters")
+    t.add_row("sampler", f"{s['sampler']} {json.dumps(s['sampler_args'])}",
+              f"teacher temperature {s['teacher_temperature']}, seed {s['seed']}")
+    t.add_row("V / U / id bits / w bits", f"{V:,} / {U} / {s['id_bits']} / {s['w_bits']}",
+              f"sentinel {s['sentinel']}")
+    t.add_row("rskd truncated positions", f"{100 * s['rskd_truncated_fraction']:.3f}%",
+              f"{s['rskd_truncated_positions']:,} positions")
+    if s["wall_time_s"]:
+        t.add_row("cache stage", f"{s['world_size']} rank(s)", f"wall {s['wall_time_s']:.1f} s")
+    if rep["stray_files"]:
+        t.add_row("[yellow]files not in manifest", str(len(rep["stray_files"])),
+                  ", ".join(rep["stray_files"][:4]))
+    if "verify" in rep:
+        v = rep["verify"]
+        t.add_section()
+        t.add_row("verify", "[green]ok" if v["ok"] else f"[red]{len(v['bad_shards'])} bad shard(s)",
+                  f"{len(v['shards'])} shards re-hashed and decoded")
+    console.print(t)
+    if "verify" in rep:
+        for r in rep["verify"]["shards"]:
+            for p in r["problems"]:
+                console.print(f"[red]BAD[/red] {cache_dir / r['file']}: {p}", soft_wrap=True)
+        for p in rep["verify"]["cache_problems"]:
+            console.print(f"[red]BAD[/red] {cache_dir}: {p}", soft_wrap=True)
+
+
+def first_sample_entropy(cache_dir: Path, m: dict) -> tuple[str, np.ndarray, np.ndarray]:
+    """Key, per-position entropy [T] (nats) and distinct counts [T] of the first readable sample."""
+    codec = RecordCodec(m["vocab_size"], m["num_classes"])
+    levels = np.asarray(m["entropy_codebook"], dtype=np.float32)
+    for s in m["shards"]:
+        path = cache_dir / s["file"]
+        if not path.exists():
+            continue
+        for key, group in tar_samples(path.read_bytes()):
+            ids, _, ec = codec.unpack(group["kd.bin"])
+            return key, levels[ec], (ids != codec.sentinel).sum(1)
+    raise ValueError(f"{cache_dir}: no readable shard to plot a sample from")
+
+
+def plot(rep: dict, m: dict, cache_dir: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = rep["entropy"]
+    key, h, nd = first_sample_entropy(cache_dir, m)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6.5), constrained_layout=True)
+    edges = np.asarray(e["hist_edges_nats"])
+    a1.bar(edges[:-1], e["hist_counts"], width=np.diff(edges), align="edge", color="tab:blue")
+    a1.set(xlabel="teacher entropy (nats)", ylabel="positions",
+           title=f"entropy histogram, {rep['positions']:,} positions "
+                 f"(mean {e.get('mean', float('nan')):.2f} nats, ln V = {e['max_nats']:.2f})")
+    a2.plot(np.arange(len(h)), h, lw=0.8, color="tab:blue")
+    a2.set(xlabel="position", ylabel="entropy (nats)", title=f"sample {key}: per-position entropy")
+    if (nd < m["num_classes"]).any():
+        ax = a2.twinx()
+        ax.plot(np.arange(len(nd)), nd, lw=0.6, color="tab:orange")
+        ax.set_ylabel("distinct classes", color="tab:orange")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cache_dir", type=Path, help="cache directory (holds manifest.json)")
+    ap.add_argument("--verify", action="store_true", help="re-hash and decode every shard")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--plot", type=Path, metavar="OUT.png", help="write entropy plots (matplotlib)")
+    args = ap.parse_args(argv)
+    if not args.cache_dir.is_dir():
+        err.print(f"[red]error:[/red] {args.cache_dir} is not a directory")
+        return 2
+    try:
+        rep, m = build_report(args.cache_dir, args.verify)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        what = f"manifest.json lacks the field {e}" if isinstance(e, KeyError) else str(e)
+        err.print(f"[red]error:[/red] {args.cache_dir} is not a readable cache: {what}")
+        return 2
+    if args.plot:
+        plot(rep, m, args.cache_dir, args.plot)
+    if args.json:
+        sys.stdout.write(json.dumps(rep) + "\n")
+    else:
+        out = Console(highlight=False)
+        if not out.is_terminal:      # a pipe or a log file: rich would assume 80 columns
+            out = Console(highlight=False, width=120)
+        render(rep, args.cache_dir, out)
+        if args.plot:
+            err.print(f"plot written to {args.plot}")
+    if "verify" in rep and not rep["verify"]["ok"]:
+        for f in rep["verify"]["bad_shards"]:
+            err.print(f"[red]bad shard:[/red] {args.cache_dir / f}")
+        for p in rep["verify"]["cache_problems"]:
+            err.print(f"[red]cache problem:[/red] {p}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -69,8 +69,8 @@ class CacheConfig:
 
     def validate(self) -> None:
         problems = []
-        for name in ("teacher", "data", "out"):
-            if not getattr(self, name):  # noqa: the config's own fields, by name
+        for name, value in (("teacher", self.teacher), ("data", self.data), ("out", self.out)):
+            if not value:
                 problems.append(f"--{name} is required")
         if self.seq_len < 2:
             problems.append(f"--seq-len {self.seq_len} must be >= 2")

@@ -43,6 +43,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.manifest import sha256_file
+
 if TYPE_CHECKING:
     from mwparserfromhell.nodes import Wikilink
     from mwparserfromhell.wikicode import Wikicode
@@ -235,14 +237,6 @@ def iter_wiki_pages(xml_stream) -> Iterator[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------
 # Files, checksums, manifest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_tree(root: Path) -> dict[str, str]:

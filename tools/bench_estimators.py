@@ -128,14 +128,13 @@ class _Variant:
     def finish(self, D: int) -> dict:
         p, s, head, sign = self.p, self.s, self.head, self.sign
         r = {k: torch.cat(v, -1) for k, v in self.rows.items()}
-        nb = r["f"].numel()
         wbar = self.sum_w / D
         se = lambda x: float(x.std() / math.sqrt(x.numel()))         # noqa: E731
         out = {"l1": float((wbar - p).abs().sum()),
                "l1_ho": float(r["f"].mean() - sign @ p), "l1_ho_se": se(r["f"]),
                "head_ho": float(r["fh"].mean() - (sign * head) @ p), "head_ho_se": se(r["fh"]),
                "tail_bias": float((r["c"] - r["head"]).mean() - p[~head].sum()),
-               "tail_bias_se": se(r["c"] - r["head"]), "draws_b": nb, "grad": []}
+               "tail_bias_se": se(r["c"] - r["head"]), "grad": []}
         cbar = r["c"].mean()
         for k in range(s.shape[0]):
             g = s[k] - p
@@ -332,8 +331,12 @@ def tiny_trained_lm(train: list[str], steps: int, seed: int):
 
 # ----------------------------------------------------------------------------- report
 
-def _pm(m: float, se: float, fmt: str = ".4f") -> str:
-    return f"{m:{fmt}} ± {se:{fmt}}"
+def _pm(m: float, se: float, fmt: str = ".4f", sep: str = " ± ") -> str:
+    return f"{m:{fmt}}{sep}{se:{fmt}}" if math.isfinite(se) else f"{m:{fmt}}{sep}n/a"   # n/a: 1 position
+
+
+def _n_str(n: float) -> str:
+    return "never" if n == 0 else "always" if math.isinf(n) else f"{n:,.0f}"
 
 
 def prob_table(results: dict[str, dict]) -> Table:
@@ -395,11 +398,10 @@ def grad_table(results: dict[str, dict], k: int, student: str) -> tuple[Table, l
                 t.add_row(src, m, f"{res['w_bits']}-bit" if q else "fp32", f"{u['bias_mc']:.4f}",
                           f"{u['noise']:.4f}", f"{u['bias_deb']:+.4f}",
                           f"{u['z']:.1f}" if math.isfinite(u["z"]) else "exact",
-                          f"{u['err']:.3f}±{u['err_se']:.3f} [{u['err_med']:.3f}]",
+                          f"{_pm(u['err'], u['err_se'], '.3f', '±')} [{u['err_med']:.3f}]",
                           _pm(u["mse"], u["mse_se"]), f"{n['bias_deb']:+.4f}",
                           _pm(n["mse"], n["mse_se"]), f"{ratio:.3f}", "-" if m == "topk" else f"{wins:.0%}",
-                          "-" if m == "topk" else "never" if n_star == 0 else
-                          "always" if math.isinf(n_star) else f"{n_star:,.0f}")
+                          "-" if m == "topk" else _n_str(n_star))
         t.add_section()
     return t, verdicts
 
@@ -514,10 +516,10 @@ def main(argv: list[str] | None = None) -> None:
         console.print(t)
         verdicts += v
     prod = [v for v in verdicts if v["sampler"] == "priority" and v["quantized"]]
-    console.print("loss default, priority + quantized cache: MSE self-normalised / unbiased (per position) "
-                  "and the n below which self-normalised wins: " + "; ".join(
-                      f"{v['source']} / {v['student'].split(':')[0]}: {v['ratio']:.2f}, n < "
-                      f"{v['break_even_n']:,.0f}" for v in prod))
+    console.print("loss default, priority + quantized cache: MSE self-normalised / unbiased per position, "
+                  "and break-even n (self-normalised wins only when fewer positions are averaged): "
+                  + "; ".join(f"{v['source']} / {v['student'].split(':')[0]}: {v['ratio']:.2f}, "
+                              f"n = {_n_str(v['break_even_n'])}" for v in prod))
     console.print(f"U={cfg.num_classes}, rskd N={cfg.rskd_draws}, D={cfg.draws} draws/position, "
                   f"{torch.get_num_threads()} threads, wall {time.perf_counter() - t_start:.0f} s, "
                   f"load average {os.getloadavg()[0]:.1f}")

@@ -247,17 +247,45 @@ def write_corpus(path: Path, docs: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS, int(rng.integers(50, 400))))}) + "\n")
 
 
+# `python -m pipeline.cache` plus this rank's CPU time inside the stage's loop: from the
+# call of rank_windows (where the loop's wall clock starts) to RankWriter.close (where it
+# stops). CPU time does not count waiting for a core, so it gives the scaling that two
+# idle cores would show even on a shared, loaded machine.
+LOOP_CPU_WRAPPER = """
+import json, os, sys, time
+import pipeline.cache as c
+mark = {}
+rank_windows, close = c.rank_windows, c.RankWriter.close
+def timed_windows(*a, **k):
+    mark["t0"] = time.process_time()
+    return rank_windows(*a, **k)
+def timed_close(self):
+    part = close(self)
+    out = os.path.join(os.environ["BENCH_LOOP_CPU_DIR"], f"r{self.rank}.json")
+    with open(out, "w") as f:
+        json.dump({"loop_cpu_s": time.process_time() - mark["t0"]}, f)
+    return part
+c.rank_windows, c.RankWriter.close = timed_windows, timed_close
+c.main(sys.argv[1:])
+"""
+
+
 def stage_run(ranks: int, threads: int, teacher: Path, data: Path, out: Path, args) -> dict:
-    """One `mpiexec -n ranks python -m pipeline.cache` run; its manifest numbers."""
+    """One `mpiexec -n ranks python -m pipeline.cache` run (through LOOP_CPU_WRAPPER):
+    manifest numbers, process wall and CPU time, and each rank's loop CPU time."""
     shutil.rmtree(out, ignore_errors=True)
+    cpu_dir = out.with_name(out.name + "-loopcpu")
+    shutil.rmtree(cpu_dir, ignore_errors=True)
+    cpu_dir.mkdir(parents=True)
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "pipeline.cache", "--teacher",
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-c", LOOP_CPU_WRAPPER, "--teacher",
            str(teacher), "--data", str(data), "--out", str(out), "--seq-len", str(args.stage_seq_len),
            "--max-windows", str(args.stage_windows), "--shard-samples", "4",
            "--batch-size", str(args.stage_batch)]
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+                        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "BENCH_LOOP_CPU_DIR": str(cpu_dir)}
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -268,8 +296,10 @@ def stage_run(ranks: int, threads: int, teacher: Path, data: Path, out: Path, ar
     m = json.loads((out / MANIFEST).read_text())
     if m["world_size"] != ranks:
         raise RuntimeError(f"{out}: world_size {m['world_size']} != {ranks} (mpiexec/mpi4py mismatch)")
+    loop_cpu = [json.loads((cpu_dir / f"r{r}.json").read_text())["loop_cpu_s"] for r in range(ranks)]
     return {"positions": m["positions"], "loop_s": m["wall_time_s"], "process_s": wall,
-            "cpu_s": cpu, "windows": window_digests(out, m)}
+            "cpu_s": cpu, "loop_cpu_s": max(loop_cpu), "loop_cpu_ranks": loop_cpu,
+            "windows": window_digests(out, m)}
 
 
 def window_digests(out: Path, m: dict) -> dict[int, str]:
@@ -317,26 +347,34 @@ def bench_stage(args) -> None:
             r = stage_run(ranks, threads, teacher, data, work / f"n{ranks}t{threads}-{i}", args)
             results[(ranks, threads)].append(r)
             console.print(f"  repeat {i}: {ranks} rank(s) x {threads} thread(s): loop "
-                          f"{r['loop_s']:.2f} s, process {r['process_s']:.2f} s, CPU {r['cpu_s']:.1f} s, "
-                          f"load {os.getloadavg()[0]:.1f}", style="dim")
+                          f"{r['loop_s']:.2f} s, loop CPU per rank "
+                          f"{' '.join(f'{x:.2f}' for x in r['loop_cpu_ranks'])} s, process "
+                          f"{r['process_s']:.2f} s, CPU {r['cpu_s']:.1f} s, load "
+                          f"{os.getloadavg()[0]:.1f}", style="dim")
     same = {tuple(sorted(r["windows"].items())) for rs in results.values() for r in rs}
     tok_s = tokenize_cost(teacher, data, args.stage_seq_len, args.stage_windows, args.repeats)
     t = Table(title=f"(b) cache stage, tiny llama hidden {args.stage_hidden}, V={args.stage_vocab:,}, "
                     f"T={args.stage_seq_len}, {args.stage_windows} windows, batch "
                     f"{args.stage_batch}, median of {args.repeats}")
-    for c in ("ranks x threads", "positions", "loop s (manifest)", "tokens/s", "vs 1x1",
-              "process s", "CPU s, all ranks", "loop s, every repeat"):
+    for c in ("ranks x threads", "positions", "loop s", "tokens/s", "vs 1x1", "loop CPU s",
+              "tokens/CPU-s", "vs 1x1, CPU", "process s", "CPU s, all"):
         t.add_column(c, justify="right")
-    base = None
+    base = base_cpu = None
     for (ranks, threads), rs in results.items():
         loop = statistics.median(r["loop_s"] for r in rs)
-        tps = rs[0]["positions"] / loop
-        base = base or tps
+        loop_cpu = statistics.median(r["loop_cpu_s"] for r in rs)
+        tps, tpc = rs[0]["positions"] / loop, rs[0]["positions"] / loop_cpu
+        base, base_cpu = base or tps, base_cpu or tpc
         t.add_row(f"{ranks} x {threads}", f"{rs[0]['positions']:,}", f"{loop:.2f}", f"{tps:,.0f}",
-                  f"{tps / base:.2f}x", f"{statistics.median(r['process_s'] for r in rs):.1f}",
-                  f"{statistics.median(r['cpu_s'] for r in rs):.1f}",
-                  " ".join(f"{r['loop_s']:.2f}" for r in rs))
+                  f"{tps / base:.2f}x", f"{loop_cpu:.2f}", f"{tpc:,.0f}",
+                  f"{tpc / base_cpu:.2f}x" if threads == 1 else "-",   # CPU of 2 threads adds up
+                  f"{statistics.median(r['process_s'] for r in rs):.1f}",
+                  f"{statistics.median(r['cpu_s'] for r in rs):.1f}")
     console.print(t)
+    console.print("loop s: manifest wall_time_s (max over ranks). loop CPU s: CPU time inside the "
+                  "loop of the slowest rank; with one thread per rank, tokens/CPU-s = positions / "
+                  "it is the rate idle cores would give. CPU s, all: user+sys of every process of "
+                  "the run, imports and model load included.")
     console.print(f"corpus load + tokenize + window (pipeline.data, one rank, whole corpus): "
                   f"{tok_s:.2f} s median; every rank pays it inside its loop time")
     console.print(f"every window's tokens + records identical across all runs and rank counts: "

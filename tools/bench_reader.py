@@ -84,7 +84,8 @@ def write_synthetic_cache(out: Path, windows: int, T: int, V: int, U: int, shard
     codec = RecordCodec(V, U)
     header = {
         "format_version": FORMAT_VERSION, "teacher": "synthetic (tools/bench_reader.py)",
-        "teacher_parameters": 0, "vocab_size": V, "tokenizer_fingerprint": "synthetic",
+        "teacher_parameters": 0, "teacher_dtype": None, "vocab_size": V,
+        "tokenizer_fingerprint": "synthetic",
         "eos_token_id": 0, "seq_len": T, "num_classes": U, "id_bits": codec.id_bits,
         "w_bits": codec.w_bits, "sentinel": codec.sentinel,
         "bytes_per_position": codec.bytes_per_position, "sampler": "synthetic",

@@ -11,7 +11,7 @@
 # Environment: SAMPLEDKD_SLURM_DIR (state, logs, pids; default /tmp/sampledkd-slurm),
 # SLURM_CONF (default /etc/slurm/slurm.conf), NODE_CPUS (2), NODE_MEM_MB (8192),
 # SLURM_START_TIMEOUT (60 s).
-set -euo pipefail
+set -Eeuo pipefail
 
 DIR=${SAMPLEDKD_SLURM_DIR:-/tmp/sampledkd-slurm}
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
@@ -25,22 +25,41 @@ MUNGE_PID=/run/munge/munged.pid
 log() { echo "[slurm_cluster] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# Files that may vanish (a /proc entry, a stale pid file) are read with `read`, never with
+# `$(<file)`: under `set -e`, bash 5.2 exits the whole script when `$(<file)` cannot open
+# its file, whatever `||` follows (a stale munged.pid left by an earlier boot did that in CI).
+# read_file FILE VAR: VAR = first line of FILE; status 1 when FILE cannot be read.
+read_file() {
+  { IFS= read -r "$2" <"$1"; } 2>/dev/null
+}
+
 # running PID: the process exists and is not a zombie (daemons are reparented to a
 # PID 1 that may reap them late, and a zombie keeps its /proc entry).
 running() {
   local stat
-  stat=$(<"/proc/$1/stat") 2>/dev/null || return 1
+  read_file "/proc/$1/stat" stat || return 1
   stat=${stat##*) }
   [[ ${stat%% *} != Z ]]
 }
 
 # alive PIDFILE NAME: the pid file names a running process whose command is NAME.
 alive() {
-  local pid
-  [[ -s $1 ]] || return 1
-  pid=$(<"$1")
-  running "$pid" && [[ $(</proc/"$pid"/comm) == "$2" ]]
+  local pid comm
+  read_file "$1" pid && [[ -n $pid ]] || return 1
+  running "$pid" && read_file "/proc/$pid/comm" comm && [[ $comm == "$2" ]]
 }
+
+# on_error: say which command failed and show the daemons' logs (they log to files, not
+# to this terminal, so a daemon that refuses to start would otherwise fail silently).
+on_error() {
+  local rc=$? f
+  log "ERROR: '$BASH_COMMAND' failed (exit $rc, line ${BASH_LINENO[0]})"
+  for f in /var/log/munge/munged.log "$DIR/slurmctld.log" "$DIR/node1/slurmd.log" "$DIR/node2/slurmd.log"; do
+    [[ -f $f ]] && { echo "----- tail $f" >&2; tail -n 15 "$f" >&2; }
+  done
+  exit "$rc"
+}
+trap on_error ERR
 
 install_packages() {
   local missing=()
@@ -57,7 +76,8 @@ install_packages() {
 }
 
 start_munge() {
-  if alive "$MUNGE_PID" munged; then return 0; fi
+  # A munged that answers (ours, or one whose pid file went stale) is all slurm needs.
+  if alive "$MUNGE_PID" munged || munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi
   install -d -o munge -g munge -m 0755 /run/munge
   install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge /etc/munge
   if [[ ! -s /etc/munge/munge.key ]]; then
@@ -157,7 +177,7 @@ wait_up() {
 stop_pid() {
   local pid _
   alive "$1" "$2" || { rm -f "$1"; return 0; }
-  pid=$(<"$1")
+  read_file "$1" pid
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 50); do
     running "$pid" || break
@@ -206,13 +226,13 @@ stop() {
 }
 
 status() {
-  local n f name
+  local n f name pid
   for n in slurmctld "${NODES[@]}"; do
     f=$DIR/$n/slurmd.pid name=slurmd
     [[ $n == slurmctld ]] && f=$DIR/slurmctld.pid name=slurmctld
-    if alive "$f" "$name"; then log "$n: pid $(<"$f")"; else log "$n: not running"; fi
+    if alive "$f" "$name"; then read_file "$f" pid; log "$n: pid $pid"; else log "$n: not running"; fi
   done
-  sinfo -N
+  sinfo -N || true
 }
 
 case ${1:-} in

@@ -84,6 +84,10 @@ class DistillConfig:
     ce_positions: str = C.opt("selected", "where CE is computed in sampledkd/rskd_all modes",
                               choices=("selected", "all"))
     kd_temperature: float = C.opt(1.0, "KD temperature applied to the student")
+    kd_head: str = C.opt("fused", "sparse KD at the selected rows: 'fused' makes lm_head's logits "
+                         "chunk by chunk with the gradients (no [n, V] logits or gradient), "
+                         "'logits' calls lm_head on the rows (used anyway when CE needs the "
+                         "selected rows' logits)", choices=("fused", "logits"))
     self_normalize: bool = C.opt(False, "use p_hat / sum(p_hat) as the target (biased, lower variance)")
     select: str = C.opt("topk", "position-selection rule (pipeline.selection RULES)")
     select_score: str = C.opt("teacher_entropy", "score the rule ranks by")
@@ -318,26 +322,52 @@ class Trainer:
             out["selected"] = valid.sum()
             return out
         mask = sel.mask
-        rows = h[mask]                                                          # [n, H]
-        logits = head(rows)                                                     # [n, V]
         ids, w = b.ids[mask], b.weights[mask]
         pw = sel.weights[mask] if self.sel_cfg.rule == "positional" else None
-        per_pos = losses.sparse_kd_per_position(logits, ids, w, cfg.kd_temperature, cfg.self_normalize)
-        r = torch.ones_like(per_pos) if pw is None else pw
-        row_ok = (ids < self.vocab).any(1)
-        kd_sum = (per_pos * r * row_ok).sum()
-        kd_cnt = sel.denominator if pw is not None else (r * row_ok).sum()
+        ce_all = cfg.ce_weight > 0 and cfg.ce_positions == "all"
+        if cfg.ce_weight == 0 and cfg.kd_head == "fused":
+            kd_sum, cnt, per_pos = self._fused_kd(h[mask], ids, w, pw)
+        else:
+            if ce_all:
+                # CE needs every row's logits anyway: run lm_head once and take the KD rows
+                # from them, instead of a second lm_head pass over the selected rows.
+                all_logits = head(h.reshape(-1, h.shape[-1]))                   # [B*T, V]
+                out["ce"] = losses.ce(all_logits, labels.reshape(-1))
+                logits = all_logits[mask.reshape(-1)]                           # [n, V]
+            else:
+                logits = head(h[mask])                                          # [n, V]
+                if cfg.ce_weight:
+                    out["ce"] = losses.ce(logits, labels[mask])
+            per_pos = losses.sparse_kd_per_position(logits, ids, w, cfg.kd_temperature,
+                                                    cfg.self_normalize)
+            r = ((ids < self.vocab).any(1)).float() * (1.0 if pw is None else pw)
+            kd_sum, cnt = (per_pos * r).sum(), r.sum()
+        # positional: the estimator divides by the expected count (rule's denominator), not
+        # by the sum of the weights it happened to draw.
+        kd_cnt = sel.denominator if pw is not None else cnt
         out["kd"] = (kd_sum, kd_cnt.detach().float())
         out["kl_est"] = losses.sparse_kl_estimate(kd_sum, b.entropy[mask], ids, self.vocab, pw,
                                                   cfg.kd_temperature)
         self.selector.observe(sel, per_pos.detach())
-        if cfg.ce_weight:
-            if cfg.ce_positions == "selected":
-                out["ce"] = losses.ce(logits, labels[mask])
-            else:
-                out["ce"] = losses.ce(head(h.reshape(-1, h.shape[-1])), labels.reshape(-1))
         out["selected"] = mask.sum()
         return out
+
+    def _fused_kd(self, rows, ids, w, pw):
+        """`sparse_kd_linear` on the selected hidden rows: (sum, count, per-row losses).
+
+        The loss computes its gradients during forward, so it needs lm_head's full weight
+        only then: under ZeRO-3 it is gathered for the call (no-grad reads, as the TRL
+        fix for Liger's fused losses does) and released before backward, which only
+        scales the stored gradients. Without ZeRO-3 the gather is a no-op.
+        """
+        import deepspeed
+
+        head = self.model.get_output_embeddings()
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        with deepspeed.zero.GatheredParameters(params):
+            return losses.sparse_kd_linear(rows, head.weight, ids, w, pw, self.cfg.kd_temperature,
+                                           self.cfg.self_normalize, lm_bias=head.bias,
+                                           return_per_position=True)
 
     def train_step(self, batches: list[CacheBatch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches. Returns logging values."""

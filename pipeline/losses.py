@@ -240,6 +240,7 @@ class _SparseCELinear(torch.autograd.Function):
         # needs_input_grad ignores no_grad): no gradient work for a no_grad call.
         t, grads = temperature, grads and any(ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = torch.zeros_like(hidden) if grads and ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if grads and ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias) if grads and ctx.needs_input_grad[2] else None
@@ -257,6 +258,7 @@ class _SparseCELinear(torch.autograd.Function):
             e_sum = e.sum(1)
             lse = mx.squeeze(1) + e_sum.log()
             per_row = t * t * (w_sum[sl] * lse - (w[sl] * z_target).sum(1))
+            losses[sl] = per_row
             total += torch.where(r[sl] != 0, r[sl] * per_row, 0.0).sum()
             if not grads:
                 continue
@@ -270,10 +272,11 @@ class _SparseCELinear(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += g.sum(0)
         ctx.grads = (grad_h, grad_w, grad_b)
-        return total
+        ctx.mark_non_differentiable(losses)
+        return total, losses
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor):
+    def backward(ctx, grad_total: Tensor, _grad_losses: Tensor | None):
         grads, ctx.grads = ctx.grads, None  # drop our reference: autograd may then steal
         out = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
         return (*out, None, None, None, None, None, None)
@@ -289,7 +292,8 @@ def sparse_kd_linear(
     self_normalize: bool = False,
     lm_bias: Tensor | None = None,
     chunk_rows: int | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_per_position: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """`sparse_kd(hidden @ lm_weight.T + lm_bias, ...)` without the [N, V] logits.
 
     Shapes: hidden [N, H] (selected rows), lm_weight [V, H], lm_bias [V] or None,
@@ -301,7 +305,9 @@ def sparse_kd_linear(
     [V, H] weight gradient plus one [chunk_rows, V] chunk: the [N, V] logits and their
     gradient never exist. Needs the full weight tensor (under ZeRO-3: gathered), as
     `sampled_softmax_kd` does. Gradients are computed during forward (when grad is
-    enabled), so call backward once per call.
+    enabled), so call backward once per call. `return_per_position=True` adds a third
+    output: the per-row losses `L_t` [N] (no gradient; before position weights), what
+    `sparse_kd_per_position` gives on the same rows.
     """
     n, vocab = _check_linear("sparse_kd_linear", hidden, lm_weight, lm_bias)
     _check_targets("sparse_kd_linear", n, ids, weights)
@@ -310,9 +316,9 @@ def sparse_kd_linear(
     idx, w, row_ok = _targets(ids, weights, vocab, self_normalize)
     r = row_ok.float() if position_weights is None else row_ok * position_weights.float()
     rows = _chunk_rows(vocab, chunk_rows)
-    total = _SparseCELinear.apply(hidden, lm_weight, lm_bias, idx, w, r, float(temperature), rows,
-                                  torch.is_grad_enabled())
-    return total, r.sum()
+    total, per_row = _SparseCELinear.apply(hidden, lm_weight, lm_bias, idx, w, r, float(temperature),
+                                           rows, torch.is_grad_enabled())
+    return (total, r.sum(), per_row) if return_per_position else (total, r.sum())
 
 
 def sparse_kl_estimate(

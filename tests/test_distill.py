@@ -161,6 +161,10 @@ def _build_assets(root: Path) -> dict:
 
 
 _SHARED: dict = {}
+# Run A uses the fused KD head (no CE); these take the lm_head-logits paths.
+LOSS_PATHS = {"kd_logits": {"kd_head": "logits"},
+              "ce_all": {"ce_weight": 0.5, "ce_positions": "all"},
+              "ce_selected": {"ce_weight": 0.5, "ce_positions": "selected"}}
 
 
 def shared_runs(tmp_path_factory) -> dict:
@@ -177,6 +181,9 @@ def shared_runs(tmp_path_factory) -> dict:
                         ("rskd_all", {})):
         jobs.append({"name": mode, "argv": base_args(a, root / mode, mode=mode, steps=2,
                                                       export=False, checkpoint_every=0, **extra)})
+    for name, extra in LOSS_PATHS.items():  # sampledkd's other ways to the same losses
+        jobs.append({"name": name, "argv": base_args(a, root / name, steps=2, export=False,
+                                                      checkpoint_every=0, **extra)})
     jobs.append({"copy": [str(A), str(root / "A_copy")]})
     bad = {"tokenizer": dict(student=a["other_tok"]), "vocab": dict(student=a["big_v"]),
            "student_path": dict(student=root / "no_such_student"),
@@ -423,6 +430,44 @@ def test_modes_write_metrics_and_step1_loss_matches_dense_reference(runs, mode):
     key = "ce_loss" if mode == "no_kd" else "kd_loss"
     assert abs(recs[0][key] - want.item()) < 1e-4, (recs[0], want.item())
     assert recs[0]["loss"] == pytest.approx(recs[0][key], abs=1e-6)
+
+
+def _topk_rows(entropy: torch.Tensor, frac: float) -> torch.Tensor:
+    """[B, T] bool: each sequence's ceil(frac*T) highest-entropy positions (ties: earlier)."""
+    B, T = entropy.shape
+    k = math.ceil(frac * T - 1e-9)
+    sel = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        ent = entropy[b].tolist()
+        sel[b, sorted(range(T), key=lambda t: (-ent[t], t))[:k]] = True
+    return sel
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LOSS_PATHS))
+def test_kd_and_ce_paths_match_dense_step1_references(runs, name):
+    """Step 1's KD and CE terms, whichever way distill computes them, from dense log-softmax."""
+    from transformers import AutoModelForCausalLM
+
+    rec = metrics(runs["root"] / name)[0]
+    pair = _step1_pair(runs)
+    x, ent = _cat(pair, "input_ids"), _cat(pair, "entropy")
+    with torch.no_grad():
+        z = AutoModelForCausalLM.from_pretrained(runs["student"], dtype=torch.float32)(input_ids=x).logits
+        kd = _topk_sparse_kd(z, _cat(pair, "ids"), _cat(pair, "weights"), ent, FRAC)
+        nll = -torch.log_softmax(z, -1)[:, :-1].gather(-1, x[:, 1:, None])[..., 0]   # [B, T-1]
+    assert abs(rec["kd_loss"] - kd.item()) < 1e-4, (rec, kd.item())
+    cfg = LOSS_PATHS[name]
+    if "ce_weight" not in cfg:
+        assert rec["ce_loss"] == 0.0 and rec["loss"] == pytest.approx(rec["kd_loss"], abs=1e-6)
+        return
+    # CE: every position with a next token, or the selected ones that have one
+    rows = torch.ones_like(nll, dtype=torch.bool) if cfg["ce_positions"] == "all" \
+        else _topk_rows(ent, FRAC)[:, :-1]
+    ce = nll[rows].mean()
+    assert abs(rec["ce_loss"] - ce.item()) < 1e-4, (rec, ce.item())
+    assert rec["loss"] == pytest.approx(rec["kd_loss"] + 0.5 * rec["ce_loss"], abs=1e-5)
 
 
 # ------------------------------------------------------------------ 5. bad input

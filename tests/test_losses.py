@@ -237,6 +237,13 @@ def test_fused_linear_equals_lm_head_then_sparse_kd(t):
     with torch.no_grad():  # no gradient work, same value
         assert sparse_kd_linear(hidden, weight, ids, w, pw, t, lm_bias=bias)[0].item() == \
             pytest.approx(lb.item(), rel=1e-5)
+        _, _, rows = sparse_kd_linear(hidden, weight, ids, w, pw, t, lm_bias=bias,
+                                      return_per_position=True)
+        # per-position losses, unweighted, from the dense log-softmax (independent of both)
+        logp = torch.log_softmax(F.linear(hidden, weight, bias) / t, -1)
+        ok = ids < v
+        ref = -t * t * (torch.where(ok, w, 0.0) * logp.gather(1, torch.where(ok, ids, 0))).sum(1)
+        torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_inputs_give_fp32_results_close_to_fp32():

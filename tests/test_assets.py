@@ -127,8 +127,8 @@ class FakeBuilders:
             raise KeyboardInterrupt
         (out / "heldout.jsonl").write_text(json.dumps({"text": "b", "title": str(heldout_pages)}))
 
-    def student(self, teacher: Path, out: Path, layers: int) -> None:
-        self.calls.append(f"student-L{layers}")
+    def student(self, teacher: Path, out: Path, layers: list[int]) -> None:
+        self.calls.append(assets.student_asset_name(layers))
         (out / "config.json").write_text(json.dumps({"layers": layers}))
 
 
@@ -216,8 +216,11 @@ def test_bad_manifest_and_force_and_param_changes(tmp_path, fake):
     assets.prepare_assets(tmp_path, student_layers=3, heldout_pages=5)
     assert fake.calls == ["corpus", "student-L3"]
     assert json.loads((tmp_path / "corpus" / "heldout.jsonl").read_text())["title"] == "5"
-    with pytest.raises(ValueError, match="--student-layers=0"):
+    with pytest.raises(ValueError, match="layers=0 must be in"):
         assets.prepare_assets(tmp_path, student_layers=0)
+    fake.calls.clear()
+    assets.prepare_assets(tmp_path, student_layers="0,1,28,29", heldout_pages=5)
+    assert fake.calls == ["student-L0-1-28-29"]
 
 
 def test_verify_assets_on_empty_dir(tmp_path):
@@ -323,6 +326,41 @@ def test_cut_student_rejects_bad_layer_count(tmp_path):
     for bad in (0, 3):
         with pytest.raises(ValueError, match=f"layers={bad} must be in"):
             assets.cut_student(tdir, tmp_path / "s", layers=bad)
+    for bad in ([1, 0], [0, 0], [0, 2], []):
+        with pytest.raises(ValueError, match="must be distinct increasing indices"):
+            assets.cut_student(tdir, tmp_path / "s", layers=bad)
+    with pytest.raises(ValueError, match="expected a count"):
+        assets.student_layer_list("0;1", 2)
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False)])
+def test_cut_student_with_a_layer_list_runs_exactly_those_layers(tmp_path, arch, tied):
+    """Reference: the teacher's own modules applied by hand, embed -> layers 0, 2, 3 -> norm -> head."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.tiny import build_tiny_model
+
+    tdir = build_tiny_model(tmp_path / "t", arch=arch, layers=4, seed=2, tie_word_embeddings=tied)
+    sdir = assets.cut_student(tdir, tmp_path / "s", layers="0,2,3")
+    teacher = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(sdir, dtype=torch.float32).eval()
+    assert student.config.num_hidden_layers == 3
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 7, 1]])
+    hooks, seen = [], []
+    # Hidden state entering each student layer == entering teacher layers 0, 2, 3 when the
+    # teacher itself skips layer 1 (forward hooks replace layer 1's output by its input).
+    hooks.append(teacher.model.layers[1].register_forward_hook(
+        lambda m, args, kwargs, out: (kwargs.get("hidden_states", args[0] if args else None),
+                                      *out[1:]) if isinstance(out, tuple) else
+        kwargs.get("hidden_states", args[0] if args else None), with_kwargs=True))
+    with torch.no_grad():
+        ref = teacher(ids).logits
+        got = student(ids).logits
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(teacher(ids).logits, got, atol=1e-3)  # layer 1 mattered
 
 
 # ----------------------------------------------------------------------------------------

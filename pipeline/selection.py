@@ -392,14 +392,29 @@ class GLSQueue:
 
 def gls_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext) -> RuleOutput:
     """Global threshold: all-gather this step's valid scores, push them (rank order), keep
-    positions with `score >= quantile_{1-frac}(FIFO)`. Before `warmup` scores: per-sequence
-    top-k, threshold None. Collective: every rank calls it every step."""
+    positions with `score > thr`, `thr = quantile_{1-frac}(FIFO)`, and each position with
+    `score == thr` with probability `p = (frac * |FIFO| - #{FIFO > thr}) / #{FIFO == thr}`
+    (clipped to [0, 1]), so the kept fraction of the FIFO's distribution is `frac` even when
+    many scores tie at the threshold: cached entropies are bytes (256 levels), and a rule
+    keeping every tie selected 100% of a cache whose positions shared one level. Before
+    `warmup` scores: per-sequence top-k, threshold None. Collective: every rank calls it
+    every step; the threshold is identical on all ranks, the tie draws are per rank."""
     assert ctx.gls is not None, "gls rule needs a GLSQueue in the context"
     ctx.gls.push(all_gather_rows(ctx.comm, scores[valid].float()))
     if ctx.gls.seen < ctx.gls.warmup or ctx.gls.buf.numel() == 0:
         return topk_rule(scores, valid, frac)
     thr = ctx.gls.quantile(1.0 - frac)
-    mask = valid & (scores.double() >= thr)
+    s, fifo = scores.double(), ctx.gls.buf.double()
+    mask = valid & (s > thr)
+    tie = valid & (s == thr)
+    if bool(tie.any()):
+        tied = int((fifo == thr).sum())
+        p = min(1.0, max(0.0, (frac * fifo.numel() - int((fifo > thr).sum())) / max(tied, 1)))
+        if p >= 1.0:
+            mask |= tie
+        elif p > 0.0:
+            u = torch.rand(s.shape, generator=ctx.generator, device=s.device, dtype=torch.float64)
+            mask |= tie & (u < p)
     return RuleOutput(mask, mask.float(), thr)
 
 

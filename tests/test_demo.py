@@ -37,7 +37,9 @@ def test_demo_tiny_end_to_end(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(out / run / "export")
         assert model.config.num_hidden_layers == 1
     sel = [json.loads(x)["selected_frac"] for x in (out / "sampledkd" / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 < f <= 0.3 for f in sel)
+    # GLS top-25%: exact per-sequence top-k in warm-up, then the global threshold with ties
+    # drawn (the tiny teacher's entropies share one byte level): about 25%, never all.
+    assert all(0 < f < 1 for f in sel) and abs(sum(sel) / len(sel) - 0.25) < 0.1, sel
 
     # Stage 3: lm-eval results for the trained students, held-out metrics for all four.
     for name in ("teacher", "student_init", "no_kd", "sampledkd"):

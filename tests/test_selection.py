@@ -284,6 +284,26 @@ def test_gls_two_ranks_bit_identical_and_equal_reference(curriculum):
         assert torch.equal(resumed[r][1]["gls"]["buf"], res[r][1]["gls"]["buf"])
 
 
+def test_gls_ties_at_the_threshold_keep_frac_in_expectation():
+    """Quantized scores: 60% of positions share the threshold level. Keeping every tie
+    would select 80%; the tie draw keeps frac = 0.3 in expectation (4 binomial SEs)."""
+    B, T, frac = 8, 500, 0.3
+    levels = torch.tensor([0.0] * 2 + [1.0] * 6 + [2.0] * 2)   # 20% above the tie level 1.0
+    g = torch.Generator().manual_seed(3)
+    scores = levels[torch.randint(0, 10, (B, T), generator=g)]
+    valid = torch.ones(B, T, dtype=torch.bool)
+    sel = Selector(SelectionConfig(rule="gls", frac=frac, gls_queue=B * T, gls_warmup=0))
+    s = sel.select(SelectionInputs(valid, teacher_entropy=scores), None, 0)
+    assert s.threshold == 1.0
+    assert s.mask[scores == 2.0].all() and not s.mask[scores == 0.0].any()
+    n, kept = valid.sum().item(), s.mask.sum().item()
+    # the tie probability from the FIFO (= this batch): (0.3 n - #above) / #tied
+    above, tied = (scores > 1).sum().item(), (scores == 1).sum().item()
+    p = (frac * n - above) / tied
+    se = math.sqrt(tied * p * (1 - p))
+    assert abs(kept - frac * n) < 4 * se, (kept, frac * n, se)
+
+
 def test_gls_no_scores_yet_falls_back():
     sel = Selector(SelectionConfig(rule="gls", gls_queue=50, gls_warmup=0))
     empty = torch.zeros(2, 5, dtype=torch.bool)

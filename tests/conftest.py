@@ -6,3 +6,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------- the local SLURM cluster
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+SLURM_NODES = {"node1", "node2"}
+
+
+def _cluster_problem() -> str | None:
+    """None when sinfo shows node1 and node2 responding, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo is not installed (run: bash scripts/slurm_cluster.sh start)"
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True,
+                          timeout=30)
+    if proc.returncode != 0:
+        return (f"sinfo cannot reach a cluster: {proc.stderr.strip()} "
+                "(run: bash scripts/slurm_cluster.sh start)")
+    states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+    up = {"idle", "mixed", "allocated", "completing"}
+    if not all(states.get(n) in up for n in SLURM_NODES):
+        return f"nodes not up: {states} (run: bash scripts/slurm_cluster.sh start)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """The two-node cluster of scripts/slurm_cluster.sh: skip without one, unless
+    SAMPLEDKD_REQUIRE_SLURM=1 (CI), where a missing cluster fails the test."""
+    problem = _cluster_problem()
+    if problem is None:
+        return
+    if os.environ.get("SAMPLEDKD_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SAMPLEDKD_REQUIRE_SLURM=1 but {problem}")
+    pytest.skip(problem)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,32 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 FAKE_REPO = Path(__file__).resolve().parent / "slurm_jobs"
 NODES = {"node1", "node2"}
-
-
-def _cluster_problem() -> str | None:
-    """None when sinfo shows node1 and node2 responding, else why not."""
-    if shutil.which("sinfo") is None:
-        return "sinfo is not installed (run: bash scripts/slurm_cluster.sh start)"
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True,
-                          timeout=30)
-    if proc.returncode != 0:
-        return (f"sinfo cannot reach a cluster: {proc.stderr.strip()} "
-                "(run: bash scripts/slurm_cluster.sh start)")
-    states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
-    up = {"idle", "mixed", "allocated", "completing"}
-    if not all(states.get(n) in up for n in NODES):
-        return f"nodes not up: {states} (run: bash scripts/slurm_cluster.sh start)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    problem = _cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("SAMPLEDKD_REQUIRE_SLURM") == "1":
-        pytest.fail(f"SAMPLEDKD_REQUIRE_SLURM=1 but {problem}")
-    pytest.skip(problem)
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 180,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,32 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NODES = {"node1", "node2"}
 STEPS = 4
-
-
-def _cluster_problem() -> str | None:
-    """None when sinfo shows node1 and node2 responding, else why not."""
-    if shutil.which("sinfo") is None:
-        return "sinfo is not installed (run: bash scripts/slurm_cluster.sh start)"
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True,
-                          timeout=30)
-    if proc.returncode != 0:
-        return f"sinfo cannot reach a cluster: {proc.stderr.strip()} (run: bash scripts/slurm_cluster.sh start)"
-    states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
-    if not all(states.get(n) in {"idle", "mixed", "allocated", "completing"} for n in NODES):
-        return f"nodes not up: {states} (run: bash scripts/slurm_cluster.sh start)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    problem = _cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("SAMPLEDKD_REQUIRE_SLURM") == "1":
-        pytest.fail(f"SAMPLEDKD_REQUIRE_SLURM=1 but {problem}")
-    pytest.skip(problem)
 
 
 def _sbatch(script: str, env: dict, log: Path) -> subprocess.CompletedProcess[str]:

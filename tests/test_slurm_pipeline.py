@@ -3,7 +3,6 @@ real jobs chained with afterok, tiny models, CPU/gloo. The test fails if any job
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cluster_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
-
-
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not _cluster_up():
-        if os.environ.get("SAMPLEDKD_REQUIRE_SLURM") == "1":
-            pytest.fail("SLURM cluster required (SAMPLEDKD_REQUIRE_SLURM=1) but sinfo fails; "
-                        "run `bash scripts/slurm_cluster.sh start`")
-        pytest.skip("no SLURM cluster: `bash scripts/slurm_cluster.sh start`")
 
 
 def test_pipeline_sh_runs_three_chained_jobs(cluster, tmp_path):

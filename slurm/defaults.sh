@@ -8,7 +8,7 @@ ASSETS=${SAMPLEDKD_ASSETS:-assets_cache}
 if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=$PWD/.venv/bin/python; fi
 : "${TEACHER:=$ASSETS/teacher}"
 : "${DATA:=$ASSETS/corpus/train.jsonl}"
-: "${STUDENT:=$ASSETS/student-L4}"
+: "${STUDENT:=$ASSETS/student-L0-1-2-27-28-29}"   # teacher layers 0-2 and 27-29 (pipeline.assets)
 : "${CACHE_DIR:=runs/demo/cache}"
 : "${RUN_DIR:=runs/demo/sampledkd}"
 : "${EVAL_DIR:=$RUN_DIR/eval}"
@@ -19,13 +19,25 @@ if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=$PWD/.venv/bin/pytho
 : "${NPROC_PER_NODE:=2}"          # distill ranks per node outside SLURM (CPU)
 : "${STEPS:=48}"
 : "${MICRO_BATCH:=2}"
-: "${LR:=3e-4}"
+: "${LR:=1e-3}"
+: "${WARMUP_STEPS:=4}"
+# SampledKD recipe of the demo: CE on every position plus sparse KD on the top 25% of
+# positions by cached teacher entropy under a global (GLS) threshold; KD_WEIGHT = the
+# fraction, so a selected position's KD term weighs as much as one position's CE term:
+# loss = (1/N) * (sum_all CE_t + sum_selected KD_t). BENCHMARKS.md has the sweep behind it.
 : "${SELECT:=gls}"
 : "${SELECT_FRAC:=0.25}"
+: "${SELECT_SCORE:=teacher_entropy}"
+: "${GLS_QUEUE:=30000}"
+: "${GLS_WARMUP:=2048}"
+: "${CE_WEIGHT:=1}"
+: "${CE_POSITIONS:=all}"
+: "${KD_WEIGHT:=0.25}"
 : "${TASKS:=paper}"
 : "${EVAL_DATA_DIR:=pipeline/tasks/fixtures}"
 : "${LIMIT:=2}"
 : "${MAX_GEN_TOKS:=16}"
 export TEACHER DATA STUDENT CACHE_DIR RUN_DIR EVAL_DIR SEQ_LEN MAX_WINDOWS BATCH_SIZE NTASKS \
-  NPROC_PER_NODE STEPS MICRO_BATCH LR SELECT SELECT_FRAC TASKS EVAL_DATA_DIR LIMIT MAX_GEN_TOKS
+  NPROC_PER_NODE STEPS MICRO_BATCH LR WARMUP_STEPS SELECT SELECT_FRAC SELECT_SCORE GLS_QUEUE \
+  GLS_WARMUP CE_WEIGHT CE_POSITIONS KD_WEIGHT TASKS EVAL_DATA_DIR LIMIT MAX_GEN_TOKS
 [[ -n ${PYTHON:-} ]] && export PYTHON

@@ -40,7 +40,11 @@ read -ra extra <<<"${EXTRA_ARGS:-}"
 args=(--student "$STUDENT" --cache "$CACHE_DIR" --out "$RUN_DIR" --mode "$MODE" --resume
   ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} ${SELECT:+--select "$SELECT"}
   ${SELECT_FRAC:+--select-frac "$SELECT_FRAC"} ${STEPS:+--steps "$STEPS"}
-  ${MICRO_BATCH:+--micro-batch "$MICRO_BATCH"} ${LR:+--lr "$LR"} ${SEED:+--seed "$SEED"})
+  ${MICRO_BATCH:+--micro-batch "$MICRO_BATCH"} ${LR:+--lr "$LR"} ${SEED:+--seed "$SEED"}
+  ${WARMUP_STEPS:+--warmup-steps "$WARMUP_STEPS"} ${SELECT_SCORE:+--select-score "$SELECT_SCORE"}
+  ${GLS_QUEUE:+--gls-queue "$GLS_QUEUE"} ${GLS_WARMUP:+--gls-warmup "$GLS_WARMUP"}
+  ${CE_WEIGHT:+--ce-weight "$CE_WEIGHT"} ${KD_WEIGHT:+--kd-weight "$KD_WEIGHT"}
+  ${CE_POSITIONS:+--ce-positions "$CE_POSITIONS"})
 if [[ $MODE == dense_kd ]]; then args+=(--teacher "${TEACHER:?dense_kd needs TEACHER (the online teacher)}"); fi
 args+=("${extra[@]}")
 

@@ -156,9 +156,10 @@ class RankWriter:
         self.writer = None
         self.shard_stats = self._empty_stats()
 
-    @staticmethod
-    def _empty_stats() -> dict:
-        return {"entropy_code_hist": [0] * 256, "distinct_hist": [0] * 65, "positions": 0,
+    def _empty_stats(self) -> dict:
+        # distinct_hist[k] = positions with k distinct classes, k = 0..U
+        return {"entropy_code_hist": [0] * 256,
+                "distinct_hist": [0] * (self.header["num_classes"] + 1), "positions": 0,
                 "samples": 0, "rskd_truncated_positions": 0}
 
     def recover(self) -> int:
@@ -225,7 +226,7 @@ class RankWriter:
         st["entropy_code_hist"] = (np.asarray(st["entropy_code_hist"])
                                    + np.bincount(ecodes, minlength=256)).tolist()
         st["distinct_hist"] = (np.asarray(st["distinct_hist"])
-                               + np.bincount(n_distinct, minlength=65)[:65]).tolist()
+                               + np.bincount(n_distinct, minlength=len(st["distinct_hist"]))).tolist()
         st["rskd_truncated_positions"] += truncated
         if self.writer.count >= self.writer.maxcount:
             # Finish (hash, record, rename) a full shard now, not when the next window

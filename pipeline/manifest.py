@@ -79,9 +79,11 @@ def check_compatible(out: Path, header: dict, rank: int) -> dict | None:
 
     Returns this rank's existing part (to resume from) or None.
     """
-    for f in (out / MANIFEST, out / part_name(rank)):
+    # The merged manifest carries the header's keys at its top level; a part, under "header".
+    for f, key in ((out / MANIFEST, None), (out / part_name(rank), "header")):
         if f.exists():
-            diffs = header_diff(read_json(f)["header"], header)
+            existing = read_json(f)
+            diffs = header_diff(existing if key is None else existing[key], header)
             if diffs:
                 raise ValueError(
                     f"--out {out} holds a different cache ({f.name}); refusing to mix:\n  "
@@ -119,7 +121,6 @@ def merge_parts(header: dict, parts: list[dict]) -> dict:
             else:
                 stats[k] = stats.get(k, 0) + v
     return {
-        "header": header,
         **header,
         "world_size": len(parts),
         "ranks": {str(p["rank"]): {"shards": [s["file"] for s in p["shards"]],

@@ -32,6 +32,7 @@ from pipeline.cache import main as cache_main
 from pipeline.cache import window_generators
 from pipeline.codec import RecordCodec
 from pipeline.sampling import sample_classes
+from references import reference_windows
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -74,15 +75,6 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
         for d in docs:
             f.write(json.dumps({"text": d, "source": "test"}, ensure_ascii=False) + "\n")
     return path
-
-
-def reference_windows(docs: list[str], tok, seq_len: int) -> np.ndarray:
-    """Per-document encode + EOS, concatenated, cut into windows, tail dropped."""
-    stream: list[int] = []
-    for d in docs:
-        stream += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
-    n = len(stream) // seq_len
-    return np.asarray(stream[:n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
 def read_shards(cache: Path) -> dict[str, dict[str, bytes]]:

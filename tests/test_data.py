@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import DataSpec, count_windows, load_documents, rank_windows
+from references import reference_windows
 
 T = 16
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teacher", "student",
@@ -31,15 +32,6 @@ def make_docs(n: int, seed: int) -> list[str]:
     """n documents of 0-40 words (empty ones included), no newlines."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, int(rng.integers(0, 41)))) for _ in range(n)]
-
-
-def reference_windows(docs: list[str], tok, seq_len: int) -> np.ndarray:
-    """Independent reference: per-document encode + EOS, concatenate, cut, drop the tail."""
-    stream: list[int] = []
-    for d in docs:
-        stream += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
-    n = len(stream) // seq_len
-    return np.asarray(stream[:n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
 def write_jsonl(path: Path, docs: list[str]) -> Path:

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import assets
-from pipeline.assets import AssetError, WheelSource, clean_wikitext, check_tree, hash_tree
+from pipeline import assets, wikitext
+from pipeline.assets import AssetError, WheelSource, check_tree, hash_tree
+from pipeline.wikitext import clean_wikitext
 
 # ----------------------------------------------------------------------------------------
 # Markup cleaning: expected text written by hand.
@@ -83,7 +84,7 @@ def test_clean_wikitext(name):
 def test_tidy_removes_tags_the_parser_left_as_text():
     # mwparserfromhell leaves a tag as plain text when the markup around it is malformed.
     text = "Sentiment.<ref>Nevins, vol 5</ref> More <ref group=\"n\">Note\nlines</ref>text.</blockquote>"
-    assert assets._tidy(text) == "Sentiment. More text."
+    assert wikitext._tidy(text) == "Sentiment. More text."
 
 
 def test_iter_wiki_pages_skips_redirects_and_other_namespaces():
@@ -95,7 +96,7 @@ def test_iter_wiki_pages_skips_redirects_and_other_namespaces():
       <page><title>Wikipedia:Help</title><ns>4</ns><revision><text>Help.</text></revision></page>
       <page><title>Empty</title><ns>0</ns><revision><text/></revision></page>
     </mediawiki>"""
-    pages = list(assets.iter_wiki_pages(io.BytesIO(xml.encode())))
+    pages = list(wikitext.iter_wiki_pages(io.BytesIO(xml.encode())))
     assert pages == [("Real", "Some '''text'''."), ("Empty", "")]
 
 
@@ -346,18 +347,15 @@ def test_cut_student_with_a_layer_list_runs_exactly_those_layers(tmp_path, arch,
     student = AutoModelForCausalLM.from_pretrained(sdir, dtype=torch.float32).eval()
     assert student.config.num_hidden_layers == 3
     ids = torch.tensor([[5, 17, 3, 99, 42, 7, 7, 1]])
-    hooks, seen = [], []
-    # Hidden state entering each student layer == entering teacher layers 0, 2, 3 when the
-    # teacher itself skips layer 1 (forward hooks replace layer 1's output by its input).
-    hooks.append(teacher.model.layers[1].register_forward_hook(
-        lambda m, args, kwargs, out: (kwargs.get("hidden_states", args[0] if args else None),
-                                      *out[1:]) if isinstance(out, tuple) else
-        kwargs.get("hidden_states", args[0] if args else None), with_kwargs=True))
+    def skip(module, args, kwargs, out):  # layer 1 returns its input: the teacher skips it
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return (x, *out[1:]) if isinstance(out, tuple) else x
+
+    hook = teacher.model.layers[1].register_forward_hook(skip, with_kwargs=True)
     with torch.no_grad():
         ref = teacher(ids).logits
         got = student(ids).logits
-    for h in hooks:
-        h.remove()
+    hook.remove()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(teacher(ids).logits, got, atol=1e-3)  # layer 1 mattered

@@ -156,8 +156,8 @@ def rank_metrics(run: Path, rank: int) -> list[dict]:
 
 
 def rank_state(run: Path, step: int, rank: int) -> dict:
-    return torch.load(run / "ckpt" / f"step{step:08d}" / f"rank{rank:04d}_state.pt",
-                      weights_only=True)["selector"]
+    path = run / "ckpt" / f"step{step:08d}" / f"rank{rank:04d}_state.pt"
+    return torch.load(path, weights_only=True)["selector"]
 
 
 # ------------------------------------------------------------------ independent references

@@ -81,8 +81,10 @@ class DistillConfig:
     seed: int = C.opt(0, "seed (data order, selection randomness)")
     kd_weight: float = C.opt(1.0, "weight of the KD term")
     ce_weight: float = C.opt(0.0, "weight of the next-token CE term")
-    ce_positions: str = C.opt("selected", "where CE is computed in sampledkd/rskd_all modes",
-                              choices=("selected", "all"))
+    ce_positions: str = C.opt("selected", "where CE is computed in sampledkd/rskd_all modes: at the "
+                              "selected positions, at all, or at the unselected ones (KD then "
+                              "replaces CE where the rule selects)",
+                              choices=("selected", "all", "unselected"))
     kd_temperature: float = C.opt(1.0, "KD temperature applied to the student")
     kd_head: str = C.opt("fused", "sparse KD at the selected rows: 'fused' makes lm_head's logits "
                          "chunk by chunk with the gradients (no [n, V] logits or gradient), "
@@ -324,16 +326,17 @@ class Trainer:
         mask = sel.mask
         ids, w = b.ids[mask], b.weights[mask]
         pw = sel.weights[mask] if self.sel_cfg.rule == "positional" else None
-        ce_all = cfg.ce_weight > 0 and cfg.ce_positions == "all"
         if cfg.ce_weight == 0 and cfg.kd_head == "fused":
             kd_sum, cnt, per_pos = self._fused_kd(h[mask], ids, w, pw)
         else:
-            if ce_all:
-                # CE needs every row's logits anyway: run lm_head once and take the KD rows
+            if cfg.ce_weight and cfg.ce_positions != "selected":
+                # CE needs (nearly) every row's logits: run lm_head once and take the KD rows
                 # from them, instead of a second lm_head pass over the selected rows.
                 all_logits = head(h.reshape(-1, h.shape[-1]))                   # [B*T, V]
-                out["ce"] = losses.ce(all_logits, labels.reshape(-1))
-                logits = all_logits[mask.reshape(-1)]                           # [n, V]
+                flat = mask.reshape(-1)
+                ce_rows = None if cfg.ce_positions == "all" else ~flat          # no row copy
+                out["ce"] = losses.ce(all_logits, labels.reshape(-1), position_weights=ce_rows)
+                logits = all_logits[flat]                                       # [n, V]
             else:
                 logits = head(h[mask])                                          # [n, V]
                 if cfg.ce_weight:

@@ -164,7 +164,8 @@ _SHARED: dict = {}
 # Run A uses the fused KD head (no CE); these take the lm_head-logits paths.
 LOSS_PATHS = {"kd_logits": {"kd_head": "logits"},
               "ce_all": {"ce_weight": 0.5, "ce_positions": "all"},
-              "ce_selected": {"ce_weight": 0.5, "ce_positions": "selected"}}
+              "ce_selected": {"ce_weight": 0.5, "ce_positions": "selected"},
+              "ce_unselected": {"ce_weight": 0.5, "ce_positions": "unselected"}}
 
 
 def shared_runs(tmp_path_factory) -> dict:
@@ -463,8 +464,8 @@ def test_kd_and_ce_paths_match_dense_step1_references(runs, name):
         assert rec["ce_loss"] == 0.0 and rec["loss"] == pytest.approx(rec["kd_loss"], abs=1e-6)
         return
     # CE: every position with a next token, or the selected ones that have one
-    rows = torch.ones_like(nll, dtype=torch.bool) if cfg["ce_positions"] == "all" \
-        else _topk_rows(ent, FRAC)[:, :-1]
+    sel = _topk_rows(ent, FRAC)[:, :-1]
+    rows = {"all": torch.ones_like(sel), "selected": sel, "unselected": ~sel}[cfg["ce_positions"]]
     ce = nll[rows].mean()
     assert abs(rec["ce_loss"] - ce.item()) < 1e-4, (rec, ce.item())
     assert rec["loss"] == pytest.approx(rec["kd_loss"] + 0.5 * rec["ce_loss"], abs=1e-5)

@@ -21,18 +21,19 @@ if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=$PWD/.venv/bin/pytho
 : "${MICRO_BATCH:=2}"
 : "${LR:=1e-3}"
 : "${WARMUP_STEPS:=4}"
-# SampledKD recipe of the demo: CE on every position plus sparse KD on the top 25% of
-# positions by cached teacher entropy under a global (GLS) threshold; KD_WEIGHT = the
-# fraction, so a selected position's KD term weighs as much as one position's CE term:
-# loss = (1/N) * (sum_all CE_t + sum_selected KD_t). BENCHMARKS.md has the sweep behind it.
+# SampledKD recipe of the demo: the teacher-entropy top 25% of positions under a global
+# (GLS) threshold are distilled (sparse KD on the 12 cached classes), the other 75% keep
+# next-token CE: loss = 0.75 * mean_unselected CE + 0.75 * mean_selected KD, so a selected
+# position weighs 3x an unselected one. In BENCHMARKS.md's recipe sweep this beat the no-KD
+# student by 7-12% on each of 3 seeds; CE everywhere + KD varied from -15% to +4%.
 : "${SELECT:=gls}"
 : "${SELECT_FRAC:=0.25}"
 : "${SELECT_SCORE:=teacher_entropy}"
 : "${GLS_QUEUE:=30000}"
 : "${GLS_WARMUP:=2048}"
-: "${CE_WEIGHT:=1}"
-: "${CE_POSITIONS:=all}"
-: "${KD_WEIGHT:=0.25}"
+: "${CE_WEIGHT:=0.75}"
+: "${CE_POSITIONS:=unselected}"
+: "${KD_WEIGHT:=0.75}"
 : "${TASKS:=paper}"
 : "${EVAL_DATA_DIR:=pipeline/tasks/fixtures}"
 : "${LIMIT:=2}"

@@ -14,15 +14,19 @@ Samplers (DESIGN.md section 3):
 
 How the priority sampler avoids drawing V random numbers per position (on a CPU the random
 numbers, not the softmax, are the expensive part; see shared/notes/sampler-speed-facts.md):
-let b = p_(U+1), the (U+1)-th largest probability. Priorities dominate probabilities
-(u <= 1), so the (U+1)-th largest priority is >= b and only classes with p_i / u_i > b,
-i.e. u_i < r_i = p_i / b, can enter the top U+1. Classes are split at delta * b:
+let b <= p_(U+1), a lower bound on the (U+1)-th largest probability. Priorities dominate
+probabilities (u <= 1), so the (U+1)-th largest priority is >= b and only classes with
+p_i / u_i > b, i.e. u_i < r_i = p_i / b, can enter the top U+1. Classes are split at delta * b:
 - heavy (p_i >= delta * b; at most 1 / (delta * b) of them): draw u_i directly;
 - light (r_i < delta): propose every class independently with probability delta using
   geometric gaps (about delta * V proposals per row, never a pass over V), give a
   proposal u_i ~ U(0, delta), and keep it iff u_i < r_i. Then P(kept) = r_i and
   u_i | kept ~ U(0, r_i): exactly the law of the direct draw, so the result is exact.
-Passes over [P, V]: top-(U+1) logits, softmax, sum, entropy dot, heavy mask, nonzero.
+Passes over [P, V]: softmax, max, sum, the entropy dot, and one max per 128-column block;
+b is the (U+1)-th largest block max (U+1 distinct logits, so a lower bound) and only the
+blocks whose max can be heavy are scanned for heavy classes (`_priority_blocks`). No topk
+or [P, V] mask runs on peaked rows (2.4x the log_softmax floor, BENCHMARKS.md); a vocabulary
+no block width divides takes b = p_(U+1) from a topk and a heavy mask over V instead.
 
 All randomness comes from one `torch.Generator` on the logits' device, so the same code runs
 on CPU and CUDA and is deterministic for a given seed and chunking. This module imports
@@ -32,11 +36,13 @@ nothing of ours.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 METHODS = ("priority", "rskd", "topk")
 DEFAULT_CHUNK = 2048
+DEFAULT_DELTA = 1.0 / 256   # heavy / light split, in units of b
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -65,29 +71,57 @@ def _check_finite(S: torch.Tensor, entropy: torch.Tensor) -> None:
                          f"({int(bad.sum())} positions in all)")
 
 
-def softmax_stats(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(p [P,V], entropy [P], top_idx [P,k])` in fp32; `top_idx` = the k largest logits, sorted.
+def _block_size(V: int) -> int | None:
+    """Column block for the blocked row passes: the largest of 128..8 dividing V (both real
+    vocabularies, 151,936 and 128,256, are multiples of 128); None: no blocked path."""
+    return next((b for b in (128, 64, 32, 16, 8) if V % b == 0), None)
 
-    Passes over [P, V]: topk (the max and the (U+1)-th class), softmax, the row sums of p
-    and the row dots <p, z>. The max class has p_max = exp(0) / S_softmax, so with
-    S = sum p, lse = max z + log S - log p_max and
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`<a_r, b_r>` per row in fp32, accurate and fast: dots of one column block each (one
+    BLAS batch, short sequential sums), then torch's cascade sum over the blocks. 3.5x
+    faster than `(a * b).sum(-1)` (no [P, V] product is written) at the same ~1e-6
+    accuracy; a whole-row BLAS dot is as slow and 1e-3 off on flat rows."""
+    P, V = a.shape
+    block = _block_size(V)
+    if block is None or not (a.is_contiguous() and b.is_contiguous()):
+        return (a * b).sum(dim=-1)
+    n = V // block
+    return torch.einsum("pnk,pnk->pn", a.view(P, n, block), b.view(P, n, block)).sum(dim=-1)
+
+
+class Stats(NamedTuple):
+    p: torch.Tensor                 # [P, V] softmax, fp32
+    entropy: torch.Tensor           # [P] nats
+    top_idx: torch.Tensor | None    # [P, k] the k largest logits, sorted (None: k not asked)
+    z_max: torch.Tensor             # [P] max logit
+    p_max: torch.Tensor             # [P] p at the max logit (= 1 / the softmax's own sum)
+
+
+def softmax_stats(logits: torch.Tensor, k: int | None) -> Stats:
+    """Softmax, exact entropy and (if k) the k largest logits of `[P, V]` logits, in fp32.
+
+    Passes over [P, V]: topk (or a max), softmax, the row sums of p and the row dots
+    <p, z>. The max class has p_max = exp(0) / S_softmax, so with S = sum p,
+    lse = max z + log S - log p_max and
         H = lse - <p, z> / S.
-    Accuracy about 1e-6 nats at V = 151,936 with torch's cascade summation of p * z. A
-    BLAS dot (einsum) is 3x faster but accumulates sequentially: 1.4e-3 nats off on flat
-    rows. `-<p, log p>` with p = exp(log_softmax(z)) is off by (sum p - 1) * E[log p]
-    (~2e-4 nats).
+    Accuracy about 1e-6 nats at V = 151,936 (cascade sums, `_rowdot`). `-<p, log p>` with
+    p = exp(log_softmax(z)) is off by (sum p - 1) * E[log p] (~2e-4 nats).
     """
     z = logits.float()
-    top_z, top_idx = torch.topk(z, k, dim=-1, sorted=True)
     p = torch.softmax(z, dim=-1)
-    p_max = torch.gather(p, 1, top_idx[:, :1]).squeeze(1)
+    if k is None:
+        top_idx, z_max, p_max = None, z.amax(dim=-1), p.amax(dim=-1)   # exp is monotone
+    else:
+        top_z, top_idx = torch.topk(z, min(k, z.shape[1]), dim=-1, sorted=True)
+        z_max, p_max = top_z[:, 0], torch.gather(p, 1, top_idx[:, :1]).squeeze(1)
     S = p.sum(dim=-1)
     # softmax divided by its own (fp32, ~1e-5 relative) sum: p_max = 1 / S_softmax, and the
     # cascade sum S = sum p = S_true / S_softmax corrects it: lse = max z + log S_true.
-    lse = top_z[:, 0] + torch.log(S) - torch.log(p_max)
-    entropy = lse - (p * z).sum(dim=-1) / S        # torch's cascade sum: ~1e-6 nats
+    lse = z_max + torch.log(S) - torch.log(p_max)
+    entropy = lse - _rowdot(p, z) / S
     _check_finite(S, entropy)
-    return p, entropy, top_idx
+    return Stats(p, entropy, top_idx, z_max, p_max)
 
 
 def _rows_topk(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, P: int, k: int):
@@ -156,26 +190,73 @@ def _priority_dense(p: torch.Tensor, U: int, gen: torch.Generator):
 
 def _priority(p: torch.Tensor, top_idx: torch.Tensor, U: int, gen: torch.Generator, delta: float,
               dense_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    P, V = p.shape
-    dev = p.device
-    b = torch.gather(p, 1, top_idx[:, U:U + 1]).squeeze(1)                # p_(U+1) [P]
-    # Heavy classes: drawn directly. Rows where delta * b underflows (b == 0 when fewer
-    # than U+1 classes have nonzero fp32 probability) have no light classes: every class
-    # with p >= tiny is heavy, and those with fewer than U+1 such classes keep them exactly.
+    """Any V: b = p_(U+1) from the sorted top-(U+1), heavy classes by a pass over V."""
+    thr, has_light, b = _heavy_threshold(torch.gather(p, 1, top_idx[:, U:U + 1]).squeeze(1), delta)
+    return _priority_masked(p, thr, has_light, b, U, gen, delta, dense_fraction)
+
+
+def _priority_blocks(z: torch.Tensor, st: Stats, U: int, gen: torch.Generator, delta: float,
+                     dense_fraction: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """V = n * block: heavy classes without a topk or a mask over [P, V].
+
+    The U+1 largest block maxima are U+1 distinct logits, so the (U+1)-th of them is a
+    lower bound z_lb <= z_(U+1), and b = p(z_lb) <= p_(U+1) is all the sampler needs of b
+    (any lower bound keeps it exact; a smaller one only adds heavy classes). A heavy class
+    (p >= delta * b) lies in a block whose max clears the heavy logit, so only those blocks
+    are scanned: about one per heavy class, a few percent of V on peaked rows."""
+    P, V = z.shape
+    n = V // block
+    zb = z.view(P, n, block)
+    bmax = zb.amax(dim=-1)                                                 # [P, n]
+    z_lb = torch.topk(bmax, U + 1, dim=-1, sorted=True).values[:, U]
+    # p = exp(z - z_max) * p_max; shave 1e-6 so fp32 rounding cannot lift b above p_(U+1)
+    b = torch.exp(z_lb - st.z_max) * st.p_max * (1.0 - 1e-6)
+    thr, has_light, b = _heavy_threshold(b, delta)
+    z_h = st.z_max + torch.log(thr / st.p_max) - 1e-4   # logit of thr, minus a rounding margin
+    cand = bmax >= z_h[:, None]
+    if int(torch.count_nonzero(cand)) > dense_fraction * P * n:
+        return _priority_masked(st.p, thr, has_light, b, U, gen, delta, dense_fraction)
+    c_rows, c_blk = torch.nonzero(cand, as_tuple=True)                     # row-major
+    ci, off = torch.nonzero(zb[c_rows, c_blk] >= z_h[c_rows, None], as_tuple=True)
+    rows, cols = c_rows[ci], c_blk[ci] * block + off
+    exact = st.p[rows, cols] >= thr[rows]                                  # the heavy test itself
+    return _priority_sparse(st.p, rows[exact], cols[exact], has_light, thr, b, U, gen, delta)
+
+
+def _heavy_threshold(b: torch.Tensor, delta: float):
+    """b = p_(U+1) [P] -> (heavy threshold, rows with light classes, b). Rows where
+    delta * b underflows (b == 0 when fewer than U+1 classes have nonzero fp32 probability)
+    have no light classes: every class with p >= tiny is heavy, and those with fewer than
+    U+1 such classes keep them exactly."""
     tiny = torch.finfo(torch.float32).tiny
     has_light = delta * b >= tiny
-    thr = torch.where(has_light, delta * b, tiny)
+    return torch.where(has_light, delta * b, tiny), has_light, b
+
+
+def _priority_masked(p: torch.Tensor, thr: torch.Tensor, has_light: torch.Tensor, b: torch.Tensor,
+                     U: int, gen: torch.Generator, delta: float, dense_fraction: float):
+    """Heavy classes by a pass over V: rows with more heavy classes than the top-K list."""
+    P, V = p.shape
     heavy = p >= thr[:, None]
     n_heavy = int(torch.count_nonzero(heavy))   # (a bool .sum() copies to int64: 20x slower)
     if n_heavy > dense_fraction * P * V:
         # Flat distributions: most classes are heavy, so draw u for every class.
         return _priority_dense(p, U, gen)
     h_rows, h_cols = torch.nonzero(heavy, as_tuple=True)
+    return _priority_sparse(p, h_rows, h_cols, has_light, thr, b, U, gen, delta)
+
+
+def _priority_sparse(p: torch.Tensor, h_rows: torch.Tensor, h_cols: torch.Tensor,
+                     light_rows: torch.Tensor, thr: torch.Tensor, b: torch.Tensor, U: int,
+                     gen: torch.Generator, delta: float):
+    """Heavy classes (h_rows, h_cols) drawn directly; light ones of `light_rows` [P] bool by
+    proposals at rate delta, kept iff u < r = p / b."""
+    P, V = p.shape
+    dev = p.device
     h_p = p[h_rows, h_cols]
     h_u = 1.0 - torch.rand(h_p.shape, generator=gen, device=dev)          # (0, 1]
     h_prio = h_p / h_u
-    # Light classes: proposals at rate delta, kept iff u < r = p / b.
-    l_rows, l_cols = _geometric_positions(delta, V, torch.nonzero(has_light).flatten(), gen)
+    l_rows, l_cols = _geometric_positions(delta, V, torch.nonzero(light_rows).flatten(), gen)
     l_p = p[l_rows, l_cols]
     l_b = b[l_rows]
     light = l_p < thr[l_rows]
@@ -278,7 +359,7 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
     sentinel = (1 << V.bit_length()) - 1 if sentinel is None else sentinel
     if generator is None:
         generator = torch.Generator(device=logits.device).manual_seed(0)
-    delta = float(method_args.get("delta", 1.0 / 256))
+    delta = float(method_args.get("delta", DEFAULT_DELTA))
     dense_fraction = float(method_args.get("dense_fraction", 0.25))
     num_draws = int(method_args.get("num_draws", 50))
     tau_s = float(method_args.get("tau_s", 1.0))
@@ -292,8 +373,12 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
     h_out = torch.empty((P,), dtype=torch.float32, device=logits.device)
     for s in range(0, P, chunk_size):
         z = logits[s:s + chunk_size]
-        p, entropy, top_idx = softmax_stats(z, U + 1)
-        if method == "priority":
+        block = _block_size(V) if method == "priority" and V >= 16 * (U + 1) else None
+        st = softmax_stats(z, None if block else U + 1)
+        p, entropy, top_idx = st.p, st.entropy, st.top_idx
+        if method == "priority" and block:
+            ids, w = _priority_blocks(z.float(), st, U, generator, delta, dense_fraction, block)
+        elif method == "priority":
             ids, w = _priority(p, top_idx, U, generator, delta, dense_fraction)
         elif method == "rskd":
             ids, w = _rskd(z, p, U, generator, num_draws, tau_s, stats)

@@ -25,7 +25,7 @@ if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=$PWD/.venv/bin/pytho
 # (GLS) threshold are distilled (sparse KD on the 12 cached classes), the other 75% keep
 # next-token CE: loss = 0.75 * mean_unselected CE + 0.75 * mean_selected KD, so a selected
 # position weighs 3x an unselected one. In BENCHMARKS.md's recipe sweep this beat the no-KD
-# student by 7-12% on each of 3 seeds; CE everywhere + KD varied from -15% to +4%.
+# student by 7-15% on each of 3 seeds x 2 caches; CE everywhere + KD varied from -15% to +4%.
 : "${SELECT:=gls}"
 : "${SELECT_FRAC:=0.25}"
 : "${SELECT_SCORE:=teacher_entropy}"

@@ -69,10 +69,14 @@ def loss_plot(runs: dict[str, Path], png: Path) -> None:
     for name, run in runs.items():
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in recs]
-        ax[0].plot(steps, [r["loss"] for r in recs], label=name)
+        line, = ax[0].plot(steps, [r["ce_loss"] for r in recs], label=f"{name}: CE")
         if any(r["kd_loss"] for r in recs):
+            ax[0].plot(steps, [r["kd_loss"] for r in recs], "--", color=line.get_color(),
+                       label=f"{name}: KD")
             ax[1].plot(steps, [r["kl_est"] for r in recs], label=f"{name}: est. KL")
-    ax[0].set(xlabel="step", ylabel="training loss", title="loss")
+    # Each term is a mean over its own positions: no-KD's CE covers every position, the
+    # SampledKD run's CE only the unselected ones and its KD the selected (high-entropy) ones.
+    ax[0].set(xlabel="step", ylabel="nats per position", title="loss terms (means over their positions)")
     ax[1].set(xlabel="step", ylabel="nats", title="estimated KL to the teacher (cache)")
     for a in ax:
         a.legend()

@@ -71,10 +71,11 @@ def _check_finite(S: torch.Tensor, entropy: torch.Tensor) -> None:
                          f"({int(bad.sum())} positions in all)")
 
 
-def _block_size(V: int) -> int | None:
-    """Column block for the blocked row passes: the largest of 128..8 dividing V (both real
-    vocabularies, 151,936 and 128,256, are multiples of 128); None: no blocked path."""
-    return next((b for b in (128, 64, 32, 16, 8) if V % b == 0), None)
+def _block_size(V: int, min_blocks: int = 1) -> int | None:
+    """Column block for the blocked row passes: the largest of 128..8 that divides V into at
+    least `min_blocks` blocks (both real vocabularies, 151,936 and 128,256, are multiples of
+    128); None: no blocked path."""
+    return next((b for b in (128, 64, 32, 16, 8) if V % b == 0 and V // b >= min_blocks), None)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -373,7 +374,8 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
     h_out = torch.empty((P,), dtype=torch.float32, device=logits.device)
     for s in range(0, P, chunk_size):
         z = logits[s:s + chunk_size]
-        block = _block_size(V) if method == "priority" and V >= 16 * (U + 1) else None
+        # the block-max bound needs U+1 blocks (U+1 distinct logits)
+        block = _block_size(V, U + 1) if method == "priority" else None
         st = softmax_stats(z, None if block else U + 1)
         p, entropy, top_idx = st.p, st.entropy, st.top_idx
         if method == "priority" and block:

@@ -48,10 +48,13 @@ def _mean_weights(ids, w, V):
 
 
 @pytest.mark.parametrize("make,dense_fraction", [
-    (_flat, 0.25), (_flat, 1.0), (_peaked, 0.25), (lambda: _peaked(V=999), 0.25)],
+    (_flat, 0.25), (_flat, 1.0), (_peaked, 0.25), (lambda: _peaked(V=999), 0.25),
+    (lambda: _peaked(V=256), 0.25), (lambda: _peaked(V=96), 0.25)],
     # V=1000: heavy classes found from column-block maxima; V=999 (no block size divides
-    # it): from the sorted top-(U+1) and a pass over V
-    ids=["flat-dense", "flat-sparse-path", "peaked-sparse", "peaked-no-blocks"])
+    # it) and V=96 (fewer than U+1 blocks of 8): from the sorted top-(U+1) and a pass over
+    # V; V=256: blocks of 16, not 128 (2 blocks of 128 cannot bound the 13th logit)
+    ids=["flat-dense", "flat-sparse-path", "peaked-sparse", "peaked-no-blocks", "peaked-V256",
+         "peaked-V96"])
 def test_priority_is_unbiased_per_class(make, dense_fraction):
     z = make()
     V, n = z.numel(), 20_000

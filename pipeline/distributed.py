@@ -8,12 +8,18 @@ One `init_distributed()` for every launcher:
 - torchrun / deepspeed / SLURM without MPI: RANK/WORLD_SIZE/LOCAL_RANK, or SLURM_PROCID/
   SLURM_NTASKS/SLURM_LOCALID.
 - otherwise a single process.
+MPI_Init runs under a watchdog (`SAMPLEDKD_MPI_INIT_TIMEOUT`, default 300 s): Slurm's pmi2
+plugin was seen to garble one rank's PMI message during the two-node address exchange and
+leave every rank in MPI_Init forever. The watchdog (faulthandler's C thread: MPI_Init holds
+the GIL) prints where it hung and exits 1, so the job fails instead of hanging and
+slurm/cache.sh can launch the resumable stage again.
 The stage-2 trainer uses torch.distributed (through DeepSpeed); `TorchComm` adapts it to the
 small communicator interface that selection.py (GLS) expects.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +116,14 @@ def init_distributed(use_mpi: bool | None = None) -> tuple[DistInfo, Any]:
     if use_mpi is None:
         use_mpi = any(k in env for k in _MPI_ENV) and "RANK" not in env
     if use_mpi:
-        from mpi4py import MPI
+        timeout = float(env.get("SAMPLEDKD_MPI_INIT_TIMEOUT", "300"))
+        if timeout > 0:   # on expiry: "Timeout (h:mm:ss)!", this stack, exit code 1
+            faulthandler.dump_traceback_later(timeout, exit=True)
+        try:
+            from mpi4py import MPI   # MPI_Init
+        finally:
+            if timeout > 0:
+                faulthandler.cancel_dump_traceback_later()
 
         comm = MPI.COMM_WORLD
         expected = _launcher_world()

@@ -33,7 +33,19 @@ args=(--teacher "$TEACHER" --data "$DATA" --out "$CACHE_DIR"
 
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
   # The allocation's --ntasks-per-node sets the ranks; PMI2 hands mpi4py its rank and size.
-  srun --mpi=pmi2 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "$PYTHON" -m pipeline.cache "${args[@]}"
+  # A failed step is launched again (LAUNCH_ATTEMPTS, default 2): the stage resumes, keeping
+  # every finished shard, and a pmi2 hang in MPI_Init ends by its watchdog (pipeline.distributed).
+  attempts=${LAUNCH_ATTEMPTS:-2}
+  for ((i = 1; ; i++)); do
+    rc=0
+    srun --mpi=pmi2 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "$PYTHON" -m pipeline.cache "${args[@]}" || rc=$?
+    ((rc == 0)) && break
+    if ((i >= attempts)); then
+      echo "cache.sh: srun failed with exit code $rc on attempt $i of $attempts; giving up" >&2
+      exit "$rc"
+    fi
+    echo "cache.sh: srun failed with exit code $rc (attempt $i of $attempts); launching again, the stage resumes" >&2
+  done
 elif ((NTASKS > 1)); then
   # The mpiexec next to $PYTHON is the venv's MPICH, the MPI mpi4py was built against.
   "${MPIEXEC:-$(dirname "$(command -v "$PYTHON")")/mpiexec}" -n "$NTASKS" "$PYTHON" -m pipeline.cache "${args[@]}"

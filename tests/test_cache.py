@@ -539,3 +539,26 @@ def test_rank_failure_under_mpi_aborts_instead_of_hanging(env, cache2, tmp_path)
     assert proc.returncode != 0
     assert "cache-r0001-000000.tar is recorded in manifest.r0001.json but missing" in \
         (proc.stdout + proc.stderr).replace("\n", " ")
+
+
+_HANG_IN_MPI_INIT = """
+import os, socket
+a, b = socket.socketpair()          # a PMI server that never answers
+os.set_inheritable(b.fileno(), True)
+os.environ.update(PMI_FD=str(b.fileno()), PMI_RANK="0", PMI_SIZE="2")
+from pipeline.distributed import init_distributed
+init_distributed()
+print("MPI_Init returned")
+"""
+
+
+def test_mpi_init_that_never_returns_exits_with_where_it_hung():
+    """A pmi2 hang in MPI_Init (seen once on the two-node cluster) must end the rank, so
+    srun --kill-on-bad-exit ends the step and slurm/cache.sh can launch it again."""
+    env = dict(os.environ, SAMPLEDKD_MPI_INIT_TIMEOUT="2")
+    env.pop("SLURM_NTASKS", None)
+    r = subprocess.run([sys.executable, "-c", _HANG_IN_MPI_INIT], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "MPI_Init returned" not in r.stdout
+    assert "Timeout (0:00:02)!" in r.stderr and "init_distributed" in r.stderr, r.stderr[-2000:]

@@ -33,9 +33,9 @@ args=(--teacher "$TEACHER" --data "$DATA" --out "$CACHE_DIR"
 
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
   # The allocation's --ntasks-per-node sets the ranks; PMI2 hands mpi4py its rank and size.
-  # A failed step is launched again (LAUNCH_ATTEMPTS, default 2): the stage resumes, keeping
+  # A failed step is launched again (LAUNCH_ATTEMPTS, default 3): the stage resumes, keeping
   # every finished shard, and a pmi2 hang in MPI_Init ends by its watchdog (pipeline.distributed).
-  attempts=${LAUNCH_ATTEMPTS:-2}
+  attempts=${LAUNCH_ATTEMPTS:-3}
   for ((i = 1; ; i++)); do
     rc=0
     srun --mpi=pmi2 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "$PYTHON" -m pipeline.cache "${args[@]}" || rc=$?

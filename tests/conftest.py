@@ -43,6 +43,11 @@ def cluster() -> None:
         # exchange, seen under CI load) gives up after 60 s and cache.sh launches again,
         # instead of the 300 s a production launch allows.
         os.environ.setdefault("SAMPLEDKD_MPI_INIT_TIMEOUT", "60")
+        # and the cause: MPICH's UCX netmod sends a ~4.5 KB address per rank through PMI in
+        # 9 segments, which Slurm 22.05's PMI1 reader mis-frames; OFI over TCP needs one
+        # short put per rank (README, troubleshooting)
+        os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
+        os.environ.setdefault("FI_PROVIDER", "tcp")
         return
     if os.environ.get("SAMPLEDKD_REQUIRE_SLURM") == "1":
         pytest.fail(f"SAMPLEDKD_REQUIRE_SLURM=1 but {problem}")

@@ -372,14 +372,14 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
     ids_out = torch.empty((P, U), dtype=torch.long, device=logits.device)
     w_out = torch.empty((P, U), dtype=torch.float32, device=logits.device)
     h_out = torch.empty((P,), dtype=torch.float32, device=logits.device)
+    # the block-max bound needs U+1 blocks (U+1 distinct logits)
+    block = _block_size(V, U + 1) if method == "priority" else None
     for s in range(0, P, chunk_size):
-        z = logits[s:s + chunk_size]
-        # the block-max bound needs U+1 blocks (U+1 distinct logits)
-        block = _block_size(V, U + 1) if method == "priority" else None
+        z = logits[s:s + chunk_size].float()   # one fp32 copy (bf16 teachers), shared below
         st = softmax_stats(z, None if block else U + 1)
         p, entropy, top_idx = st.p, st.entropy, st.top_idx
         if method == "priority" and block:
-            ids, w = _priority_blocks(z.float(), st, U, generator, delta, dense_fraction, block)
+            ids, w = _priority_blocks(z, st, U, generator, delta, dense_fraction, block)
         elif method == "priority":
             ids, w = _priority(p, top_idx, U, generator, delta, dense_fraction)
         elif method == "rskd":

@@ -38,6 +38,7 @@ import random
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,9 +303,9 @@ class Trainer:
                               ids=b.ids, weights=b.weights)
         if self.selector.needs_student_logits:
             import deepspeed
-            with deepspeed.zero.GatheredParameters([head.weight]), torch.no_grad():
-                w = head.weight
-                sel = self.selector.select(inp, lambda x: F.linear(x, w), self.step)
+            # Student-side scores see the logits KD and CE see: lm_head's bias included.
+            with deepspeed.zero.GatheredParameters(head_params(head)), torch.no_grad():
+                sel = self.selector.select(inp, lambda x: F.linear(x, head.weight, head.bias), self.step)
         else:
             sel = self.selector.select(inp, None, self.step)
         zero = h.sum() * 0.0
@@ -358,19 +359,26 @@ class Trainer:
     def _fused_kd(self, rows, ids, w, pw):
         """`sparse_kd_linear` on the selected hidden rows: (sum, count, per-row losses).
 
-        The loss computes its gradients during forward, so it needs lm_head's full weight
-        only then: under ZeRO-3 it is gathered for the call (no-grad reads, as the TRL
-        fix for Liger's fused losses does) and released before backward, which only
-        scales the stored gradients. Without ZeRO-3 the gather is a no-op.
+        The loss computes lm_head's gradients during its forward and hands them to autograd
+        in backward. Under ZeRO-3 the weight is partitioned (an empty tensor) outside its
+        module's forward and backward, so the call must run *as lm_head's forward*: ZeRO-3's
+        module hooks then gather the weight (and bias) for the forward, gather it again when
+        the gradient reaches the loss, and release it after backward, exactly as for a plain
+        `lm_head(rows)` call. (Gathering only around the forward, as this method once did,
+        worked for tied heads only: the embedding's backward happened to re-gather the
+        shared weight before its gradient was accumulated; an untied weight met its full
+        [V, H] gradient while partitioned.) Without ZeRO-3 the hooks do not exist.
         """
-        import deepspeed
-
         head = self.model.get_output_embeddings()
-        params = [p for p in (head.weight, head.bias) if p is not None]
-        with deepspeed.zero.GatheredParameters(params):
-            return losses.sparse_kd_linear(rows, head.weight, ids, w, pw, self.cfg.kd_temperature,
-                                           self.cfg.self_normalize, lm_bias=head.bias,
+        cfg = self.cfg
+
+        def fused(x):
+            return losses.sparse_kd_linear(x, head.weight, ids, w, pw, cfg.kd_temperature,
+                                           cfg.self_normalize, lm_bias=head.bias,
                                            return_per_position=True)
+
+        with forward_replaced(head, fused):
+            return head(rows)
 
     def train_step(self, batches: list[CacheBatch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches. Returns logging values."""
@@ -496,6 +504,22 @@ class Trainer:
             save_hf(sd, self.model.config, self.tok, out)
         self.comm.barrier()
         return out
+
+
+def head_params(head: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """lm_head's weight and, where it has one, its bias."""
+    return [p for p in (head.weight, head.bias) if p is not None]
+
+
+@contextmanager
+def forward_replaced(module: torch.nn.Module, fn):
+    """Calls of `module(...)` run `fn(...)` inside the module's hooks (ZeRO-3's gather and
+    release), for the duration of the block. `fn` may use the module's parameters."""
+    module.forward = fn                    # an instance attribute shadows the class method
+    try:
+        yield module
+    finally:
+        del module.forward
 
 
 def batches_forever(tr: Trainer):

@@ -67,7 +67,6 @@ __all__ = ["SelectionConfig", "Curriculum", "Selector", "Selection", "SelectionI
 
 SIGNALS = SIGNAL_NAMES
 STUDENT_SIGNALS = frozenset({"student_entropy", "student_ce", "kl"})
-POSITIONAL_EPS = 1e-6
 
 
 class Communicator(Protocol):
@@ -277,6 +276,7 @@ class RuleContext:
     generator: torch.Generator
     band: tuple[float, float] = (0.0, 100.0)
     positional_alpha: float = 1.0
+    positional_floor: float = 0.1
     gls: GLSQueue | None = None
     comm: Communicator = SingleProcess()
 
@@ -325,27 +325,75 @@ def percentile_band_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleCo
     return RuleOutput(mask, mask.float(), None)
 
 
-def positional_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext) -> RuleOutput:
-    """Importance-sample K = ceil(frac*n) positions per sequence by priority sampling.
+def positional_probs(scores: Tensor, valid: Tensor, k: Tensor, alpha: float,
+                     floor: float) -> tuple[Tensor, Tensor]:
+    """Inclusion probabilities of `positional`: `(pi [B,T], q [B,T])`, float64, 0 off `valid`.
 
-    `q_t = max(score_t, eps)**alpha`, `u_t ~ U(0,1]`, priority `r_t = q_t / u_t`; keep the K
-    largest; `tau` = the (K+1)-th largest priority (0 if K = n). Weight `w_t = max(1, tau/q_t)`.
-    Duffield, Lund, Thorup (2007): `q_hat_t = 1[t in S] max(q_t, tau)` has `E[q_hat_t] = q_t`
-    (condition on tau' = the K-th largest priority among the others: t is kept iff
-    r_t > tau', i.e. with probability min(1, q_t/tau'), and then tau = tau'), so
-    `sum_{t in S} x_t w_t = sum_t x_t q_hat_t / q_t` is unbiased for `sum_t x_t` for any x.
-    Scale-free in q (normalising q changes nothing). Divide by n_valid, not by K.
+    `q0_t = max(score_t, 0)**alpha` (alpha = 0: uniform), `m = mean_t q0_t` over the row's
+    valid positions, `q_t = max(q0_t, floor * m)` (a row whose q0 are all 0: uniform), and
+    `pi_t = min(1, q_t / tau)` with `tau` the solution of `sum_t min(1, q_t / tau) = K`:
+    sort q descending, cap the j largest at 1 for the smallest j in [0, K) with
+    `q_(j+1) * (K - j) <= sum_{i > j} q_(i)`, then `tau = sum_{i > j} q_(i) / (K - j)`
+    (j = K-1 always qualifies, and the smallest qualifying j has `q_(j) > tau`).
     """
-    q = scores.double().clamp_min(POSITIONAL_EPS) ** ctx.positional_alpha
-    u = 1.0 - torch.rand(scores.shape, generator=ctx.generator, device=scores.device,
-                         dtype=torch.float64)                     # (0, 1]
-    r = torch.where(valid, q / u, -math.inf)
+    s = torch.nan_to_num(scores.double(), nan=0.0).clamp_min(0.0)
+    q0 = torch.where(valid, s ** alpha, 0.0)                       # 0**0 = 1: alpha 0 is uniform
+    n = valid.sum(1)
+    mean = q0.sum(1) / n.clamp_min(1)
+    q = torch.where(valid, torch.maximum(q0, (floor * mean)[:, None]), 0.0)
+    q = torch.where((mean > 0)[:, None], q, valid.double())
+    qs = torch.sort(q, dim=1, descending=True).values              # invalid (0) last
+    tail = qs.flip(1).cumsum(1).flip(1)                            # tail[:, j] = sum_{i >= j} qs[:, i]
+    j = torch.arange(q.shape[1], device=q.device)
+    kk = k[:, None]
+    ok = (j < kk) & (qs * (kk - j) <= tail)
+    j0 = ok.int().argmax(1)                                        # first qualifying j
+    tau = tail.gather(1, j0[:, None]).squeeze(1) / (k - j0).clamp_min(1)
+    pi = torch.where(valid & (k > 0)[:, None], (q / tau.clamp_min(1e-300)[:, None]).clamp_max(1.0), 0.0)
+    return pi, q
+
+
+def positional_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext) -> RuleOutput:
+    """Importance-sample exactly K = ceil(frac*n) positions per sequence; weight 1/pi_t.
+
+    Inclusion probabilities (`positional_probs`): `q_t = max(score_t**alpha, floor * mean_t
+    score**alpha)` with `floor` = `--positional-floor` (default 0.1), `pi_t = min(1,
+    q_t/tau)`, `sum_t pi_t = K`. Sampling: the positions with `pi_t = 1` are kept; the others
+    are put in a random order and systematic sampling keeps those whose interval
+    `[C_{t-1}, C_t)` of the running sum of pi contains one of the points `u, u+1, ...`,
+    `u ~ U[0,1)`: exactly K in all, each with probability exactly `pi_t`. Weight
+    `w_t = 1/pi_t = max(1, tau/q_t)` (Horvitz-Thompson): `sum_{t in S} w_t x_t` is unbiased
+    for `sum_t x_t` for any x, with or without the floor (sampling and weights use the
+    same floored q; the floor moves variance, never the mean). Divide by n_valid, not K.
+
+    Bound: `q_t >= f = floor * m` (m = mean of q0) and `Q = sum_t q_t <= n m (1 + floor)`;
+    `K = sum_t min(1, q_t/tau) <= Q/tau` gives `tau <= Q/K`, so
+        `w_t <= max(1, Q / (K f)) <= n (1 + floor) / (K floor) <= (1 + floor) / (floor * frac)`
+    (44 at the default floor 0.1 and frac 0.25; 404 at floor 0.01). The former rule (priority
+    sampling over `max(score, 1e-6)`, whose tau is random as well) gave an entropy byte of 0
+    weights of ~1e5-1e6: unbiased only through rare spikes (BENCHMARKS.md, "Positional
+    weights"). Scale-free in the scores (multiplying them changes nothing).
+    """
     k = k_per_row(valid, frac)
-    srt = torch.sort(r, dim=1, descending=True).values
-    tau = srt.gather(1, k.clamp_max(r.shape[1] - 1)[:, None]).squeeze(1)
-    tau = torch.where(k < valid.sum(1), tau, 0.0).clamp_min(0)
-    mask = (_rank_desc(r, valid) < k[:, None]) & valid
-    w = torch.where(mask, torch.clamp(tau[:, None] / q, min=1.0), 0.0).float()
+    pi, _ = positional_probs(scores, valid, k, ctx.positional_alpha, ctx.positional_floor)
+    capped = valid & (pi >= 1.0)
+    unc = valid & ~capped
+    m = (k - capped.sum(1)).clamp_min(0).double()                 # draws left for the others
+    # Uncapped positions first, in a random order; systematic sampling along their pi.
+    keys = torch.rand(scores.shape, generator=ctx.generator, device=scores.device, dtype=torch.float64)
+    order = torch.argsort(torch.where(unc, keys, 2.0), dim=1)
+    p = torch.where(unc, pi, 0.0).gather(1, order)
+    c = p.cumsum(1)
+    total = c[:, -1:]
+    c = c * torch.where(total > 0, m[:, None] / total.clamp_min(1e-300), 0.0)
+    last = torch.arange(c.shape[1], device=c.device) >= (unc.sum(1, keepdim=True) - 1)
+    c = torch.where(last, m[:, None], torch.minimum(c, m[:, None]))   # ends exactly at m
+    c_prev = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], 1)
+    u = torch.rand((scores.shape[0], 1), generator=ctx.generator, device=scores.device,
+                   dtype=torch.float64)                            # [0, 1)
+    hit = (torch.floor(c - u) > torch.floor(c_prev - u)) & (p > 0)
+    mask = capped | torch.zeros_like(unc).scatter(1, order, hit)
+    w = torch.where(mask, 1.0 / pi.clamp_min(1e-300), 0.0).float()
     return RuleOutput(mask, w, None)
 
 
@@ -475,7 +523,7 @@ class Selector:
         else:
             scores = SCORES[cfg.score].fn(sig, valid, self.generator, cfg.combined_weights)
         ctx = RuleContext(self.generator, (cfg.band_lo, cfg.band_hi), cfg.positional_alpha,
-                          self.gls, self.comm)
+                          cfg.positional_floor, self.gls, self.comm)
         out = RULES[cfg.rule](scores, valid, frac, ctx)
         denom = valid.sum() if cfg.rule == "positional" else out.mask.sum()
         return Selection(out.mask, out.weights, out.threshold, torch.where(valid, scores, 0.0),

@@ -3,7 +3,7 @@
 Imports nothing of ours; `pipeline.selection` re-exports both classes. Flags:
 
     --select RULE  --select-score SCORE  --select-frac F  --select-band LO HI
-    --gls-queue Q  --gls-warmup N  --positional-alpha A  --learned-kind KIND
+    --gls-queue Q  --gls-warmup N  --positional-alpha A  --positional-floor F  --learned-kind KIND
     --learned-explore E  --curriculum SPEC  --combined-weights WT WS WC WK
     --select-chunk ROWS  --select-seed S
 """
@@ -86,7 +86,14 @@ class SelectionConfig:
     """--gls-warmup: scores to see before the global threshold replaces per-sequence top-k;
     None: until the FIFO is full (Q)."""
     positional_alpha: float = 1.0
-    """--positional-alpha: sampling probability ~ max(score, 1e-6)**alpha; 0 = uniform."""
+    """--positional-alpha: sampling probability ~ max(score**alpha, floor * row mean of
+    score**alpha); 0 = uniform."""
+    positional_floor: float = 0.1
+    """--positional-floor: positional's floor on q_t = score**alpha, relative to the row's mean
+    q, in (0, 1] (default 0.1). Bounds every position weight by (1 + F) / (F * frac) (44 at
+    0.1 and frac 0.25) and adds no bias (the weights are 1 / the inclusion probability); a
+    smaller F picks low-score positions more rarely with larger weights (heavier tails), a
+    larger one spends more of K on them (BENCHMARKS.md, "Positional weights")."""
     learned_kind: str = "linucb"
     """--learned-kind: linucb | mlp."""
     explore: float | None = None
@@ -139,6 +146,8 @@ class SelectionConfig:
             p.append(f"--gls-warmup {self.gls_warmup} must be >= 0")
         if not (math.isfinite(self.positional_alpha) and self.positional_alpha >= 0):
             p.append(f"--positional-alpha {self.positional_alpha} must be finite and >= 0")
+        if not (math.isfinite(self.positional_floor) and 0 < self.positional_floor <= 1):
+            p.append(f"--positional-floor {self.positional_floor} must be in (0, 1]")
         if self.learned_kind not in LEARNED_KINDS:
             p.append(f"--learned-kind {self.learned_kind!r} must be one of {LEARNED_KINDS}")
         elif self.explore is not None:
@@ -184,6 +193,10 @@ class SelectionConfig:
         g.add_argument("--gls-queue", type=int, default=d.gls_queue)
         g.add_argument("--gls-warmup", type=int, default=d.gls_warmup)
         g.add_argument("--positional-alpha", type=float, default=d.positional_alpha)
+        g.add_argument("--positional-floor", type=float, default=d.positional_floor,
+                       help="positional: floor on q = score**alpha relative to the sequence's "
+                            f"mean q, in (0, 1] (default {d.positional_floor}); position weights "
+                            "<= (1 + F) / (F * frac), no bias")
         g.add_argument("--learned-kind", default=d.learned_kind, choices=LEARNED_KINDS)
         g.add_argument("--learned-explore", type=float, default=d.explore)
         g.add_argument("--curriculum", default=d.curriculum)
@@ -198,5 +211,6 @@ class SelectionConfig:
             rule=ns.select, score=ns.select_score, frac=ns.select_frac,
             band_lo=ns.select_band[0], band_hi=ns.select_band[1], gls_queue=ns.gls_queue,
             gls_warmup=ns.gls_warmup, positional_alpha=ns.positional_alpha,
+            positional_floor=ns.positional_floor,
             learned_kind=ns.learned_kind, explore=ns.learned_explore, curriculum=ns.curriculum,
             combined_weights=tuple(ns.combined_weights), chunk_size=ns.select_chunk, seed=ns.select_seed)

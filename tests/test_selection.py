@@ -206,6 +206,126 @@ def test_positional_unbiased_for_all_positions_sum():
             assert abs(mean - truth) < 4 * se, (alpha, frac, mean, truth, se)
 
 
+def _ref_inclusion(q: list[float], k: int) -> list[float]:
+    """Reference pi_t = min(1, q_t / tau) with sum pi = k: cap the positions at or above
+    tau = (sum of the uncapped q) / (k - #capped) until none is left above it."""
+    capped: set[int] = set()
+    while True:
+        rest = [i for i in range(len(q)) if i not in capped]
+        tau = sum(q[i] for i in rest) / (k - len(capped))
+        new = {i for i in rest if q[i] >= tau}
+        if not new:
+            return [1.0 if i in capped else q[i] / tau for i in range(len(q))]
+        capped |= new
+
+
+def _entropy_like(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Teacher entropies as the cache stores them: 30% of positions confident (Exp(1e-4)
+    nats, mostly decoding to byte 0, i.e. exactly 0), the others LogNormal(ln 1.5, 1)."""
+    from pipeline.codec import EntropyCodebook
+    conf = torch.rand(n, generator=gen) < 0.3
+    h = torch.where(conf, -1e-4 * torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)),
+                    (math.log(1.5) + torch.randn(n, generator=gen, dtype=torch.float64)).exp())
+    cb = EntropyCodebook(151_936)
+    return torch.from_numpy(cb.decode(cb.encode(h.clamp_max(math.log(151_936)).numpy())))
+
+
+def _floor_bound(n: int, k: int, floor: float) -> float:
+    """The docstring's bound on positional weights: n (1 + F) / (K F)."""
+    return n * (1 + floor) / (k * floor)
+
+
+@pytest.mark.parametrize("alpha,frac,floor", [(1.0, 0.25, 0.05), (1.0, 0.1, 0.01), (2.0, 0.25, 0.05)])
+def test_positional_weights_bounded_with_zero_scores(alpha, frac, floor):
+    """Entropy bytes of 0 used to get weights ~1e5-1e6 (q floored at 1e-6); with the floor
+    relative to the row's mean q, every weight is <= n (1+F)/(K F) <= (1+F)/(F frac)."""
+    g = torch.Generator().manual_seed(11)
+    T, R = 96, 20_000
+    seqs = torch.stack([_entropy_like(T, g) for _ in range(4)])   # 4 sequences, own lengths
+    assert (seqs == 0).float().mean() > 0.1
+    lens = torch.tensor([96, 80, 37, 9])
+    scores = seqs.repeat(R // 4, 1)
+    valid = torch.arange(T)[None, :] < lens.repeat(R // 4)[:, None]
+    ctx = RuleContext(torch.Generator().manual_seed(12), positional_alpha=alpha, positional_floor=floor)
+    out = positional_rule(scores, valid, frac, ctx)
+    n = valid.sum(1)
+    k = torch.ceil(n * frac - 1e-9).long()
+    assert torch.equal(out.mask.sum(1), k) and not (out.mask & ~valid).any()
+    w = out.weights.double()
+    assert (w[out.mask] >= 1).all() and (w[~out.mask] == 0).all()
+    row_bound = torch.tensor([_floor_bound(int(a), int(b), floor) for a, b in zip(n, k)])
+    assert (w.amax(1) <= row_bound * (1 + 1e-6)).all(), float((w.amax(1) / row_bound).max())
+    assert float(w.max()) <= (1 + floor) / (floor * frac) * (1 + 1e-6)
+    assert (out.mask & (scores == 0)).any()          # the zeros are drawn (with bounded weight)
+    # The knob reaches the rule through SelectionConfig / Selector (teacher_entropy scores).
+    sel = Selector(SelectionConfig(rule="positional", frac=frac, positional_alpha=alpha,
+                                   positional_floor=floor)).select(
+        SelectionInputs(valid[:400], teacher_entropy=scores[:400]), None, 0)
+    assert float(sel.weights.max()) <= (1 + floor) / (floor * frac) * (1 + 1e-6)
+    assert float(sel.weights.max()) > (1 + 0.1) / (0.1 * frac)   # the default 0.1's bound: not used
+
+
+@pytest.mark.parametrize("alpha,frac", [(1.0, 0.25), (2.0, 0.1), (0.5, 0.5)])
+def test_positional_exact_inclusion_and_unbiased_where_floor_inactive(alpha, frac):
+    """Scores in [1, 3] (no tiny values: the floor 0.05 * mean q is below all of them) plus
+    two large ones (pi capped at 1): each position is kept with the reference probability, the
+    weight is exactly 1/pi, and the estimate of an arbitrary x's sum is unbiased (brute force)."""
+    g = torch.Generator().manual_seed(21)
+    T, n, R = 40, 33, 20_000
+    s1 = torch.rand(T, generator=g) * 2 + 1
+    s1[[4, 17]] = torch.tensor([12.0, 9.0])
+    valid1 = torch.arange(T) < n
+    q0 = [float(v) ** alpha for v in s1[:n]]
+    assert min(q0) > 0.05 * sum(q0) / n                               # the floor is inactive
+    k = math.ceil(frac * n - 1e-9)
+    pi = torch.tensor(_ref_inclusion(q0, k), dtype=torch.float64)
+    assert frac == 0.5 or (pi == 1).sum() >= 1                         # the cap path runs
+    x1 = torch.randn(T, generator=g, dtype=torch.float64) * 2 + s1.double()
+    truth = float(x1[:n].sum())                                        # brute force
+    ctx = RuleContext(torch.Generator().manual_seed(22), positional_alpha=alpha, positional_floor=0.05)
+    out = positional_rule(s1.expand(R, T), valid1.expand(R, T), frac, ctx)
+    assert (out.mask.sum(1) == k).all() and not out.mask[:, n:].any()
+    m, w = out.mask[:, :n], out.weights[:, :n].double()
+    want_w = (1 / pi).expand(R, n)
+    assert torch.allclose(w[m], want_w[m], rtol=1e-6, atol=0)         # w = 1/pi, no randomness
+    freq = m.double().mean(0)
+    se_f = (pi * (1 - pi) / R).sqrt()
+    assert ((freq - pi).abs() <= 4 * se_f + 1e-12).all(), ((freq - pi) / se_f.clamp_min(1e-12)).tolist()
+    est = (out.weights.double() * x1).sum(1)
+    mean, se = float(est.mean()), float(est.std() / math.sqrt(R))
+    assert abs(mean - truth) < 4 * se, (mean, truth, se)
+
+
+def test_positional_unbiased_and_precise_with_zero_scores():
+    """Entropies with exact zeros, losses correlated with entropy plus rare misses where the
+    teacher is sure: the floored q only moves variance. Byte-0 positions are kept with the
+    reference probability F * mean(q) / tau, and over 20,000 draws the estimate of the
+    all-positions sum is within 4 SE of it with SE < 1% of it (the former rule kept none of
+    the ~12,000 byte-0 positions expected here: their loss was missing from every draw)."""
+    g = torch.Generator().manual_seed(31)
+    n, frac, floor, R = 256, 0.25, 0.05, 20_000
+    h = _entropy_like(n, g).double()
+    x = (0.4 * h * (0.5 * torch.randn(n, generator=g, dtype=torch.float64)).exp()
+         + 0.02 * torch.rand(n, generator=g, dtype=torch.float64)
+         + (torch.rand(n, generator=g) < 0.05) * 4 * torch.rand(n, generator=g, dtype=torch.float64))
+    zero = h == 0
+    assert zero.sum() >= 20 and float(x[zero].sum()) > 0.005 * float(x.sum())
+    q0 = h.tolist()
+    f = floor * sum(q0) / n
+    k = math.ceil(frac * n - 1e-9)
+    pi = torch.tensor(_ref_inclusion([max(v, f) for v in q0], k), dtype=torch.float64)
+    ctx = RuleContext(torch.Generator().manual_seed(32), positional_floor=floor)
+    out = positional_rule(h.float().expand(R, n), torch.ones(R, n, dtype=torch.bool), frac, ctx)
+    hits = out.mask[:, zero].double().sum()                            # byte-0 positions kept
+    want, sd = float(pi[zero].sum()) * R, math.sqrt(float((pi * (1 - pi))[zero].sum()) * R)
+    assert abs(float(hits) - want) < 4 * sd, (float(hits), want, sd)
+    ratio = (out.weights.double() * x).sum(1) / float(x.sum())
+    bias, se = float(ratio.mean()) - 1, float(ratio.std() / math.sqrt(R))
+    assert se < 0.01, se
+    assert abs(bias) < 4 * se, (bias, se)
+    assert float(ratio.max()) <= _floor_bound(n, k, floor)            # x >= 0: est <= max w * sum
+
+
 # --------------------------------------------------------------------------------- GLS
 def _gls_batches(steps, world, B, T, seed):
     g = torch.Generator().manual_seed(seed)
@@ -365,6 +485,8 @@ def test_curriculum_schedules():
     (dict(rule="gls", gls_queue=1000), dict(positions_per_step=2048), "smaller than one step's positions"),
     (dict(gls_warmup=-1), {}, "--gls-warmup -1"),
     (dict(positional_alpha=-1.0), {}, "--positional-alpha -1.0"),
+    (dict(positional_floor=0.0), {}, "--positional-floor 0.0 must be in (0, 1]"),
+    (dict(positional_floor=1.5), {}, "--positional-floor 1.5 must be in (0, 1]"),
     (dict(learned_kind="svm"), {}, "--learned-kind 'svm'"),
     (dict(learned_kind="mlp", explore=1.5), {}, "--learned-explore 1.5"),
     (dict(learned_kind="linucb", explore=-0.1), {}, "--learned-explore -0.1"),
@@ -402,7 +524,8 @@ def test_cli_round_trip():
     SelectionConfig.add_arguments(ap)
     assert SelectionConfig.from_args(ap.parse_args([])) == SelectionConfig()
     ns = ap.parse_args("--select gls --select-score kl --select-frac 0.2 --select-band 10 90 "
-                       "--gls-queue 5000 --gls-warmup 100 --positional-alpha 2 --learned-kind mlp "
+                       "--gls-queue 5000 --gls-warmup 100 --positional-alpha 2 --positional-floor 0.1 "
+                       "--learned-kind mlp "
                        "--learned-explore 0.2 --curriculum linear:0.5:0.2:10 "
                        "--combined-weights 1 0 1 0 --select-chunk 64 --select-seed 3".split())
     c = SelectionConfig.from_args(ns)
@@ -410,3 +533,4 @@ def test_cli_round_trip():
         ("gls", "kl", 0.2, 10.0, 90.0, 5000, 100)
     assert (c.learned_kind, c.explore, c.combined_weights, c.chunk_size, c.seed) == \
         ("mlp", 0.2, (1.0, 0.0, 1.0, 0.0), 64, 3)
+    assert (c.positional_alpha, c.positional_floor) == (2.0, 0.1)

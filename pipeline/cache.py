@@ -10,21 +10,25 @@ sample_classes -> codebooks -> RecordCodec.pack -> one WebDataset sample per win
 `__key__` = {rank:04d}-{window:09d}, `tokens.u32` (T x uint32 LE), `kd.bin` (T x 37 B).
 
 Crash safety: a shard is written as `*.tar.tmp`; as soon as it holds --shard-samples
-windows it is hashed, recorded in this rank's manifest part (atomic rewrite), then renamed.
-A restart verifies recorded shards, deletes partial files, and continues with the next
-window; completed shards are never rewritten. A restart must use the same number of ranks
+windows it is hashed, recorded in this rank's manifest part (atomic rewrite, with the
+windows it holds), then renamed. A restart verifies recorded shards, deletes partial files,
+and computes exactly the windows no verified shard holds (not "the windows after the
+last one": a repair can leave a gap anywhere); completed shards are never rewritten and a
+shard name is never reused (the part keeps `next_shard`). A damaged or missing shard stops
+the restart with an error naming the repair: `python tools/inspect_cache.py OUT --verify
+--quarantine` moves it into OUT/quarantine/ and drops its entry, and a rerun with the same
+arguments recomputes its windows into new shards. A restart must use the same number of ranks
 (window w belongs to rank w % world). Samples are seeded per window (seed, window index),
 so the records do not depend on the number of ranks, the batch size or a restart. Under
 MPI a rank that fails aborts the whole job (the others would otherwise wait forever in
-the final gather).
+the final gather), after writing its traceback to stderr and to OUT/errors/rank{rank:04d}.txt.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import tarfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +39,11 @@ from pipeline import config as C
 from pipeline.codec import FORMAT_VERSION, RecordCodec
 from pipeline.data import (DataSpec, dataset_fingerprint, load_documents, rank_windows,
                            tokenizer_fingerprint)
-from pipeline.distributed import DistInfo, MPIComm, TorchComm, init_distributed, log
-from pipeline.manifest import (MANIFEST, check_compatible, check_world, merge_parts, part_name,
-                               sha256_file, shard_name, write_json_atomic)
+from pipeline.distributed import (DistInfo, TorchComm, abort_job_on_error, init_distributed,
+                                  log)
+from pipeline.manifest import (MANIFEST, check_compatible, check_world, merge_parts,
+                               next_shard_number, part_name, repair_command, sha256_file,
+                               shard_name, shard_number, shard_path, write_json_atomic)
 from pipeline.progress import StageProgress
 from pipeline.sampling import METHODS, sample_classes
 
@@ -123,6 +129,56 @@ def load_teacher(cfg: CacheConfig, device: torch.device):
     return tok, model
 
 
+def _is_weight_file(name: str) -> bool:
+    # The files from_pretrained loads weights from (safetensors or torch .bin, sharded or
+    # not) and their shard indexes. training_args.bin (a Trainer pickle) holds no weights.
+    return (name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+            and name != "training_args.bin")
+
+
+def teacher_weight_hashes(teacher: str) -> dict[str, str] | None:
+    """`{file name: sha256}` of the teacher's weight files: its identity in the cache header.
+
+    The path or hub id alone does not identify a model (weights replaced in place, a new
+    upload under the same name); a restart whose weights differ is refused (HEADER_KEYS).
+    A local directory is hashed directly; a hub id is resolved offline to the local
+    snapshot from_pretrained just loaded (huggingface_hub's cache, revision main).
+    Returns None only when a hub id has no local snapshot to hash (the model came from
+    somewhere huggingface_hub's cache lookup does not see, e.g. another cache_dir): the
+    header then records null and such a cache is identified by the id and parameter count
+    only.
+    """
+    folder = Path(teacher).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(teacher, "config.json")
+        if not isinstance(found, str):
+            return None
+        folder = Path(found).parent
+    files = sorted(f for f in folder.iterdir() if f.is_file() and _is_weight_file(f.name))
+    if not files:
+        raise ValueError(f"--teacher {teacher}: no weight files (*.safetensors, *.bin) in "
+                         f"{folder}, so its identity cannot be recorded; save the teacher with "
+                         "save_pretrained")
+    return {f.name: sha256_file(f) for f in files}
+
+
+def _tar_windows(path: Path, rank: int) -> list[int]:
+    """Window indices of the samples in a (verified) shard, read from its member names."""
+    windows: list[int] = []
+    with tarfile.open(path, mode="r:") as tf:
+        for m in tf:
+            key = m.name.rsplit("/", 1)[-1].partition(".")[0]
+            r, _, w = key.partition("-")
+            if not (len(r) == 4 and len(w) == 9 and r.isdigit() and w.isdigit()) or int(r) != rank:
+                raise ValueError(f"{path}: sample key {key!r} is not {rank:04d}-{{window:09d}}; "
+                                 f"the shard is damaged or foreign")
+            if not windows or windows[-1] != int(w):
+                windows.append(int(w))
+    return windows
+
+
 def teacher_logit_chunks(model, input_ids: torch.Tensor, chunk: int, temperature: float):
     """Yield `(b, start, logits [n, V])` per window b and chunk of positions.
 
@@ -147,7 +203,7 @@ class RankWriter:
                  info: DistInfo | None = None):
         self.out, self.rank, self.header, self.info = out, rank, header, info
         self.part = part or {"rank": rank, "header": header, "shards": [], "finished": False,
-                             "stats": {}}
+                             "stats": {}, "next_shard": 0}
         self.part["finished"] = False
         # Which windows a rank holds depends on the world size (w % world == rank): a
         # restart with another world size is refused (manifest.check_world).
@@ -155,6 +211,7 @@ class RankWriter:
         self.part["node"] = info.node if info is not None else os.uname().nodename
         self.writer = None
         self.shard_stats = self._empty_stats()
+        self.shard_windows: list[int] = []      # windows of the shard being filled
 
     def _empty_stats(self) -> dict:
         # distinct_hist[k] = positions with k distinct classes, k = 0..U
@@ -162,20 +219,52 @@ class RankWriter:
                 "distinct_hist": [0] * (self.header["num_classes"] + 1), "positions": 0,
                 "samples": 0, "rskd_truncated_positions": 0}
 
-    def recover(self) -> int:
+    def recover(self) -> set[int]:
         """Verify recorded shards, finish interrupted renames, delete partial files.
-        Returns the number of this rank's windows already cached."""
-        recorded = {s["file"] for s in self.part["shards"]}
+
+        Returns the windows this rank already holds: the keys of its verified shards (the
+        part's `windows` of each entry, or for entries written before those were recorded,
+        the member names of the verified tar), wherever they lie in the rank's sequence.
+        Records `next_shard` (1 + the highest shard number ever used) before any new shard
+        is opened, so no name is reused."""
+        world = self.part["world_size"]
+        fix = (f"run `{repair_command(self.out)}` (it moves damaged shards into "
+               f"{self.out}/quarantine/ and drops their entries), then rerun this command with "
+               "the same arguments: their windows are recomputed into new shards")
+        done: dict[int, str] = {}
         for s in self.part["shards"]:
-            final, tmp = self.out / s["file"], self.out / (s["file"] + ".tmp")
+            final = shard_path(self.out, s["file"], source=part_name(self.rank))
+            tmp = final.with_name(final.name + ".tmp")
             if not final.exists() and tmp.exists() and sha256_file(tmp) == s["sha256"]:
                 os.replace(tmp, final)       # crashed between recording and renaming
             if not final.exists():
                 raise ValueError(f"{final} is recorded in {part_name(self.rank)} but missing; "
-                                 "restore it or start over in a new --out directory")
+                                 f"restore it, or {fix}")
             if sha256_file(final) != s["sha256"]:
                 raise ValueError(f"{final}: sha256 differs from {part_name(self.rank)}; the shard "
-                                 "is damaged. Delete it and its entry (or the whole cache) to redo it")
+                                 f"is damaged or was replaced. Restore it, or {fix}")
+            if "windows" not in s:           # an entry written before windows were recorded
+                try:
+                    s["windows"] = _tar_windows(final, self.rank)
+                except (tarfile.TarError, EOFError) as e:
+                    raise ValueError(f"{final}: matches its sha256 but is not a readable tar "
+                                     f"({e}); {fix}") from e
+            windows = s["windows"]
+            if len(windows) != s["samples"] or len(set(windows)) != len(windows):
+                raise ValueError(f"{final}: holds {len(set(windows))} distinct window(s), "
+                                 f"{part_name(self.rank)} records {s['samples']}; {fix}")
+            for w in windows:
+                if w % world != self.rank:
+                    raise ValueError(f"{final}: window {w} belongs to rank {w % world} of "
+                                     f"{world}, not to rank {self.rank}; {fix}")
+                if w in done:
+                    raise ValueError(f"window {w} is in both {done[w]} and {s['file']} "
+                                     f"(recorded in {part_name(self.rank)}); {fix}")
+                done[w] = s["file"]
+        # Count every name used so far (recorded, partial, quarantined) before deleting
+        # partial files, and record it before a new shard can take a name.
+        self.part["next_shard"] = next_shard_number(self.out, self.rank, self.part)
+        recorded = {s["file"] for s in self.part["shards"]}
         for f in self.out.glob(f"cache-r{self.rank:04d}-*"):
             if f.name not in recorded:
                 log(f"removing partial shard {f.name} from an interrupted run", self.info,
@@ -185,7 +274,8 @@ class RankWriter:
         leftovers = [part_name(self.rank)] + ([MANIFEST] if self.rank == 0 else [])
         for f in [f for name in leftovers for f in self.out.glob(f"{name}.tmp*")]:
             f.unlink()
-        return sum(s["samples"] for s in self.part["shards"])
+        write_json_atomic(self.out / part_name(self.rank), self.part, indent=None)
+        return set(done)
 
     def _finish_shard(self, tmp_name: str) -> None:
         tmp = Path(tmp_name)
@@ -193,9 +283,15 @@ class RankWriter:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())     # durable before the part records its hash
         st = self.shard_stats
+        # windows: which windows the shard holds (a restart trusts these once the sha256
+        # matches); rskd_truncated_positions: lets a quarantine recompute the part's stats.
         entry = {"file": final.name, "samples": st["samples"], "positions": st["positions"],
-                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp),
+                 "rskd_truncated_positions": st["rskd_truncated_positions"],
+                 "windows": self.shard_windows}
         self.part["shards"].append(entry)
+        self.part["next_shard"] = max(self.part.get("next_shard", 0),
+                                      shard_number(final.name, self.rank) + 1)
         for k, v in st.items():
             agg = self.part["stats"]
             agg[k] = [a + b for a, b in zip(agg[k], v)] if isinstance(v, list) and k in agg else \
@@ -203,6 +299,7 @@ class RankWriter:
         write_json_atomic(self.out / part_name(self.rank), self.part, indent=None)  # record,
         os.replace(tmp, final)                                                    # then rename
         self.shard_stats = self._empty_stats()
+        self.shard_windows = []
 
     def write(self, window: int, tokens: np.ndarray, records: np.ndarray, ecodes, n_distinct,
               truncated: int) -> None:
@@ -214,12 +311,13 @@ class RankWriter:
             # per window = +2.4% at T=2048.
             pattern = str(self.out / shard_name(self.rank, 0)).replace("000000.tar", "%06d.tar.tmp")
             self.writer = wds.ShardWriter(pattern, maxcount=self.header["shard_samples"],
-                                          start_shard=len(self.part["shards"]),
+                                          start_shard=self.part.get("next_shard", 0),
                                           post=self._finish_shard, verbose=0, encoder=False,
                                           mtime=0)
         self.writer.write({"__key__": f"{self.rank:04d}-{window:09d}",
                            "tokens.u32": tokens.astype("<u4").tobytes(),
                            "kd.bin": records.tobytes()})
+        self.shard_windows.append(window)
         st = self.shard_stats
         st["samples"] += 1
         st["positions"] += len(tokens)
@@ -242,11 +340,13 @@ class RankWriter:
         return self.part
 
 
-def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec) -> dict:
+def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
+                 teacher_weights: dict[str, str] | None = None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "teacher": cfg.teacher,
         "teacher_parameters": sum(p.numel() for p in model.parameters()),
+        "teacher_weights": teacher_weights,
         "teacher_dtype": str(model.dtype).removeprefix("torch."),
         "vocab_size": codec.vocab_size,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
@@ -295,17 +395,10 @@ def run(cfg: CacheConfig) -> dict | None:
 
         dist.init_process_group("gloo")
         comm = TorchComm()
-    try:
+    # Under MPI a rank that raises would leave the others blocked in gather_object forever:
+    # its traceback goes to OUT/errors/rank{rank:04d}.txt and stderr, then every rank aborts.
+    with abort_job_on_error(info, comm, "pipeline.cache", cfg.out):
         return _run(cfg, info, comm)
-    except BaseException:
-        if isinstance(comm, MPIComm) and info.world_size > 1:
-            # A rank that raises would leave the others blocked in gather_object forever
-            # (mpiexec does not stop the job when one rank exits with an error): report
-            # the error with its rank, then abort every rank.
-            sys.stderr.write(f"[rank {info.rank}] pipeline.cache failed:\n{traceback.format_exc()}")
-            sys.stderr.flush()
-            comm.comm.Abort(1)
-        raise
 
 
 def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
@@ -323,13 +416,17 @@ def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
     if max_pos is not None and cfg.seq_len > max_pos:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the teacher's context "
                          f"(max_position_embeddings={max_pos}); use --seq-len <= {max_pos}")
-    header = build_header(cfg, tok, model, codec)
+    t_hash = time.perf_counter()
+    weights = teacher_weight_hashes(cfg.teacher)
+    log(f"teacher identity: sha256 of {len(weights or {})} weight file(s) in "
+        f"{time.perf_counter() - t_hash:.1f} s", info)
+    header = build_header(cfg, tok, model, codec, teacher_weights=weights)
     part = check_compatible(out, header, info.rank)
     check_world(out, info.world_size)
     writer = RankWriter(out, info.rank, header, part, info)
     done = writer.recover()
     if done:
-        log(f"resuming after {done} cached windows "
+        log(f"resuming after {len(done)} cached windows "
             f"({len(writer.part['shards'])} shards verified)", info, all_ranks=True)
 
     prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ")
@@ -360,7 +457,7 @@ def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
 
     t0 = time.perf_counter()
     for window, tokens in rank_windows(cfg.data_spec, tok, cfg.seq_len, info.rank,
-                                       info.world_size, start=done, max_windows=cfg.max_windows):
+                                       info.world_size, done=done, max_windows=cfg.max_windows):
         if int(tokens.max()) >= V:
             raise ValueError(f"window {window}: token id {int(tokens.max())} >= teacher V={V}")
         batch.append((window, tokens))

@@ -55,18 +55,82 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(f) for f in files]
 
 
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from datasets.exceptions import DatasetGenerationError
+
+    return (UnicodeDecodeError, DatasetGenerationError)
+
+
+def _unicode_error(e: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError that `e` is or wraps (datasets raises DatasetGenerationError
+    from one when a non-streaming .txt file holds bytes that are not UTF-8), else None."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, UnicodeDecodeError):
+            return x
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def _not_utf8(spec: DataSpec, files: list[str], e: UnicodeDecodeError) -> ValueError:
+    """A named error for a corpus that is not UTF-8. Which file: the only one, or the spec's
+    files (the decode error does not say which, and checking every file up front would read
+    the whole corpus an extra time)."""
+    bad = e.object[e.start:e.start + 8] if isinstance(e.object, (bytes, bytearray)) else b""
+    detail = f"{e.reason}: bytes {bytes(bad)!r}"
+    if len(files) == 1:
+        return ValueError(
+            f"--data {spec.path}: file {files[0]} is not valid UTF-8 ({detail}); re-encode it as "
+            f"UTF-8 (e.g. `iconv -f latin1 -t utf-8 {files[0]} > fixed{Path(files[0]).suffix}` "
+            f"if it is Latin-1); `LC_ALL=C.UTF-8 grep -naxv '.*' {files[0]}` lists the lines "
+            "that are not")
+    if files:
+        shown = ", ".join(files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
+        return ValueError(
+            f"--data {spec.path}: a file among {shown} is not valid UTF-8 ({detail}); "
+            f"`LC_ALL=C.UTF-8 grep -rlaxv '.*' {spec.path}` lists the files that are not; "
+            "re-encode them as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+    return ValueError(f"--data {spec.path}: the dataset holds text that is not valid UTF-8 "
+                      f"({detail}); re-encode its files as UTF-8")
+
+
+def _texts(ds, field: str, spec: DataSpec, files: list[str]) -> Iterator[str]:
+    """`row[field]` of every row; decoding errors (raised lazily, while the rows are read:
+    streaming, or .jsonl) become `_not_utf8`'s named error."""
+    try:
+        for row in ds:
+            yield row[field]
+    except _decode_errors() as e:
+        u = _unicode_error(e)
+        if u is None:
+            raise
+        raise _not_utf8(spec, files, u) from e
+
+
 def load_documents(spec: DataSpec) -> Iterable[str]:
-    """The corpus's documents, in dataset order, as strings."""
+    """The corpus's documents, in dataset order, as strings.
+
+    A corpus that is not UTF-8 raises a ValueError naming --data and its file(s), here or
+    while the documents are iterated (streaming datasets and .jsonl decode lazily)."""
     import datasets
 
     path = Path(spec.path).expanduser()
+    files: list[str] = []
     if path.exists():
         builder, files = _local_files(path)
         if any(Path(f).stat().st_size == 0 for f in files):
             empty = [f for f in files if Path(f).stat().st_size == 0]
             raise ValueError(f"--data {spec.path}: empty file(s) {empty}")
-        ds = datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
-                                   streaming=spec.streaming)
+        try:
+            ds = datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
+                                       streaming=spec.streaming)
+        except _decode_errors() as e:
+            u = _unicode_error(e)
+            if u is None:
+                raise
+            raise _not_utf8(spec, files, u) from e
         field = "text" if builder == "text" else spec.text_field
     elif path.suffix in _BUILDERS:
         # "data/corpus.jsonl" would otherwise be taken for the hub name "data/corpus.jsonl".
@@ -76,10 +140,18 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
         field = spec.text_field
     else:
         raise ValueError(f"--data {spec.path}: no such file or folder (and not a hub name 'org/name')")
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    columns = ds.column_names
+    if columns is None:        # streaming json: the first row tells
+        try:
+            columns = list(next(iter(ds)).keys())
+        except _decode_errors() as e:
+            u = _unicode_error(e)
+            if u is None:
+                raise
+            raise _not_utf8(spec, files, u) from e
     if field not in columns:
         raise ValueError(f"--text-field {field!r} is not a column of {spec.path}; columns: {columns}")
-    return (row[field] for row in ds)
+    return _texts(ds, field, spec, files)
 
 
 def dataset_fingerprint(spec: DataSpec) -> str:
@@ -143,11 +215,14 @@ def windows(tokens: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
 
 
 def rank_windows(spec: DataSpec, tokenizer, seq_len: int, rank: int = 0, world: int = 1,
-                 start: int = 0, max_windows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                 start: int = 0, max_windows: int | None = None,
+                 done: set[int] | frozenset[int] = frozenset()) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(global_window_index, tokens[T] uint32)` for the windows of `rank`.
 
-    `start` skips the rank's first `start` windows (resume); `max_windows` caps the number
-    of windows of the whole corpus considered (all ranks together).
+    `done` skips the windows (global indices) already cached, wherever they lie in the
+    rank's sequence (the cache stage's resume: after a repair the missing windows need not
+    be a suffix); `start` skips the rank's first `start` windows; `max_windows` caps the
+    number of windows of the whole corpus considered (all ranks together).
     """
     docs = load_documents(spec)
     k = 0
@@ -156,7 +231,7 @@ def rank_windows(spec: DataSpec, tokenizer, seq_len: int, rank: int = 0, world: 
             return
         if w % world != rank:
             continue
-        if k >= start:
+        if k >= start and w not in done:
             yield w, win
         k += 1
 

@@ -15,14 +15,25 @@ the GIL) prints where it hung and exits 1, so the job fails instead of hanging a
 slurm/cache.sh can launch the resumable stage again.
 The stage-2 trainer uses torch.distributed (through DeepSpeed); `TorchComm` adapts it to the
 small communicator interface that selection.py (GLS) expects.
+
+A rank that fails under MPI must end the whole job (`mpiexec` leaves the other ranks waiting
+in their next collective forever) without losing its error: `abort_job_on_error` writes the
+traceback to `OUT/errors/rank{rank:04d}.txt` and to stderr, gives mpiexec's proxy time to
+forward it, then calls MPI_Abort. This module imports no torch (the MPI tests launch it alone).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -159,3 +170,93 @@ def log(msg: str, info: DistInfo | None = None, all_ranks: bool = False) -> None
 
 def print0(msg: str) -> None:
     log(msg)
+
+
+# ---------------------------------------------------------------- errors under MPI
+ERRORS_DIR = "errors"
+ABORT_GRACE_S = 1.5
+"""Seconds a failing rank waits between writing its error and MPI_Abort (report_and_abort)."""
+
+
+def error_file(out_dir: str | Path, rank: int) -> Path:
+    """Where rank `rank` of a stage writing to `out_dir` leaves the traceback it died with."""
+    return Path(out_dir) / ERRORS_DIR / f"rank{rank:04d}.txt"
+
+
+def _write_fd2(text: str) -> None:
+    """All of `text` to file descriptor 2, past any replacement of sys.stderr."""
+    data = text.encode("utf-8", errors="replace")
+    while data:
+        data = data[os.write(2, data):]
+
+
+def report_and_abort(info: DistInfo, comm: MPIComm, stage: str,
+                     out_dir: str | Path | None) -> NoReturn:
+    """Call in an `except` block on a rank of a multi-rank MPI job: report the exception
+    being handled so that it reaches the user, then abort every rank (exit code 1).
+
+    1. The traceback goes to `out_dir/errors/rank{rank:04d}.txt` (directory created,
+       file written to a temporary name and renamed). When that fails (read-only or full
+       disk, no `out_dir`), stderr says so and the report goes on.
+    2. The traceback goes to sys.stderr, flushed; then one line with the exception and one
+       naming the error file are written with os.write to file descriptor 2 itself (they
+       reach the launcher even if sys.stderr was replaced or is broken). They are the last
+       lines this rank prints.
+    3. A pause of ABORT_GRACE_S seconds, then MPI_Abort, whatever happened before (a
+       rank that does not abort leaves the others waiting forever).
+    """
+    try:
+        exc = sys.exc_info()[1]
+        head = f"[rank {info.rank}] {stage} failed on {info.node}"
+        text = f"{head}:\n{traceback.format_exc()}"
+        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip() if exc else "?"
+        notes = ""
+        if out_dir is None:
+            where = "no error file (no output directory)"
+        else:
+            path = error_file(out_dir, info.rank)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(text)
+                os.replace(tmp, path)
+                where = f"traceback in {path}"
+            except OSError as e:
+                notes = f"[rank {info.rank}] could not write the error file {path}: {e}\n"
+                where = f"no error file ({path}: {e.strerror or e})"
+        try:
+            sys.stderr.write(text + notes)
+            sys.stderr.flush()
+        except (OSError, ValueError) as e:        # closed or broken sys.stderr
+            where += f"; sys.stderr failed ({e!r})"
+        try:
+            _write_fd2(f"{head}: {summary}\n[rank {info.rank}] {stage}: {where}\n")
+        except OSError:
+            pass   # fd 2 itself is gone: nothing can carry the text; the error file has it
+        # Why wait: what a rank writes to stderr sits in a pipe until mpiexec's proxy
+        # (hydra_pmi_proxy) reads it and forwards it to mpiexec. MPI_Abort makes mpiexec
+        # kill the proxies and ranks; when that happened before the proxy had read the
+        # pipe, the text was lost and the job exited 1 silently (2 runs in 100 on a loaded
+        # 2-core machine). The pause lets the proxy drain the pipe and mpiexec print it.
+        time.sleep(ABORT_GRACE_S)
+    finally:
+        comm.comm.Abort(1)
+    raise SystemExit(1)   # not reached: MPI_Abort ends the process
+
+
+@contextmanager
+def abort_job_on_error(info: DistInfo, comm: Any, stage: str,
+                       out_dir: str | Path | None) -> Iterator[None]:
+    """`with abort_job_on_error(info, comm, "pipeline.cache", cfg.out): ...`
+
+    Under MPI with more than one rank an exception (or KeyboardInterrupt) escaping the block
+    ends the whole job through `report_and_abort`: a rank that raised would otherwise leave
+    the others blocked in their next collective (mpiexec does not stop the job when one
+    rank exits with an error). Otherwise the exception propagates unchanged.
+    """
+    try:
+        yield
+    except BaseException:
+        if isinstance(comm, MPIComm) and info.world_size > 1:
+            report_and_abort(info, comm, stage, out_dir)
+        raise

@@ -14,8 +14,10 @@ next epoch's permutation). The order is a pure function of (seed, epoch, rank), 
 resumed run skips the batches it already consumed and continues exactly.
 
 Shards are verified against the manifest's sha256 as they are opened: a truncated or
-flipped shard raises an error naming the file instead of yielding wrong data. Samples are
-decoded from raw bytes (no pickle) and dequantized by codebook lookup.
+flipped shard raises an error naming the file instead of yielding wrong data. Shard names
+are checked at construction (plain `cache-r*-*.tar` names inside the cache directory: a
+manifest never makes the reader open a file elsewhere). Samples are decoded from raw bytes
+(no pickle) and dequantized by codebook lookup; record ids and tokens must be < V.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import load_manifest
+from pipeline.manifest import load_manifest, shard_path
 
 
 @dataclass
@@ -67,6 +69,10 @@ class CacheReader:
         self.entropy_levels = np.asarray(m["entropy_codebook"], dtype=np.float32)
         self.seq_len = m["seq_len"]
         self.shards = m["shards"]
+        # Every shard entry names a file inside the cache directory (manifest.shard_path),
+        # checked before anything is opened: a bad manifest fails at setup, not mid-epoch.
+        for s in self.shards:
+            shard_path(self.dir, s.get("file") if isinstance(s, dict) else s)
         if len(self.shards) < world:
             raise ValueError(f"cache {self.dir} has {len(self.shards)} shard(s) for {world} ranks; "
                              "every rank needs at least one: re-cache with a smaller --shard-samples")
@@ -102,7 +108,7 @@ class CacheReader:
         """{url, shard} -> {url, stream}, after checking size and sha256 against the manifest."""
         for item in items:
             s = item["shard"]
-            path = self.dir / s["file"]
+            path = shard_path(self.dir, s["file"])
             try:
                 data = path.read_bytes()
             except OSError as e:
@@ -124,6 +130,13 @@ class CacheReader:
             raise ShardError(f"shard {url}, sample {key}: expected tokens.u32 of {4 * T} B and "
                              f"kd.bin of {B * T} B, got {len(tok or b'')} and {len(kd or b'')}")
         tokens = np.frombuffer(tok, dtype="<u4")
+        if (tokens >= self.codec.vocab_size).any():
+            pos = int(np.argmax(tokens >= self.codec.vocab_size))
+            raise ShardError(f"shard {url}, sample {key}: token id {int(tokens[pos])} at position "
+                             f"{pos} >= V={self.codec.vocab_size} (the student's embedding has V "
+                             "rows); the shard is damaged or was written with another "
+                             "tokenizer: check it with `python tools/inspect_cache.py "
+                             f"{self.dir} --verify`, then re-cache it or restore it")
         ids, wc, ec = self.codec.unpack(kd)
         bad = (ids >= self.codec.vocab_size) & (ids != self.codec.sentinel)
         if bad.any() or (wc[ids == self.codec.sentinel] != 0).any():

@@ -407,7 +407,8 @@ def test_kill_one_rank_then_rerun_completes_without_rewriting(env, cache1, tmp_p
 def test_recover_finishes_renames_and_removes_partial_files(env, tmp_path):
     """Crash states, made by hand: a shard recorded but not renamed, a partial shard, a
     half-written part file, a shard never recorded. The rerun repairs all of them, keeps
-    the completed shards and recomputes the lost one byte for byte."""
+    the completed shards and recomputes the lost one byte for byte, under a new name: the
+    names 2 and 3 were used by files of the interrupted run and are never reused."""
     out = tmp_path / "c"
     args = cache_args(env["teacher"], env["data"], out, "--max-windows", "9",
                       "--shard-samples", "3")
@@ -430,12 +431,173 @@ def test_recover_finishes_renames_and_removes_partial_files(env, tmp_path):
 
     cache_main(args)
     after = file_state(out, "*.tar")
-    assert sorted(after) == sorted(good)
+    assert sorted(after) == [f"cache-r0000-{i:06d}.tar" for i in (0, 1, 4)]
     assert after["cache-r0000-000000.tar"] == good["cache-r0000-000000.tar"]
     assert after["cache-r0000-000001.tar"] == good["cache-r0000-000001.tar"]  # same inode
-    assert (out / "cache-r0000-000002.tar").read_bytes() == lost              # recomputed
+    assert (out / "cache-r0000-000004.tar").read_bytes() == lost              # recomputed
     assert not [f.name for f in out.iterdir() if "tmp" in f.name]
     assert manifest_of(out)["samples"] == 9
+
+
+# -- acceptance: repair of a damaged shard --------------------------------------------------------
+
+INSPECT = REPO / "tools" / "inspect_cache.py"
+
+
+def run_inspect(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(INSPECT), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env=mpi_env())
+
+
+def tar_names(cache: Path) -> list[str]:
+    return sorted(f.name for f in cache.glob("*.tar"))
+
+
+def assert_every_window_once(cache: Path, reference: dict, env: dict, n: int) -> dict:
+    """Read with tarfile: every window 0..n-1 exactly once (key, tokens), tokens equal to
+    the per-document tokenization and tokens + records equal to the undamaged cache's."""
+    samples = read_shards(cache)
+    by_window = windows_of(samples)                  # fails on a window stored twice
+    assert sorted(by_window) == list(range(n)), f"windows missing: {set(range(n)) - set(by_window)}"
+    assert sorted(samples) == sorted(reference) == [f"0000-{w:09d}" for w in range(n)]
+    for w, key in by_window.items():
+        np.testing.assert_array_equal(np.frombuffer(samples[key]["tokens.u32"], dtype="<u4"),
+                                      env["ref"][w], err_msg=f"tokens of window {w}")
+        assert samples[key]["tokens.u32"] == reference[key]["tokens.u32"], key
+        assert samples[key]["kd.bin"] == reference[key]["kd.bin"], f"records of {key}"
+    return samples
+
+
+def test_damaged_middle_shard_quarantined_then_rerun_restores_every_window_once(env, tmp_path):
+    """The repair the stage's error names: a flipped byte in a shard that is not the rank's
+    last -> the rerun refuses naming `--verify --quarantine` -> the tool moves the shard
+    into quarantine/ -> the same command recomputes its windows into a new shard. Every
+    window is then present exactly once, byte-identical to the undamaged cache, no shard
+    name is reused, and the repaired cache passes --verify (statistics included)."""
+    out = tmp_path / "c"
+    args = cache_args(env["teacher"], env["data"], out, "--max-windows", "12",
+                      "--shard-samples", "3", "--batch-size", "2")
+    cache_main(args)
+    names = [f"cache-r0000-{i:06d}.tar" for i in range(4)]
+    assert tar_names(out) == names
+    reference = read_shards(out)                     # the undamaged cache
+    good = file_state(out, "*.tar")
+    damaged = out / names[1]                         # windows 3, 4, 5
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    damaged.write_bytes(data)
+
+    with pytest.raises(ValueError, match="sha256 differs") as e:
+        cache_main(args)
+    msg = str(e.value)
+    assert names[1] in msg and f"tools/inspect_cache.py {out} --verify --quarantine" in msg, msg
+
+    proc = run_inspect(out, "--verify", "--quarantine")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert names[1] in proc.stdout and "rerun the cache stage with the same arguments" in proc.stdout
+    for ok in (names[0], names[2], names[3]):
+        assert f"{ok}:" not in proc.stdout, f"good shard {ok} reported:\n{proc.stdout}"
+    assert (out / "quarantine" / names[1]).read_bytes() == bytes(data)    # moved, not deleted
+    assert not damaged.exists() and not (out / "manifest.json").exists()
+    part = json.loads((out / "manifest.r0000.json").read_text())
+    assert [s["file"] for s in part["shards"]] == [names[0], names[2], names[3]]
+
+    cache_main(args)                                 # the same command
+    after = file_state(out, "*.tar")
+    assert sorted(after) == [names[0], names[2], names[3], "cache-r0000-000004.tar"]
+    for name in (names[0], names[2], names[3]):
+        assert after[name] == good[name], f"{name} was rewritten"
+    samples = assert_every_window_once(out, reference, env, 12)
+    assert {samples[f"0000-{w:09d}"]["file"] for w in (3, 4, 5)} == {"cache-r0000-000004.tar"}
+    m = manifest_of(out)
+    assert m["samples"] == 12 and sorted(s["file"] for s in m["shards"]) == sorted(after)
+    proc = run_inspect(out, "--verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hand_deleted_middle_shard_of_an_old_part_is_recomputed_under_a_new_name(env, tmp_path):
+    """Issue 16's reproduction: the middle shard and its part entry deleted by hand, in a
+    part written before entries recorded their windows and the next shard number. The
+    windows held are read from the remaining shards' keys, the gap is recomputed (before:
+    4 windows missing, 4 twice, and the last shard's name reused)."""
+    out = tmp_path / "c"
+    args = cache_args(env["teacher"], env["data"], out, "--max-windows", "12",
+                      "--shard-samples", "3")
+    cache_main(args)
+    names = [f"cache-r0000-{i:06d}.tar" for i in range(4)]
+    reference = read_shards(out)
+    good = file_state(out, "*.tar")
+    part_path = out / "manifest.r0000.json"
+    part = json.loads(part_path.read_text())
+    part.pop("next_shard", None)
+    for s in part["shards"]:
+        s.pop("windows", None)
+        s.pop("rskd_truncated_positions", None)
+    (out / names[1]).unlink()
+    part["shards"] = [s for s in part["shards"] if s["file"] != names[1]]
+    part_path.write_text(json.dumps(part))
+
+    cache_main(args)
+    after = file_state(out, "*.tar")
+    assert sorted(after) == [names[0], names[2], names[3], "cache-r0000-000004.tar"]
+    for name in (names[0], names[2], names[3]):
+        assert after[name] == good[name], f"{name} was rewritten"
+    assert_every_window_once(out, reference, env, 12)
+    assert manifest_of(out)["samples"] == 12
+
+
+# -- acceptance: teacher identity -----------------------------------------------------------------
+
+def test_other_teacher_weights_at_the_same_path_are_refused(env, tmp_path):
+    """A half-finished cache, then the teacher directory's weights replaced (same tokenizer,
+    same shapes, other seed): the rerun is refused naming the weight file and the fix. A
+    teacher with another parameter count is refused too."""
+    from transformers import AutoTokenizer
+
+    from pipeline.tiny import build_tiny_model
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(env["teacher"], teacher)
+    out = tmp_path / "c"
+    args = cache_args(teacher, env["data"], out, "--max-windows", "4", "--shard-samples", "2")
+    cache_main(args)
+    weights = teacher / "model.safetensors"
+    recorded = manifest_of(out).get("teacher_weights")
+    original = hashlib.sha256(weights.read_bytes()).hexdigest()
+    # A kill after the first shard: one recorded shard, no merged manifest.
+    part_path = out / "manifest.r0000.json"
+    part = json.loads(part_path.read_text())
+    (out / part["shards"][1]["file"]).unlink()
+    part["shards"], part["finished"] = part["shards"][:1], False
+    part_path.write_text(json.dumps(part))
+    (out / "manifest.json").unlink()
+    before = file_state(out)
+
+    other = build_teacher(tmp_path / "other", seed=1)
+    assert (other / "tokenizer.json").read_bytes() == (teacher / "tokenizer.json").read_bytes()
+    assert (other / "config.json").read_bytes() == (teacher / "config.json").read_bytes()
+    assert (other / "model.safetensors").read_bytes() != weights.read_bytes()
+    shutil.copy(other / "model.safetensors", weights)
+    with pytest.raises(ValueError, match="teacher_weights") as e:
+        cache_main(args)
+    msg = str(e.value)
+    assert f"{weights} has sha256" in msg and "Use a new --out directory" in msg, msg
+    assert file_state(out) == before, "the refused run changed the cache"
+    assert recorded == {"model.safetensors": original}
+
+    deeper = build_tiny_model(tmp_path / "deeper", arch="llama", vocab_size=4096, hidden=32,
+                              layers=2, heads=4)
+    assert (deeper / "tokenizer.json").read_bytes() == (teacher / "tokenizer.json").read_bytes()
+    n_cached = sum(p.numel() for p in load_model(env["teacher"]).parameters())
+    n_deeper = sum(p.numel() for p in load_model(deeper).parameters())
+    assert n_cached != n_deeper
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(deeper / name, teacher / name)
+    with pytest.raises(ValueError, match=f"teacher_parameters: cache has {n_cached}, this run "
+                                         f"has {n_deeper}"):
+        cache_main(args)
+    assert file_state(out) == before
+    assert AutoTokenizer.from_pretrained(teacher).get_vocab() == env["tok"].get_vocab()
 
 
 # -- acceptance: storage at T = 2048 --------------------------------------------------------------

@@ -159,3 +159,46 @@ def test_streaming_gives_the_same_windows(tmp_path, tok):
         np.testing.assert_array_equal(win, ref[w])
     with pytest.raises(ValueError, match=r"--text-field 'body' is not a column .*'text'"):
         load_documents(DataSpec(spec.path, text_field="body", streaming=True))
+
+
+BAD_BYTES = b"\xff\xfe bad"
+
+
+def _not_utf8_corpus(path: Path, kind: str) -> Path:
+    """A .txt or .jsonl file whose second document holds bytes that are not UTF-8."""
+    if kind == "txt":
+        path.write_bytes(b"the quick brown fox\n" + BAD_BYTES + b"\nlazy dog\n")
+    else:
+        path.write_bytes(b'{"text": "the quick brown fox"}\n{"text": "' + BAD_BYTES + b'"}\n'
+                         b'{"text": "lazy dog"}\n')
+    with pytest.raises(UnicodeDecodeError):            # the premise, independently of datasets
+        path.read_bytes().decode("utf-8")
+    return path
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_corpus_that_is_not_utf8_is_a_named_error(tmp_path, tok, kind, streaming):
+    """Not a bare UnicodeDecodeError (nor datasets' DatasetGenerationError around one): a
+    ValueError naming --data, the file and the fix, whether the bytes are met while the
+    dataset is loaded (.txt) or while its rows are iterated (.jsonl, streaming)."""
+    p = _not_utf8_corpus(tmp_path / f"latin.{kind}", kind)
+    with pytest.raises(ValueError) as e:
+        list(rank_windows(DataSpec(str(p), streaming=streaming), tok, 4))
+    assert type(e.value) is ValueError, repr(e.value)
+    msg = str(e.value)
+    for part in (f"--data {p}", f"file {p} is not valid UTF-8", "re-encode it as UTF-8"):
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_folder_with_a_file_that_is_not_utf8_names_the_folder_and_how_to_find_it(tmp_path, tok):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", ["fine text"] * 3)
+    _not_utf8_corpus(d / "b.jsonl", "jsonl")
+    with pytest.raises(ValueError) as e:
+        list(rank_windows(DataSpec(str(d)), tok, 4))
+    assert type(e.value) is ValueError, repr(e.value)
+    msg = str(e.value)
+    assert f"--data {d}" in msg and str(d / "b.jsonl") in msg and "not valid UTF-8" in msg, msg
+    assert f"grep -rlaxv '.*' {d}" in msg and "re-encode" in msg, msg

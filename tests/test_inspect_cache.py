@@ -221,6 +221,55 @@ def test_verify_bad_record_with_matching_hash(cache, tmp_path, damage, message):
     assert rep["verify"]["bad_shards"] == [shard.name] and not rep["verify"]["ok"]
 
 
+def test_quarantine_on_a_good_cache_changes_nothing(cache, tmp_path):
+    good = tmp_path / "cache"
+    shutil.copytree(cache, good)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    proc = run_tool(good, "--verify", "--quarantine")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nothing to quarantine" in proc.stdout
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
+def test_quarantine_moves_bad_shards_drops_entries_and_recomputes_part_stats(cache, tmp_path):
+    """A flipped byte in shard 1, shard 2's file gone: both entries leave the part, the
+    damaged file moves into quarantine/ (nothing deleted), manifest.json too (the cache
+    reads as unfinished), the part's statistics are those of the shards kept (decoded by
+    hand here) and its next shard number stays past every name used."""
+    bad, shard = corrupt_copy(cache, tmp_path)
+    names = [p.name for p in shard_files(bad)]
+    assert len(names) == 3
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    shard.write_bytes(data)
+    (bad / names[2]).unlink()
+    old = json.loads((bad / "manifest.r0000.json").read_text())
+    manifest = (bad / "manifest.json").read_bytes()
+
+    assert run_tool(bad, "--quarantine").returncode == 2          # needs --verify
+    proc = run_tool(bad, "--verify", "--quarantine")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert names[1] in proc.stdout and names[2] in proc.stdout and f"{names[0]}:" not in proc.stdout
+    assert "rerun the cache stage" in proc.stdout
+    assert (bad / "quarantine" / names[1]).read_bytes() == bytes(data)
+    assert (bad / "quarantine" / "manifest.json").read_bytes() == manifest
+    assert [p.name for p in shard_files(bad)] == names[:1]
+    assert not (bad / "manifest.json").exists()
+    part = json.loads((bad / "manifest.r0000.json").read_text())
+    assert [s["file"] for s in part["shards"]] == names[:1]
+    assert part["finished"] is False and part["next_shard"] == 3
+    assert part["header"] == old["header"]
+    m = json.loads(manifest)
+    ec, distinct, samples = decoded_records(bad, m["vocab_size"])   # the kept shard, by hand
+    st = part["stats"]
+    assert samples == SHARD_SAMPLES and st["samples"] == samples and st["positions"] == samples * T
+    assert st["entropy_code_hist"] == np.bincount(ec, minlength=256).tolist()
+    assert st["distinct_hist"] == np.bincount(distinct, minlength=U + 1).tolist()
+    assert st["rskd_truncated_positions"] == old["shards"][0]["rskd_truncated_positions"]
+    proc = run_tool(bad, "--verify", "--quarantine")                # nothing left to do
+    assert proc.returncode == 0 and "nothing to quarantine" in proc.stdout, proc.stdout
+
+
 def test_plot_writes_png(cache, tmp_path):
     out = tmp_path / "plots" / "entropy.png"
     proc = run_tool(cache, "--plot", out)
@@ -242,3 +291,56 @@ def test_missing_manifest(tmp_path):
     assert "did not finish" in proc.stderr
     proc = run_tool(tmp_path / "nope")
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+# Runs the tool with an audit hook that reports every file opened under a watched folder.
+_RUN_WATCHING_OPENS = """
+import os, runpy, sys
+watched, tool = sys.argv[1], sys.argv[2]
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)) and watched in os.fsdecode(args[0]):
+        os.write(2, f"OPENED {os.fsdecode(args[0])}\\n".encode())
+sys.addaudithook(hook)
+sys.argv = sys.argv[2:]
+runpy.run_path(tool, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry", ["relative", "absolute"])
+def test_verify_refuses_shard_entries_outside_the_cache(cache, tmp_path, entry):
+    """A manifest entry `../outside/NAME` or an absolute path, naming a real shard with the
+    manifest's sha256 and size, is a bad shard for --verify (exit 1, the entry and the rule
+    named) and the file is never opened; the other shards stay good."""
+    import hashlib
+
+    bad = tmp_path / "cache"
+    shutil.copytree(cache, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    s = m["shards"][1]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / s["file"]
+    shutil.move(bad / s["file"], target)
+    data = target.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+    s["file"] = f"../outside/{target.name}" if entry == "relative" else str(target)
+    (bad / "manifest.json").write_text(json.dumps(m))
+
+    proc = subprocess.run([sys.executable, "-c", _RUN_WATCHING_OPENS, str(outside), str(TOOL),
+                           str(bad), "--verify"], capture_output=True, text=True, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "OPENED" not in proc.stderr, out
+    assert repr(s["file"]) in out and "plain file name in the cache directory" in out, out
+    for p in shard_files(bad):
+        assert f"{p.name}:" not in out, f"good shard {p.name} reported bad:\n{out}"
+    rep = json.loads(run_tool(bad, "--verify", "--json").stdout)
+    assert rep["verify"]["bad_shards"] == [s["file"]] and not rep["verify"]["ok"]
+    (problem,) = next(r["problems"] for r in rep["verify"]["shards"] if r["file"] == s["file"])
+    assert str(bad / "manifest.json") in problem and repr(s["file"]) in problem
+    # The watch works: the same tool run on a cache whose shard lies in `outside` opens it.
+    good = outside / "good-cache"
+    shutil.copytree(cache, good)
+    proc = subprocess.run([sys.executable, "-c", _RUN_WATCHING_OPENS, str(good), str(TOOL),
+                           str(good), "--verify"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and f"OPENED {good / target.name}" in proc.stderr, proc.stderr

@@ -6,8 +6,11 @@ records unpacked by hand with the manifest's codebooks.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -213,3 +216,94 @@ def test_unreadable_caches_are_refused(cache, tmp_path):
     n = len(manifest_of(cache)["shards"])
     with pytest.raises(ValueError, match=f"{n} shard\\(s\\) for {n + 1} ranks"):
         CacheReader(cache, 0, n + 1)
+
+
+# -- hostile or damaged manifests and shards (issue 16) -------------------------------------------
+
+_OPENED: list[str] = []
+_WATCHED: list[str] = []
+_AUDIT_INSTALLED: list = []
+
+
+def _audit_open(event: str, args: tuple) -> None:
+    if event == "open" and _WATCHED and isinstance(args[0], (str, bytes)):
+        path = os.fsdecode(args[0])
+        if any(w in path for w in _WATCHED):
+            _OPENED.append(path)
+
+
+@pytest.fixture
+def opened():
+    """Paths opened (Python's `open` audit event) under the folders appended to the
+    returned watch list, collected until the test ends."""
+    if _audit_open not in _AUDIT_INSTALLED:       # audit hooks cannot be removed: add once
+        sys.addaudithook(_audit_open)
+        _AUDIT_INSTALLED.append(_audit_open)
+    _OPENED.clear()
+    yield _WATCHED, _OPENED
+    _WATCHED.clear()
+    _OPENED.clear()
+
+
+def _move_shard_outside(cache: Path, tmp_path: Path, entry: str) -> tuple[Path, Path, str]:
+    """A copy of the cache whose third shard lies outside it, in `tmp_path/outside`,
+    byte-identical (its manifest sha256 and size still match), and whose manifest entry
+    points at it as `../outside/NAME` (entry="relative") or by absolute path."""
+    bad = tmp_path / "cache"
+    shutil.copytree(cache, bad)
+    m = manifest_of(bad)
+    s = m["shards"][2]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / s["file"]
+    shutil.move(bad / s["file"], target)
+    data = target.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+    s["file"] = f"../outside/{target.name}" if entry == "relative" else str(target)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    return bad, target, s["file"]
+
+
+@pytest.mark.parametrize("entry", ["relative", "absolute"])
+def test_shard_outside_the_cache_dir_is_refused_before_it_is_opened(cache, tmp_path, entry,
+                                                                    opened):
+    """A manifest entry `../outside/x.tar` or `/abs/x.tar` is refused when the reader is
+    built, although the file it names is a real shard with the manifest's sha256."""
+    bad, target, name = _move_shard_outside(cache, tmp_path, entry)
+    watched, seen = opened
+    watched.append(str(target.parent))
+    with pytest.raises(ValueError) as e:
+        CacheReader(bad, micro_batch=1)
+    msg = str(e.value)
+    assert str(bad / "manifest.json") in msg, msg            # the manifest
+    assert repr(name) in msg, msg                             # the entry
+    assert "plain file name in the cache directory" in msg, msg   # the rule
+    assert seen == [], f"opened outside the cache: {seen}"
+    target.read_bytes()                                       # the watch does see an open
+    assert seen == [str(target)]
+
+
+def test_token_id_outside_v_raises_shard_error_naming_it(cache, tmp_path):
+    """A token id >= V in a shard whose manifest sha256 and size match (so only a token
+    check can catch it) raises ShardError naming the shard, the sample, the id and V."""
+    bad, shard = _broken_copy(cache, tmp_path)
+    m = manifest_of(bad)
+    V = m["vocab_size"]
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:
+        mem = next(x for x in tf.getmembers() if x.name.endswith(".tokens.u32"))
+    key = mem.name.split(".", 1)[0]
+    off = mem.offset_data + 4 * 5                       # position 5 of the first window
+    data[off:off + 4] = (V + 7).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    for s in m["shards"]:
+        if s["file"] == shard.name:
+            s["sha256"], s["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    reader = CacheReader(bad, micro_batch=1, shuffle_buffer=0)
+    with pytest.raises(ShardError) as e:
+        for _ in reader.batches(0):
+            pass
+    msg = str(e.value)
+    for part in (str(shard), f"sample {key}", f"token id {V + 7}", f"V={V}", "re-cache"):
+        assert part in msg, f"{part!r} not in {msg!r}"

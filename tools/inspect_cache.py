@@ -16,14 +16,26 @@ Entropy statistics come from the manifest's histogram over the 256 entropy codeb
 levels (exact for the quantized entropies); distinct-class statistics from its histogram
 of non-sentinel ids per position.
 
-`--verify` re-hashes every shard against the manifest (size, sha256), reads every sample
+`--verify` first checks that every shard `file` is a plain shard name inside CACHE_DIR
+(no `../`, no absolute path: such a shard is reported bad and never opened), then re-hashes
+every shard against the manifest (size, sha256), reads every sample
 (tar members, `tokens.u32` of 4T bytes, `kd.bin` of (3U+1)T bytes) and decodes its records
 with pipeline.codec: ids < V or the sentinel, weight code 0 in sentinel slots, no repeated
 id within a position, tokens < V, keys `{rank:04d}-{window:09d}` unique and of the shard's
 rank, sample/position counts as recorded; when every shard passes it also recomputes the
 entropy and distinct-class histograms and compares them with the manifest's.
 
-Exit status: 0 fine; 1 `--verify` found a bad shard (each one is named); 2 the directory
+`--verify --quarantine` repairs: it verifies every shard the rank parts (manifest.r*.json)
+record, the same checks plus "the keys are the windows the part records, of the part's
+rank", moves each bad or missing-file shard into CACHE/quarantine/ (nothing is deleted),
+drops its entry from its part (atomically; the part's statistics are recomputed from the
+shards kept, its `next_shard` keeps the name from being reused) and moves manifest.json
+into quarantine/ too, so the cache reads as unfinished until the cache stage, rerun with
+the same arguments, recomputes the missing windows into new shards and merges a new one.
+It works on unfinished caches (no manifest.json) and prints what it did instead of the table.
+
+Exit status: 0 fine (with --quarantine: every shard good, nothing moved); 1 `--verify`
+found a bad shard (each one is named; with --quarantine: and moved it); 2 the directory
 is not a readable cache (no manifest.json: an unfinished run leaves only rank parts).
 """
 
@@ -45,7 +57,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import load_manifest
+from pipeline.manifest import load_manifest, shard_path
+from pipeline.manifest import (MANIFEST, QUARANTINE, next_shard_number, read_json, shard_number,
+                               write_json_atomic)
 
 TOP_K_BASELINE = 128            # a top-k logit cache as DistillKit-style pipelines store it
 TOP_K_BYTES_PER_CLASS = 2 + 4   # fp16 value + int32 id
@@ -115,7 +129,11 @@ def storage_stats(cache_dir: Path, m: dict) -> dict:
     V, U, T = m["vocab_size"], m["num_classes"], m["seq_len"]
     sizes, missing = {}, []
     for s in m["shards"]:
-        p = cache_dir / s["file"]
+        try:
+            p = shard_path(cache_dir, s.get("file"))
+        except ValueError:            # named by --verify; never stat a path outside the cache
+            missing.append(str(s.get("file")))
+            continue
         if p.exists():
             sizes[s["file"]] = p.stat().st_size
         else:
@@ -219,8 +237,14 @@ def check_sample(codec: RecordCodec, T: int, key: str, group: dict[str, bytes],
 
 def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
                  seen_keys: set[str], acc: dict) -> list[str]:
-    """Problems of one shard (empty = good); adds its histograms into `acc`."""
-    path = cache_dir / s["file"]
+    """Problems of one shard (empty = good); adds its histograms into `acc`.
+
+    A `file` entry that is not a plain shard name inside `cache_dir` (manifest.shard_path:
+    `../x.tar`, an absolute path) is a problem of that shard, and nothing is opened."""
+    try:
+        path = shard_path(cache_dir, s.get("file"))
+    except ValueError as e:
+        return [str(e)]
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -279,6 +303,141 @@ def verify_cache(cache_dir: Path, m: dict) -> dict:
                                   "differ from manifest.json's stats")
     return {"ok": not bad and not problems_cache, "bad_shards": bad, "cache_problems": problems_cache,
             "stats_match": stats_match, "shards": results}
+
+
+# -- quarantine -------------------------------------------------------------------------------
+def _plain_name(name: object) -> bool:
+    """A shard name inside the cache directory (manifest.shard_path): never move anything
+    outside it."""
+    try:
+        shard_path(".", name)
+    except ValueError:
+        return False
+    return True
+
+
+def _free(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist (never overwrite)."""
+    n, out = 0, path
+    while out.exists():
+        n += 1
+        out = path.with_name(f"{path.name}.{n}")
+    return out
+
+
+def quarantine_damaged(cache_dir: Path) -> dict:
+    """Verify every shard the rank parts record; move each bad one into `quarantine/` and
+    drop its entry (see the module docstring). Returns what was checked and done."""
+    import os
+
+    parts = sorted(cache_dir.glob("manifest.r[0-9][0-9][0-9][0-9].json"))
+    if not parts:
+        raise FileNotFoundError(f"{cache_dir} holds no rank parts (manifest.r*.json); "
+                                "--quarantine repairs through the cache stage, which needs them")
+    qdir = cache_dir / QUARANTINE
+    seen: set[str] = set()
+    checked, bad, rewritten, notes, worlds = 0, [], [], [], set()
+    for path in parts:
+        part = read_json(path)
+        h, rank, world = part["header"], part["rank"], part.get("world_size")
+        worlds.add(world)
+        U, T = h["num_classes"], h["seq_len"]
+        codec = RecordCodec(h["vocab_size"], U)
+        keep, drop = [], []
+        hist = {"entropy": np.zeros(256, np.int64), "distinct": np.zeros(U + 1, np.int64)}
+        for s in part["shards"]:
+            checked += 1
+            acc = {"entropy": np.zeros(256, np.int64), "distinct": np.zeros(U + 1, np.int64)}
+            missing = [k for k in ("file", "samples", "positions", "bytes", "sha256") if k not in s]
+            if missing or not _plain_name(s["file"]):
+                problems = [f"entry {json.dumps(s)[:120]} lacks {missing}" if missing else
+                            f"file name {s['file']!r} is not a plain name in the cache directory"]
+            else:
+                final, tmp = cache_dir / s["file"], cache_dir / (s["file"] + ".tmp")
+                if not final.exists() and tmp.exists() and \
+                        hashlib.sha256(tmp.read_bytes()).hexdigest() == s["sha256"]:
+                    os.replace(tmp, final)   # recorded, then killed before the rename
+                    notes.append(f"renamed {tmp.name} to {final.name} (a run was killed "
+                                 "between recording and renaming it)")
+                before = set(seen)
+                problems = verify_shard(cache_dir, s, codec, T, seen, acc)
+                windows = sorted(int(k.split("-")[1]) for k in seen - before if KEY_RE.match(k))
+                if not problems and world and any(w % world != rank for w in windows):
+                    problems.append(f"holds windows of other ranks (window w belongs to rank "
+                                    f"w % {world}, this is rank {rank})")
+                if not problems and "windows" in s and sorted(s["windows"]) != windows:
+                    problems.append(f"its keys are not the windows {path.name} records for it")
+            if problems:
+                drop.append((s, problems))
+            else:
+                keep.append(s)
+                hist["entropy"] += acc["entropy"]
+                hist["distinct"] += acc["distinct"]
+        if not drop:
+            continue
+        names = []
+        for s, problems in drop:
+            item = {"file": s.get("file"), "rank": rank, "part": path.name, "problems": problems,
+                    "windows": s.get("windows"), "samples": s.get("samples"), "moved_to": []}
+            if _plain_name(s.get("file")):
+                names.append(s["file"])
+                for f in (cache_dir / s["file"], cache_dir / (s["file"] + ".tmp")):
+                    if f.exists():       # move first: a part without the entry would let the
+                        qdir.mkdir(exist_ok=True)   # stage delete the file as a partial one
+                        dest = _free(qdir / f.name)
+                        os.replace(f, dest)
+                        item["moved_to"].append(str(dest))
+            bad.append(item)
+        part["shards"] = keep
+        part["quarantined"] = list(part.get("quarantined", [])) + names
+        part["next_shard"] = next_shard_number(cache_dir, rank, part)
+        part["finished"] = False
+        st = part.setdefault("stats", {})
+        st["entropy_code_hist"] = hist["entropy"].tolist()
+        st["distinct_hist"] = hist["distinct"].tolist()
+        st["samples"] = sum(s["samples"] for s in keep)
+        st["positions"] = sum(s["positions"] for s in keep)
+        if all("rskd_truncated_positions" in s for s in keep):
+            st["rskd_truncated_positions"] = sum(s["rskd_truncated_positions"] for s in keep)
+        elif st.get("rskd_truncated_positions"):
+            notes.append(f"{path.name}: rskd_truncated_positions kept at its old total "
+                         f"{st['rskd_truncated_positions']} (entries written before per-shard "
+                         "counts were recorded); it may count the quarantined shards' positions")
+        write_json_atomic(path, part, indent=None)
+        rewritten.append(path.name)
+    manifest_moved = None
+    if bad and (cache_dir / MANIFEST).exists():
+        qdir.mkdir(exist_ok=True)
+        dest = _free(qdir / MANIFEST)
+        os.replace(cache_dir / MANIFEST, dest)
+        manifest_moved = str(dest)
+    return {"ok": not bad, "shards_checked": checked, "quarantined": bad,
+            "parts_rewritten": rewritten, "manifest_moved_to": manifest_moved,
+            "world_size": sorted(worlds, key=str), "notes": notes}
+
+
+def render_quarantine(res: dict, cache_dir: Path, console: Console) -> None:
+    for n in res["notes"]:
+        console.print(f"note: {n}", soft_wrap=True)
+    for q in res["quarantined"]:
+        where = " and ".join(q["moved_to"]) if q["moved_to"] else "nothing to move (no such file)"
+        console.print(f"[red]BAD[/red] {cache_dir / str(q['file'])}: {'; '.join(q['problems'])}",
+                      soft_wrap=True)
+        console.print(f"  quarantined: {where}; removed its entry from {q['part']}", soft_wrap=True)
+    if res["ok"]:
+        console.print(f"all {res['shards_checked']} recorded shard(s) verified; nothing to "
+                      "quarantine", soft_wrap=True)
+        return
+    if res["manifest_moved_to"]:
+        console.print(f"moved {cache_dir / MANIFEST} to {res['manifest_moved_to']}: the cache "
+                      "reads as unfinished until the cache stage completes it", soft_wrap=True)
+    n = sum(q["samples"] or 0 for q in res["quarantined"])
+    world = "/".join(str(w) for w in res["world_size"])
+    console.print(f"Now rerun the cache stage with the same arguments and the same number of "
+                  f"ranks ({world}), e.g. `python -m pipeline.cache ... --out {cache_dir}` (or "
+                  f"mpiexec -n {world} ...): it recomputes the {n} window(s) of the "
+                  f"{len(res['quarantined'])} quarantined shard(s) into new shards.",
+                  soft_wrap=True)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -368,7 +527,7 @@ def first_sample_entropy(cache_dir: Path, m: dict) -> tuple[str, np.ndarray, np.
     codec = RecordCodec(m["vocab_size"], m["num_classes"])
     levels = np.asarray(m["entropy_codebook"], dtype=np.float32)
     for s in m["shards"]:
-        path = cache_dir / s["file"]
+        path = shard_path(cache_dir, s.get("file"))
         if not path.exists():
             continue
         for key, group in tar_samples(path.read_bytes()):
@@ -408,10 +567,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action="store_true", help="re-hash and decode every shard")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--plot", type=Path, metavar="OUT.png", help="write entropy plots (matplotlib)")
+    ap.add_argument("--quarantine", action="store_true",
+                    help="with --verify: move bad shards into CACHE/quarantine/ and drop their "
+                         "entries, so a rerun of the cache stage recomputes their windows")
     args = ap.parse_args(argv)
+    if args.quarantine and not args.verify:
+        ap.error("--quarantine acts on what --verify finds: use --verify --quarantine")
     if not args.cache_dir.is_dir():
         err.print(f"[red]error:[/red] {args.cache_dir} is not a directory")
         return 2
+    if args.quarantine:
+        try:
+            res = quarantine_damaged(args.cache_dir)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            what = f"a rank part lacks the field {e}" if isinstance(e, KeyError) else str(e)
+            err.print(f"[red]error:[/red] {args.cache_dir} is not a repairable cache: {what}")
+            return 2
+        if args.json:
+            sys.stdout.write(json.dumps(res) + "\n")
+        else:
+            render_quarantine(res, args.cache_dir, Console(highlight=False, soft_wrap=True))
+        return 0 if res["ok"] else 1
     try:
         rep, m = build_report(args.cache_dir, args.verify)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -50,6 +50,8 @@ from pipeline import config as C
 from pipeline import losses
 from pipeline.distributed import TorchComm, log
 from pipeline.export import META, latest_tag, save_hf
+from pipeline.manifest import cache_identity
+from pipeline.safe_load import enforce_weights_only, refuse_unsafe
 from pipeline.reader import CacheBatch, CacheReader
 from pipeline.selection import Selector, SelectionInputs, next_token_labels
 from pipeline.selection_config import SelectionConfig
@@ -99,6 +101,9 @@ class DistillConfig:
     gls_queue: int = C.opt(30_000, "gls: FIFO length (scores)")
     gls_warmup: int | None = C.opt(None, "gls: scores seen before the global threshold is used (default: queue)")
     positional_alpha: float = C.opt(1.0, "positional: sampling probability ~ score**alpha")
+    positional_floor: float = C.opt(0.1, "positional: q_t floored at this fraction of the sequence's "
+                                    "mean q, which bounds every position weight by "
+                                    "(1 + floor) / (floor * frac): 44 at 0.1 and frac 0.25")
     learned_kind: str = C.opt("linucb", "learned selector", choices=("linucb", "mlp"))
     learned_explore: float | None = C.opt(None, "learned: UCB bonus (linucb, default 1) or epsilon (mlp, 0.1)")
     curriculum: str = C.opt("constant", "fraction schedule: constant | linear:A:B:N | cosine:A:B:N")
@@ -141,7 +146,8 @@ class DistillConfig:
         return SelectionConfig(
             rule=rule, score=self.select_score, frac=self.select_frac, band_lo=self.select_band[0],
             band_hi=self.select_band[1], gls_queue=self.gls_queue, gls_warmup=self.gls_warmup,
-            positional_alpha=self.positional_alpha, learned_kind=self.learned_kind,
+            positional_alpha=self.positional_alpha, positional_floor=self.positional_floor,
+            learned_kind=self.learned_kind,
             explore=self.learned_explore, curriculum=self.curriculum,
             combined_weights=tuple(self.combined_weights), chunk_size=self.select_chunk,
             seed=self.seed)
@@ -170,7 +176,17 @@ def ds_config(cfg: DistillConfig, world: int, device: torch.device) -> dict:
     path = Path(cfg.deepspeed)
     if not path.exists():
         raise ValueError(f"--deepspeed {path}: no such file (see ds_configs/)")
-    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed {path}: not valid JSON ({e.msg} at line {e.lineno}, column "
+                         f"{e.colno}); fix the file (see ds_configs/zero3.json)") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--deepspeed {path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                         "it must be a JSON file (see ds_configs/zero3.json)") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"--deepspeed {path}: a JSON object is needed, got {type(raw).__name__}")
+    ds = {k: v for k, v in raw.items() if not k.startswith("_")}
     derived = {"train_micro_batch_size_per_gpu": cfg.micro_batch,
                "gradient_accumulation_steps": cfg.grad_accum,
                "train_batch_size": cfg.micro_batch * cfg.grad_accum * world}
@@ -236,6 +252,7 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
+        enforce_weights_only()        # also inside DeepSpeed's load_checkpoint
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         if not torch.cuda.is_available():
@@ -303,9 +320,8 @@ class Trainer:
                               ids=b.ids, weights=b.weights)
         if self.selector.needs_student_logits:
             import deepspeed
-            # Student-side scores see the logits KD and CE see: lm_head's bias included.
             with deepspeed.zero.GatheredParameters(head_params(head)), torch.no_grad():
-                sel = self.selector.select(inp, lambda x: F.linear(x, head.weight, head.bias), self.step)
+                sel = self.selector.select(inp, head_logits(head), self.step)
         else:
             sel = self.selector.select(inp, None, self.step)
         zero = h.sum() * 0.0
@@ -319,7 +335,9 @@ class Trainer:
             logits = head(h.reshape(-1, h.shape[-1]))
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=b.input_ids).logits.reshape(logits.shape)
-            out["kd"] = losses.dense_kd(logits, t_logits, cfg.kd_temperature)
+            # The teacher distribution is the one the cache holds: softmax(y / T_teacher).
+            out["kd"] = losses.dense_kd(logits, t_logits, cfg.kd_temperature,
+                                        teacher_temperature=self.reader.manifest["teacher_temperature"])
             if cfg.ce_weight:
                 out["ce"] = losses.ce(logits, labels.reshape(-1))
             out["selected"] = valid.sum()
@@ -450,6 +468,7 @@ class Trainer:
             (d / META).write_text(json.dumps({"step": self.step, "epoch": self.epoch,
                                               "batch_in_epoch": self.batch_in_epoch,
                                               "world_size": self.world,
+                                              "cache_identity": cache_identity(self.reader.manifest),
                                               "config": C.to_json(self.cfg)}, indent=1))
             self.model.config.save_pretrained(d / "hf_config")
             self.tok.save_pretrained(d / "hf_config")
@@ -474,13 +493,25 @@ class Trainer:
                  if k not in RESUMABLE and meta["config"].get(k) != v]
         if meta["world_size"] != self.world:
             diffs.append(f"world size: checkpoint {meta['world_size']}, now {self.world}")
+        # Same --cache path, other contents (re-cached, repaired, edited): other targets.
+        now = cache_identity(self.reader.manifest)
+        if meta.get("cache_identity") is None:
+            log(f"--resume: {self.ckpt_dir / tag} records no cache identity (written by an older "
+                f"version): cannot check that --cache {self.cfg.cache} is the cache it trained on")
+        elif meta["cache_identity"] != now:
+            diffs.append(f"--cache {self.cfg.cache}: the checkpoint trained on a cache with identity "
+                         f"{meta['cache_identity'][:16]}, this directory now holds {now[:16]} "
+                         "(re-cached or repaired since: its targets differ)")
         if diffs:
             raise ValueError(f"{self.ckpt_dir / tag} was written by another configuration:\n  "
                              + "\n  ".join(diffs) + "\nUse a new --out, or the same settings.")
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        with refuse_unsafe(self.ckpt_dir / tag, "checkpoint"):
+            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         self.step, self.epoch, self.batch_in_epoch = client["step"], client["epoch"], client["batch_in_epoch"]
         self.saved_step = self.step
-        rs = torch.load(self.ckpt_dir / tag / f"rank{self.rank:04d}_state.pt", weights_only=True)
+        rs_path = self.ckpt_dir / tag / f"rank{self.rank:04d}_state.pt"
+        with refuse_unsafe(rs_path, "rank state"):
+            rs = torch.load(rs_path, weights_only=True)
         self.selector.load_state_dict(rs["selector"])
         torch.set_rng_state(rs["torch_rng"])
         name, keys, *rest = json.loads(rs["numpy_rng"])
@@ -509,6 +540,12 @@ class Trainer:
 def head_params(head: torch.nn.Module) -> list[torch.nn.Parameter]:
     """lm_head's weight and, where it has one, its bias."""
     return [p for p in (head.weight, head.bias) if p is not None]
+
+
+def head_logits(head: torch.nn.Module):
+    """`rows -> lm_head(rows)` without the module's hooks, for no-grad student-side scores
+    inside a gather: the logits KD and CE see, lm_head's bias included."""
+    return lambda rows: F.linear(rows, head.weight, head.bias)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.safe_load import enforce_weights_only, refuse_unsafe
+
 META = "sampledkd_meta.json"      # written next to DeepSpeed's files by pipeline.distill
 
 
@@ -53,7 +55,9 @@ def export_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | None = N
     meta = json.loads(meta_path.read_text())
     config = AutoConfig.from_pretrained(ckpt_dir / tag / "hf_config")
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / tag / "hf_config")
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    enforce_weights_only()            # zero_to_fp32 passes weights_only=False
+    with refuse_unsafe(ckpt_dir / tag, "checkpoint"):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     save_hf(sd, config, tokenizer, out)
     (out / "sampledkd_export.json").write_text(json.dumps({"checkpoint": str(ckpt_dir / tag),
                                                            "step": meta["step"]}, indent=1))

@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DS_TEST = REPO / "ds_configs" / "zero3_test.json"
 STEPS, LR, WARMUP, FRAC, CKPT_EVERY = 20, 1e-3, 3, 0.25, 2   # 16 steps per epoch: A crosses one
+QWEN_V, UNTIED_STEPS = 151_936, 4
 TEXTS = [f"The quick brown fox {i} jumps over the lazy dog; knowledge distillation trains a "
          f"small student {7 * i} times because a teacher answers." for i in range(200)]
 OTHER_TEXTS = ["zebra quartz violin mango pixel 7 8 9"] * 4   # another tokenizer
@@ -51,6 +52,14 @@ from pipeline import config as C
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 facts = {}
+
+class Evil:
+    """Unpickling calls open(path, "w"): the file appears if a load runs the pickle."""
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
 _init, _export = D.Trainer.__init__, D.Trainer.export
 
 def init(self, cfg):
@@ -72,9 +81,23 @@ def export(self):
 D.Trainer.__init__, D.Trainer.export = init, export
 results = []
 for job in spec["jobs"]:
-    if "copy" in job:
-        if dist.get_rank() == 0:
+    if "copy" in job or "replace" in job or "poison" in job:
+        if dist.get_rank() == 0 and "copy" in job:
             shutil.copytree(*job["copy"])
+        if dist.get_rank() == 0 and "replace" in job:     # same path, other contents
+            src, dst = job["replace"]
+            shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+        if dist.get_rank() == 0 and "poison" in job:      # a pickle that creates a file
+            ckpt, marker = map(Path, job["poison"])
+            from pipeline.safe_load import safe_globals
+            # every rank's optimizer file: each rank loads its own (one rank failing alone
+            # would leave the other in a collective of this one-process driver)
+            for target in (ckpt / (ckpt / "latest").read_text().strip()).glob("*_optim_states.pt"):
+                with torch.serialization.safe_globals(safe_globals()):
+                    sd = torch.load(target, weights_only=True)
+                sd["evil"] = Evil(str(marker))
+                torch.save(sd, target)
         dist.barrier()
         continue
     facts.clear()
@@ -155,9 +178,25 @@ def _build_assets(root: Path) -> dict:
     big_v = build_tiny_model(root / "big_v", seed=1, vocab_size=V + 3, **kw)
     bad_ds = root / "bad_ds.json"
     bad_ds.write_text(json.dumps({**json.loads(DS_TEST.read_text()), "train_batch_size": 7}))
+    bad_json = root / "bad_json.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 3,}}')
+    # Qwen-sized padded vocabulary, untied student head (as Llama-3.1-8B, Qwen3-8B).
+    qkw = dict(arch="qwen2", hidden=32, layers=1, heads=4, texts=TEXTS, vocab_size=QWEN_V)
+    q_teacher = build_tiny_model(root / "q_teacher", seed=0, **qkw)
+    q_student = build_tiny_model(root / "q_student", seed=1, tie_word_embeddings=False, **qkw)
+    small = ["--data", str(data), "--seq-len", "64", "--max-windows", "8", "--shard-samples", "2"]
+    cache.main(["--teacher", str(q_teacher), "--out", str(root / "q_cache"), *small])
+    # A teacher temperature of 2 at cache time: dense_kd must distil the same softmax(y / 2).
+    cache.main(["--teacher", str(teacher), "--out", str(root / "t2_cache"), "--teacher-temperature", "2",
+                *small])
+    # Two caches of the same corpus and teacher, other seeds: one replaces the other in place.
+    cache.main(["--teacher", str(teacher), "--out", str(root / "c_cache"), *small])
+    cache.main(["--teacher", str(teacher), "--out", str(root / "c_cache_seed1"), "--seed", "1", *small])
     return {"root": root, "data": data, "teacher": teacher, "student": student, "V": V,
             "cache": root / "cache", "small_cache": root / "small_cache", "other_tok": other_tok,
-            "big_v": big_v, "bad_ds": bad_ds}
+            "big_v": big_v, "bad_ds": bad_ds, "bad_json": bad_json, "q_student": q_student,
+            "q_cache": root / "q_cache", "t2_cache": root / "t2_cache", "c_cache": root / "c_cache",
+            "c_cache_seed1": root / "c_cache_seed1"}
 
 
 _SHARED: dict = {}
@@ -185,15 +224,32 @@ def shared_runs(tmp_path_factory) -> dict:
     for name, extra in LOSS_PATHS.items():  # sampledkd's other ways to the same losses
         jobs.append({"name": name, "argv": base_args(a, root / name, steps=2, export=False,
                                                       checkpoint_every=0, **extra)})
+    # The default flags (fused KD head) on an untied V = 151,936 student.
+    jobs.append({"name": "untied", "argv": base_args(a, root / "untied", student=a["q_student"],
+                                                     cache=a["q_cache"], steps=UNTIED_STEPS,
+                                                     export=False, checkpoint_every=0)})
+    jobs.append({"name": "dense_kd_t2", "argv": base_args(a, root / "dense_kd_t2", mode="dense_kd",
+                                                          teacher=a["teacher"], cache=a["t2_cache"],
+                                                          steps=1, export=False, checkpoint_every=0)})
+    jobs.append({"name": "C", "argv": base_args(a, root / "C", cache=a["c_cache"], steps=2,
+                                                export=False, checkpoint_every=0)})
+    jobs.append({"replace": [str(a["c_cache_seed1"]), str(a["c_cache"])]})
+    jobs.append({"copy": [str(A), str(root / "A_evil")]})
+    jobs.append({"poison": [str(root / "A_evil" / "ckpt"), str(root / "EVIL_MARKER")]})
     jobs.append({"copy": [str(A), str(root / "A_copy")]})
     bad = {"tokenizer": dict(student=a["other_tok"]), "vocab": dict(student=a["big_v"]),
            "student_path": dict(student=root / "no_such_student"),
            "ds_batch": dict(deepspeed=a["bad_ds"]),
+           "ds_json": dict(deepspeed=a["bad_json"]),
+           "resume_cache": dict(out=root / "C", cache=a["c_cache"], steps=3, resume=True),
+           "resume_pickle": dict(out=root / "A_evil", resume=True),
            "small_cache": dict(cache=a["small_cache"], micro_batch=2),
            "resume_frac": dict(out=root / "A_copy", resume=True, select_frac=0.5),
            "resume_mode": dict(out=root / "A_copy", resume=True, mode="rskd_all")}
     for name, flags in bad.items():
         flags = {"out": root / f"bad_{name}", **flags}
+        if name == "resume_cache":
+            flags.update(export=False, checkpoint_every=0)
         jobs.append({"name": f"bad_{name}", "argv": base_args(a, **flags)})
     spec = root / "driver.json"
     spec.write_text(json.dumps({"jobs": jobs, "probe": probe, "result": str(root / "driver_result.json")},
@@ -247,18 +303,19 @@ def _topk_sparse_kd(logits: torch.Tensor, ids, w, entropy, frac: float) -> torch
     return total / count
 
 
-def reference_trajectory(a: dict, steps: int = STEPS) -> tuple[list[float], list[list[str]]]:
+def reference_trajectory(a: dict, steps: int = STEPS, student: str = "student",
+                         cache: str = "cache") -> tuple[list[float], list[list[str]]]:
     """Plain torch, one process, no DeepSpeed: same init, global batches, loss, AdamW, schedule."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.distill import DistillConfig, lr_lambda
 
-    model = AutoModelForCausalLM.from_pretrained(a["student"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a[student], dtype=torch.float32)
     cfg = DistillConfig(student="s", cache="c", out="o", steps=steps, lr=LR, warmup_steps=WARMUP)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     loss_log, keys = [], []
-    for _, pair in zip(range(steps), _global_batches(a["cache"])):
+    for _, pair in zip(range(steps), _global_batches(a[cache])):
         logits = model(input_ids=_cat(pair, "input_ids")).logits
         loss = _topk_sparse_kd(logits, _cat(pair, "ids"), _cat(pair, "weights"), _cat(pair, "entropy"), FRAC)
         opt.zero_grad()
@@ -294,6 +351,23 @@ def test_zero3_two_ranks_match_single_process_plain_torch(runs):
     diff = max(abs(r["loss"] - x) for r, x in zip(got, ref_loss))
     assert diff < 1e-4, list(zip([r["loss"] for r in got], ref_loss))
     assert abs(ref_loss[-1] - ref_loss[0]) > 1e-2              # it did train: losses moved
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_untied_qwen_sized_student_with_default_flags_matches_plain_torch(runs):
+    """The default KD head (fused) on an untied lm_head, V = 151,936, 2-rank ZeRO-3."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(runs["q_student"])
+    assert cfg.tie_word_embeddings is False and cfg.vocab_size == QWEN_V
+    ref_loss, ref_keys = reference_trajectory(runs, UNTIED_STEPS, student="q_student", cache="q_cache")
+    got = metrics(runs["root"] / "untied")
+    assert [r["step"] for r in got] == list(range(1, UNTIED_STEPS + 1))
+    assert [r["keys"] for r in got] == ref_keys
+    diff = max(abs(r["loss"] - x) for r, x in zip(got, ref_loss))
+    assert diff < 1e-4, list(zip([r["loss"] for r in got], ref_loss))
+    assert abs(ref_loss[-1] - ref_loss[0]) > 1e-2
 
 
 # ------------------------------------------------------------------ 2. preemption and crashes
@@ -477,6 +551,8 @@ BAD = {  # job -> words the message must contain
     "bad_vocab": ["vocabulary size", "V={V}", "V={V3}"],
     "bad_student_path": ["--student", "no_such_student: no such file or directory"],
     "bad_ds_batch": ["--deepspeed", "train_batch_size=7", "derived 2"],
+    "bad_ds_json": ["--deepspeed", "bad_json.json", "not valid JSON", "line 1"],
+    "bad_resume_cache": ["--cache", "c_cache", "identity", "re-cached"],
     "bad_small_cache": ["--cache", "fewer than one global batch", "--micro-batch"],
     "bad_resume_frac": ["--select-frac: checkpoint 0.25, now 0.5"],
     "bad_resume_mode": ["--mode: checkpoint 'sampledkd', now 'rskd_all'"],
@@ -493,12 +569,54 @@ def test_bad_input_fails_before_any_step_and_names_it(runs, job):
         assert word.format(V=runs["V"], V3=runs["V"] + 3) in r["error"], r["error"]
     if job.startswith("bad_resume"):
         assert r["error"].count("\n  --") == 1, r["error"]   # that one difference, nothing else
+    if job == "bad_resume_cache":
+        assert len(metrics(runs["root"] / "C")) == 2          # nothing trained on the new cache
+    elif job.startswith("bad_resume"):
         copy, orig = runs["root"] / "A_copy", runs["A"]
         assert metrics(copy) == metrics(orig)                 # nothing trained or logged
         assert sorted(p.name for p in (copy / "ckpt").iterdir()) == sorted(
             p.name for p in (orig / "ckpt").iterdir())
     else:
         assert not (runs["root"] / job).exists()              # failed during setup
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_dense_kd_distils_the_teacher_temperature_the_cache_was_built_with(runs):
+    """--mode dense_kd on a cache built at T_teacher = 2: KL(softmax(y/2) || softmax(z))."""
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((runs["t2_cache"] / "manifest.json").read_text())["teacher_temperature"] == 2.0
+    rec = metrics(runs["root"] / "dense_kd_t2")[0]
+    x = _cat(next(_global_batches(runs["t2_cache"])), "input_ids")
+    with torch.no_grad():
+        logp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(runs["student"], dtype=torch.float32)(
+            input_ids=x).logits, -1)
+        y = AutoModelForCausalLM.from_pretrained(runs["teacher"], dtype=torch.float32)(input_ids=x).logits
+
+    def kl(t_teacher: float) -> float:
+        lp = torch.log_softmax(y / t_teacher, -1)
+        return (lp.exp() * (lp - logp)).sum(-1).mean().item()
+
+    want, wrong = kl(2.0), kl(1.0)      # tiny random models: both KLs are ~0.01
+    assert abs(want - wrong) > 1e-3 and abs(want - wrong) > 0.2 * want   # T matters here
+    assert abs(rec["kd_loss"] - want) < 2e-5, (rec["kd_loss"], want, wrong)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_resume_and_export(runs, tmp_path):
+    from pipeline.export import export_checkpoint
+
+    marker = runs["root"] / "EVIL_MARKER"
+    r = runs["results"]["bad_resume_pickle"]
+    assert r["ok"] is False, "resumed from a checkpoint holding a foreign pickle"
+    assert "refusing to load" in r["error"] and "A_evil" in r["error"] and "open" in r["error"], r["error"]
+    assert not marker.exists(), "the pickle ran: it created its file"
+    with pytest.raises(ValueError, match="refusing to load"):
+        export_checkpoint(runs["root"] / "A_evil" / "ckpt", tmp_path / "export")
+    assert not marker.exists()
+    assert not (tmp_path / "export" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -516,6 +634,23 @@ def test_bad_flags_are_rejected_by_name(flags, words, tmp_path):
         C.parse(DistillConfig, ["--student", "s", "--cache", "c", "--out", str(tmp_path), *flags])
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+def test_student_side_scores_see_lm_head_bias():
+    """Student entropy from the selection's logits function == entropy of head(h), bias included."""
+    from pipeline.distill import head_logits
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 30, bias=True)
+    with torch.no_grad():
+        head.bias.copy_(5 * torch.randn(30, generator=g))     # a bias that changes the ranking
+    h = torch.randn(6, 8, generator=g)
+    with torch.no_grad():
+        want = torch.distributions.Categorical(logits=head(h)).entropy()
+        got = torch.distributions.Categorical(logits=head_logits(head)(h)).entropy()
+        no_bias = torch.distributions.Categorical(logits=h @ head.weight.T).entropy()
+    assert torch.allclose(got, want, atol=1e-6)
+    assert (no_bias - want).abs().max() > 1e-2
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):

@@ -52,6 +52,7 @@ from pipeline.distributed import TorchComm, log
 from pipeline.export import META, latest_tag, save_hf
 from pipeline.manifest import cache_identity
 from pipeline.safe_load import enforce_weights_only, refuse_unsafe
+from pipeline.tracking import Tracker
 from pipeline.reader import CacheBatch, CacheReader
 from pipeline.selection import Selector, SelectionInputs, next_token_labels
 from pipeline.selection_config import SelectionConfig
@@ -63,7 +64,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 MODES = ("sampledkd", "no_kd", "dense_kd", "rskd_all")
 # Fields that may differ between a checkpoint and a resumed run (`out`: a run directory
 # may be moved or copied; the checkpoint is wherever it is found).
-RESUMABLE = {"steps", "resume", "checkpoint_every", "log_every", "log_all_ranks", "export", "out"}
+RESUMABLE = {"steps", "resume", "checkpoint_every", "log_every", "log_all_ranks", "export", "out",
+             "tensorboard", "wandb_project"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class DistillConfig:
     log_all_ranks: bool = C.opt(False, "every rank writes OUT/metrics-rank{r}.jsonl")
     resume: bool = C.opt(False, "continue from OUT/ckpt if it holds a checkpoint")
     export: bool = C.opt(True, "write OUT/export (HF format) at the end")
+    tensorboard: bool = C.opt(True, "rank 0 writes every metrics.jsonl field to OUT/tensorboard/")
+    wandb_project: str | None = C.opt(None, "also log to this W&B project (needs `pip install "
+                                      "wandb`; WANDB_MODE=offline works without network)")
     shuffle_buffer: int = C.opt(64, "windows in the reader's shuffle buffer")
     dtype: str = C.opt("auto", "bf16 on GPU, fp32 on CPU when auto", choices=("auto", "float32", "bfloat16"))
 
@@ -471,6 +476,7 @@ class Trainer:
                                               "cache_identity": cache_identity(self.reader.manifest),
                                               "config": C.to_json(self.cfg)}, indent=1))
             self.model.config.save_pretrained(d / "hf_config")
+            self.model.generation_config.save_pretrained(d / "hf_config")
             self.tok.save_pretrained(d / "hf_config")
         self.comm.barrier()                 # every rank's files of `tag` are complete
         if self.rank == 0:
@@ -532,7 +538,7 @@ class Trainer:
                     sd[name] = p.detach().float().cpu().clone()
         out = self.out / "export"
         if self.rank == 0:
-            save_hf(sd, self.model.config, self.tok, out)
+            save_hf(sd, self.model.config, self.tok, out, self.model.generation_config)
         self.comm.barrier()
         return out
 
@@ -599,6 +605,8 @@ def run(cfg: DistillConfig) -> Path | None:
         # them so the file holds one record per step, from one trajectory.
         truncate_metrics(path, tr.step)
     sinks = [open(path, "a") for path in paths]
+    tracker = Tracker(out, C.to_json(cfg), enabled=tr.rank == 0, tensorboard=cfg.tensorboard,
+                      wandb_project=cfg.wandb_project, resume_step=tr.step)
     from pipeline.progress import StageProgress
 
     prog = StageProgress("distill", cfg.steps, "tokens") if tr.rank == 0 else None
@@ -612,6 +620,7 @@ def run(cfg: DistillConfig) -> Path | None:
             tr.save()
             for f in sinks:
                 f.close()
+            tracker.close()
             return None
         t0 = time.perf_counter()
         lr = tr.sched.get_last_lr()[0]          # the rate this step uses
@@ -640,6 +649,7 @@ def run(cfg: DistillConfig) -> Path | None:
             for f in sinks:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
+            tracker.log(rec, tr.step)
         if prog:
             prog.update(1, int(s["positions"]))
         if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < cfg.steps:
@@ -648,6 +658,7 @@ def run(cfg: DistillConfig) -> Path | None:
         prog.close()
     for f in sinks:
         f.close()
+    tracker.close()
     tr.save()
     wall = time.perf_counter() - t_start
     result = tr.export() if cfg.export else None

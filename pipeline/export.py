@@ -26,9 +26,20 @@ def latest_tag(ckpt_dir: Path) -> str:
     return latest.read_text().strip()
 
 
-def save_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out: Path) -> Path:
-    """Write `state_dict` as an HF checkpoint (tied lm_head stored once)."""
+EXPORT_FILE_MODE = 0o644   # rw-r--r--: other users of a shared cluster can load the export
+EXPORT_DIR_MODE = 0o755
+# Load-time options that transformers records in tokenizer_config.json; they describe how the
+# tokenizer was read here, not the tokenizer, and would force offline mode on whoever loads it.
+_LOAD_OPTIONS = ("local_files_only", "is_local", "_commit_hash", "cache_dir", "token")
+
+
+def save_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out: Path,
+            generation_config=None) -> Path:
+    """Write `state_dict` as an HF checkpoint (tied lm_head stored once) that stock tools and
+    other users read: config.json, generation_config.json (the student's, or one derived from
+    its config), the tokenizer without load-time options, files mode 0644, folder 0755."""
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
@@ -36,8 +47,25 @@ def save_hf(state_dict: dict[str, torch.Tensor], config, tokenizer, out: Path) -
         sd.pop("lm_head.weight", None)
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.name_or_path = str(out)
     config.save_pretrained(out)
+    (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for name in ("tokenizer_config.json", "config.json"):
+        path = out / name
+        if path.exists():
+            d = json.loads(path.read_text())
+            cleaned = {k: v for k, v in d.items() if k not in _LOAD_OPTIONS}
+            if "_name_or_path" in cleaned:            # not the model it was cut from
+                cleaned["_name_or_path"] = str(out)
+            if "name_or_path" in cleaned:
+                cleaned["name_or_path"] = str(out)
+            if cleaned != d:
+                path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(EXPORT_FILE_MODE)
+    out.chmod(EXPORT_DIR_MODE)
     return out
 
 
@@ -55,10 +83,15 @@ def export_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | None = N
     meta = json.loads(meta_path.read_text())
     config = AutoConfig.from_pretrained(ckpt_dir / tag / "hf_config")
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / tag / "hf_config")
+    gen = None
+    if (ckpt_dir / tag / "hf_config" / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(ckpt_dir / tag / "hf_config")
     enforce_weights_only()            # zero_to_fp32 passes weights_only=False
     with refuse_unsafe(ckpt_dir / tag, "checkpoint"):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    save_hf(sd, config, tokenizer, out)
+    save_hf(sd, config, tokenizer, out, gen)
     (out / "sampledkd_export.json").write_text(json.dumps({"checkpoint": str(ckpt_dir / tag),
                                                            "step": meta["step"]}, indent=1))
     return out

@@ -370,6 +370,31 @@ def test_untied_qwen_sized_student_with_default_flags_matches_plain_torch(runs):
     assert abs(ref_loss[-1] - ref_loss[0]) > 1e-2
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_tensorboard_events_hold_every_metrics_field(runs):
+    """Read run A's event files with tensorboard's own reader: every numeric metrics.jsonl
+    field is a scalar train/<field> with the same value at every step, the keys are text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["A"] / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    recs = metrics(runs["A"])
+    scalars = set(acc.Tags()["scalars"])
+    for field in recs[0]:
+        if field in ("keys", "rank_keys"):
+            texts = {e.step: e.tensor_proto.string_val[0].decode()
+                     for e in acc.Tensors(f"train/{field}/text_summary")}
+            assert texts == {r["step"]: " ".join(r[field]) for r in recs}, field
+            continue
+        numeric = [r for r in recs if isinstance(r[field], (int, float))]
+        if not numeric:           # e.g. select_threshold is null under topk
+            continue
+        assert f"train/{field}" in scalars, (field, sorted(scalars))
+        got = {e.step: e.value for e in acc.Scalars(f"train/{field}")}
+        assert got == pytest.approx({r["step"]: float(r[field]) for r in numeric}, rel=1e-6), field
+
+
 # ------------------------------------------------------------------ 2. preemption and crashes
 def _tree(pid: int):
     import psutil

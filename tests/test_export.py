@@ -55,6 +55,28 @@ def _check_hf_dir(d: Path, tied: bool = True) -> None:
     assert "model.embed_tokens.weight" in keys and not any(k.startswith("module.") for k in keys)
     assert ("lm_head.weight" in keys) is not tied          # a tied head is stored once
     assert AutoTokenizer.from_pretrained(d)("the fox").input_ids
+    _check_shareable(d)
+
+
+def _check_shareable(d: Path) -> None:
+    """What other users and stock tools need: readable files, a generation config, no
+    load-time options in the tokenizer config, and no name pointing at another model."""
+    import stat
+
+    from transformers import AutoConfig, GenerationConfig
+
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    for f in d.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, (f.name, oct(f.stat().st_mode))
+    assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o644
+    gen = GenerationConfig.from_pretrained(d)
+    assert gen.eos_token_id == AutoConfig.from_pretrained(d).eos_token_id is not None
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tok_cfg and "is_local" not in tok_cfg, tok_cfg
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = json.loads((d / name).read_text())
+        for key in ("_name_or_path", "name_or_path"):
+            assert cfg.get(key, str(d)) == str(d), (name, key, cfg.get(key))
 
 
 @pytest.mark.dist

@@ -7,10 +7,10 @@
 Tasks keep lm-eval's registry names (gsm8k, arc_easy, arc_challenge, hellaswag, piqa,
 lambada_openai, aime25, ifeval) plus our `svamp`; groups: `paper` (all nine), `quick`
 (the five loglikelihood tasks). `pipeline.tasks` writes one YAML per task under
-`OUT/tasks/` (hub data, or `--data-dir` JSONL in each dataset's own schema; layout in
-`pipeline/tasks/__init__.py`). The model is loaded once; each task then runs through
-`lm_eval.simple_evaluate` in turn, so the progress bar counts tasks and each task gets
-its own generation limit.
+`OUT/tasks/` (hub data, or a copy of the `--data-dir` JSONL in each dataset's own schema,
+never the hub; layout in `pipeline/tasks/__init__.py`). The model is loaded once; each
+task then runs through `lm_eval.simple_evaluate` in turn, so the progress bar counts
+tasks and each task gets its own generation limit.
 
 Outputs:
 - `OUT/results.json`: lm-eval's results dict (`results` keyed by task name with
@@ -18,8 +18,14 @@ Outputs:
   `n-samples`, `config`, ...) merged over the tasks, plus two keys of ours:
   `heldout` (`pipeline.heldout.heldout_metrics`' dict, with `--heldout`) and `sampledkd`
   (`model`, `tasks`, `data_dir`, `headline` {task: [metric key, value]}, `gen_kwargs`
-  and `wall_time_s` per task).
+  and `wall_time_s` per task). A `--heldout`-only run (no `--tasks`) writes the same
+  layout with empty task tables, so lm-eval's readers (`lm_eval.utils.make_table`) take
+  every results.json this stage writes.
 - `OUT/results.md`: the headline table, the held-out table, lm-eval's full table.
+- `OUT/tasks/`: the task folder lm-eval ran (YAMLs, hooks, offline data copies; no
+  absolute path, see `pipeline/tasks/__init__.py`); lm-eval's own CLI reruns it from
+  anywhere: `lm_eval --model hf --model_args pretrained=MODEL --include_path OUT/tasks
+  --tasks ...`.
 - `OUT/samples_{task}.jsonl` with `--log-samples`.
 
 A generation task's `max_gen_toks` is the task's own (lm-eval's default 256 where it sets
@@ -41,6 +47,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pipeline import tasks as task_registry
+from pipeline.tracking import log_results
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -204,11 +211,21 @@ class _DropGenKwargsNotice(logging.Filter):
         return not str(record.msg).startswith("generation_kwargs:")
 
 
+class _DropCustomDatasetNotice(logging.Filter):
+    """lm-eval warns that "Custom kwargs can be passed to `--metadata`" whenever a task has a
+    `custom_dataset`; every offline task of ours has one (`pipeline/tasks/local_data.py`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in str(record.msg)
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """lm-eval logs every request batch at INFO; keep warnings unless --verbose."""
-    evaluator_log = logging.getLogger("lm_eval.evaluator")
-    if not any(isinstance(f, _DropGenKwargsNotice) for f in evaluator_log.filters):
-        evaluator_log.addFilter(_DropGenKwargsNotice())
+    for name, cls in (("lm_eval.evaluator", _DropGenKwargsNotice),
+                      ("lm_eval.api.task", _DropCustomDatasetNotice)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
     if verbose:
         return
     import datasets
@@ -289,6 +306,17 @@ def gen_kwargs_for(task: str, cfg: EvalConfig, max_length: int | None) -> dict |
 
 _PER_TASK_KEYS = ("results", "group_subtasks", "configs", "versions", "n-shot",
                   "higher_is_better", "n-samples")
+
+
+def _no_task_results(cfg: EvalConfig) -> dict:
+    """lm-eval's results layout with no task in it (a --heldout-only run), so that lm-eval's
+    readers (`lm_eval.utils.make_table`, ...) take every results.json we write."""
+    import importlib.metadata
+
+    return {key: {} for key in _PER_TASK_KEYS} | {
+        "config": {"model": cfg.model, "model_args": _model_args(cfg), "batch_size": cfg.batch_size,
+                   "device": cfg.device},
+        "lm_eval_version": importlib.metadata.version("lm_eval"), "date": time.time()}
 
 
 def _merge(acc: dict | None, res: dict) -> dict:
@@ -375,7 +403,7 @@ def run(cfg: EvalConfig, console=None) -> dict:
                                    batch_size=cfg.heldout_batch_size, device=cfg.device,
                                    progress=progress)
             ours["wall_time_s"]["heldout"] = time.perf_counter() - t0
-            results = results or {}
+            results = results or _no_task_results(cfg)
             results["heldout"] = held
             console.log(f"held-out: perplexity {held['perplexity']:.4f} over {held['tokens']} tokens"
                         + (f", KL(teacher||student) {held['kl_to_teacher']:.4f}"
@@ -385,6 +413,9 @@ def run(cfg: EvalConfig, console=None) -> dict:
     results["sampledkd"] = ours
     _write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown(results))
+    # The same numbers as TensorBoard scalars eval/<task>/<metric> (and heldout/...) in OUT.
+    log_results(out, {**results["results"], **({"heldout": results["heldout"]}
+                                               if "heldout" in results else {})})
     _print_summary(results, console)
     console.log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return results

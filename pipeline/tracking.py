@@ -74,13 +74,14 @@ class Tracker:
             self.wandb.finish()
 
 
-def log_results(out: Path, name: str, results: dict) -> None:
-    """Evaluation numbers (`{task: {metric: value}}`) as TensorBoard scalars `eval/<name>/...`
-    in `out/tensorboard`, at step 0 (one evaluation per model)."""
+def log_results(out: Path, results: dict) -> None:
+    """Evaluation numbers (`{task: {metric: value}}`, the held-out table as task `heldout`)
+    as TensorBoard scalars `eval/<task>/<metric>` in `out/tensorboard`, at step 0 (one
+    evaluation per model directory)."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / TB_DIR)) as tb:
         for task, metrics in results.items():
             for metric, v in (metrics.items() if isinstance(metrics, dict) else ()):
                 if (x := _scalar(v)) is not None:
-                    tb.add_scalar(f"eval/{name}/{task}/{metric}", x, 0)
+                    tb.add_scalar(f"eval/{task}/{metric}", x, 0)

@@ -9,12 +9,15 @@ higher-is-better metric, the one that answers wrong 0.0.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import make_table
 
 from pipeline import evaluate
 from pipeline import tasks as registry
@@ -113,12 +116,22 @@ def test_every_task_scores_oracle(tmp_path, right):
     evaluate.main(argv)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(res["results"]) == list(registry.PAPER_TASKS)
+    assert _table_rows(make_table(res)) == sorted(registry.PAPER_TASKS)
     for task in registry.PAPER_TASKS:
         got = scores(res, task)
         assert len(got) >= 1, task
         want = 1.0 if right else 0.0
         assert got == {k: want for k in got}, f"{task}: {got}"
         assert res["n-samples"][task]["effective"] == fixture_rows(task), task
+    # The same numbers in TensorBoard, read with tensorboard's own event reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for task in registry.PAPER_TASKS:
+        for k, v in scores(res, task).items():
+            (event,) = acc.Scalars(f"eval/{task}/{k}")
+            assert event.value == pytest.approx(v), (task, k)
         assert res["sampledkd"]["headline"][task] == [registry.HEADLINE[task], want]
     md = (tmp_path / "out" / "results.md").read_text()
     for task in registry.PAPER_TASKS:
@@ -301,3 +314,148 @@ def test_tiny_model_runs_all_nine_offline(tiny, tmp_path):
     assert (out / "results.md").read_text().count("|") > 50
     assert sorted(p.name for p in (out / "tasks").glob("*.yaml")) == sorted(
         f"{t}.yaml" for t in registry.PAPER_TASKS)
+
+
+# ---------------------------------------------------------------------------- lm-eval's own tools
+
+
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub request would fail at once
+
+
+def _absolute_paths_in(folder: Path, *roots: Path) -> list[str]:
+    """'file: root' for every text file under `folder` that names one of `roots`."""
+    hits = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            text = f.read_text(encoding="utf-8")
+            hits += [f"{f.relative_to(folder)}: {r}" for r in roots if str(r) in text]
+    return hits
+
+
+def test_task_folder_moves(tmp_path, monkeypatch):
+    """The task folder names no absolute path: moved away from its data and its origin, it
+    still loads every task (offline, from another cwd); online it names the hub data."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "data"
+    shutil.copytree(FIX, data)
+    folder = registry.write_task_dir(registry.PAPER_TASKS, tmp_path / "run" / "tasks", data)
+    lm_eval_dir = Path(lm_eval.__file__).resolve().parent
+    assert _absolute_paths_in(folder, tmp_path, FIX.parent, lm_eval_dir, Path.cwd()) == []
+    assert "ChilleD" not in (folder / "svamp.yaml").read_text()  # offline SVAMP: no hub name
+    moved = tmp_path / "elsewhere" / "tasks"
+    shutil.copytree(folder, moved)
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(data)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for key, value in _OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    manager = TaskManager(include_path=str(moved), include_defaults=False)
+    loaded = manager.load(list(registry.PAPER_TASKS))["tasks"]
+    assert sorted(loaded) == sorted(registry.PAPER_TASKS)
+    for task, obj in loaded.items():
+        assert len(obj.eval_docs) == fixture_rows(task), task
+        assert obj.config.metadata["config_source"] == str(moved / f"{task}.yaml")
+    # a task folder that lost its data says which file is missing
+    (moved / "data" / "piqa.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data/piqa.jsonl: no such file \(split '(train|validation)'"):
+        TaskManager(include_path=str(moved), include_defaults=False).load(["piqa"])
+    # a rerun may take the folder's own copy as --data-dir
+    registry.write_task_dir(["arc_easy"], moved, moved / "data")
+    [arc] = TaskManager(include_path=str(moved), include_defaults=False).load(["arc_easy"])["tasks"].values()
+    assert len(arc.eval_docs) == fixture_rows("arc_easy")
+    assert sorted(p.name for p in moved.glob("*.yaml")) == ["arc_easy.yaml"]
+
+    online = registry.write_task_dir(["svamp", "hellaswag"], tmp_path / "online")
+    assert _absolute_paths_in(online, tmp_path, FIX.parent, lm_eval_dir) == []
+    assert sorted(p.name for p in online.iterdir()) == ["hellaswag.yaml", "svamp.yaml", "svamp_utils.py"]
+    cfg = yaml.safe_load((online / "svamp.yaml").read_text().replace("!function", ""))
+    assert (cfg["dataset_path"], cfg["test_split"]) == ("ChilleD/SVAMP", "test")
+
+
+def _table_rows(table: str) -> list[str]:
+    """Task names in the first column of a `make_table` table."""
+    return sorted(c for line in table.splitlines()[2:] if (c := line.split("|")[1].strip()))
+
+
+@pytest.mark.parametrize("role", ["teacher", "student_init"])
+def test_heldout_only_results_read_by_make_table(tiny, tmp_path, role):
+    """The demo evaluates the teacher and the initial student on held-out text only: their
+    results.json is in lm-eval's layout too (empty task tables, held-out under `heldout`)."""
+    texts = tmp_path / "held.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"The fox jumps {i} times."}) + "\n" for i in range(4)))
+    kl = ["--teacher", str(tiny)] if role == "student_init" else []
+    evaluate.main(["--model", str(tiny), "--out", str(tmp_path / "o"), "--heldout", str(texts),
+                   *kl, "--seq-len", "8", "--device", "cpu"])
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["results"] == {} and res["versions"] == {} and res["config"]["model"] == str(tiny)
+    assert res["heldout"]["tokens"] > 0 and ("kl_to_teacher" in res["heldout"]) == (role == "student_init")
+    assert make_table(res).startswith("|Tasks|Version|")
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_reruns_a_moved_run(tmp_path):
+    """lm-eval's own CLI, offline, on a moved copy of a run (its export and eval folders),
+    from another cwd, scores the same numbers as pipeline.evaluate wrote."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    build_tiny_model(run_dir / "export", seed=1)
+    shutil.copytree(FIX, run_dir / "data")  # --data-dir inside the run: moves with it
+    held = run_dir / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": f"A teacher answers question {i}."}) + "\n" for i in range(4)))
+    tasks = "svamp,hellaswag"  # our hook + a generation task; lm-eval's hook + loglikelihood
+    evaluate.main(["--model", str(run_dir / "export"), "--tasks", tasks, "--out", str(run_dir / "eval"),
+                   "--data-dir", str(run_dir / "data"), "--limit", "2", "--max-gen-toks", "8",
+                   "--batch-size", "1", "--device", "cpu", "--heldout", str(held), "--seq-len", "8",
+                   "--log-samples"])
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(run_dir, moved)
+    shutil.rmtree(run_dir)
+    ours = json.loads((moved / "eval" / "results.json").read_text())
+    assert _table_rows(make_table(ours)) == ["hellaswag", "svamp"] and "heldout" in ours  # trained
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = dict(os.environ) | _OFFLINE_ENV
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={moved / 'export'},dtype=auto",
+           "--include_path", str(moved / "eval" / "tasks"), "--tasks", tasks, "--limit", "2",
+           "--gen_kwargs", "max_gen_toks=8", "--batch_size", "1", "--device", "cpu",
+           "--output_path", str(cwd / "lm_eval_out"), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [out_file] = (cwd / "lm_eval_out").rglob("results_*.json")
+    theirs = json.loads(out_file.read_text())
+    assert _table_rows(make_table(theirs)) == ["hellaswag", "svamp"]
+    for task in ("svamp", "hellaswag"):
+        # the CLI used the moved folder's YAML (not lm-eval's hub task of the same name)
+        assert theirs["configs"][task]["metadata"]["config_source"] == str(moved / "eval" / "tasks" / f"{task}.yaml")
+        assert theirs["n-samples"][task] == ours["n-samples"][task]
+        metrics = {k: v for k, v in ours["results"][task].items() if "," in k}
+        assert metrics and {k: theirs["results"][task][k] for k in metrics} == pytest.approx(metrics), task
+        # and item by item: the same documents, generations and log-likelihoods
+        [cli_samples] = out_file.parent.glob(f"samples_{task}_*.jsonl")
+        mine = _samples(moved / "eval" / f"samples_{task}.jsonl")
+        assert len(mine) == 2 and mine == _samples(cli_samples), task
+
+
+def _samples(path: Path) -> list:
+    """(doc_id, doc, filtered responses) per logged sample; lm-eval's CLI writes numbers and
+    booleans as strings, pipeline.evaluate as JSON values: both read back as float/str."""
+    def norm(v):
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        if isinstance(v, bool):
+            return str(v)
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted((r["doc_id"], json.dumps(r["doc"], sort_keys=True), norm(r["filtered_resps"])) for r in rows)

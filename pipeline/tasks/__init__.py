@@ -1,18 +1,31 @@
 """The nine evaluation tasks: names, groups, headline metrics, offline data, NLTK data.
 
 Tasks keep the names lm-eval registers (`gsm8k`, `arc_easy`, ...); SVAMP, which lm-eval
-lacks, is our `svamp.yaml` next to this file. For every run `write_task_dir` writes one
-small YAML per task into a folder that a `TaskManager(include_defaults=False)` indexes in
-milliseconds (the full registry takes ~7 s). Each YAML `include:`s the task's own YAML
-by absolute path, so prompts, filters, metrics and `!function` hooks stay lm-eval's;
-offline it only swaps the data source:
+lacks, is our `svamp.yaml` next to this file (its hub definition: `ChilleD/SVAMP`). For
+every run `write_task_dir` writes a task folder that a `TaskManager(include_defaults=False)`
+indexes in milliseconds (the full registry takes ~7 s) and that lm-eval's own CLI reads
+(`lm_eval --include_path FOLDER --tasks ...`). The folder holds no absolute path, so it
+keeps working after the run directory is moved or copied (to another machine too, given
+the same lm-eval):
 
-    include: /.../lm_eval/tasks/arc/arc_easy.yaml
+    FOLDER/{task}.yaml   the task's own YAML with its `include:`s merged (prompts, filters,
+                         metrics as lm-eval's), `tag: []` (no inherited group warnings);
+                         lm-eval's `!function utils.f` hooks become importable names
+                         (`!function lm_eval.tasks.hellaswag.utils.process_docs`), ours
+                         (`svamp_utils.py`) are copied next to the YAML
+    FOLDER/data/*.jsonl  offline only: a copy of the `--data-dir` files the tasks read
+    FOLDER/local_data.py offline only: the `custom_dataset` hook that loads data/*.jsonl
+                         relative to its own folder (see `local_data.py`)
+
+Offline (`--data-dir`) a YAML swaps only the data source, and names no hub dataset:
+
     task: arc_easy
-    tag: []                      # drop inherited tags (silences group warnings)
-    dataset_path: json           # offline only: local JSONL instead of the hub
+    dataset_path: json
     dataset_name: null
-    dataset_kwargs: {data_files: {train: DIR/arc_easy.jsonl, validation: ..., test: ...}}
+    custom_dataset: !function local_data.load
+    dataset_kwargs: {data_files: {test: data/arc_easy.jsonl, train: ..., validation: ...}}
+
+Without `--data-dir` the YAML keeps the task's hub dataset (the online path).
 
 Offline data layout (`--data-dir DIR`): `DIR/{task}.jsonl` holds the scored items in the
 dataset's own schema (`REQUIRED_FIELDS` names the fields each task reads). A split may
@@ -32,6 +45,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +108,10 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
+# In a task folder written by `write_task_dir`: offline data, and the hook that reads it.
+DATA_SUBDIR = "data"
+_DATA_HOOK = "local_data"
+
 
 def valid_names() -> list[str]:
     """Task and group names `resolve_tasks` accepts."""
@@ -123,27 +141,25 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def lm_eval_tasks_dir() -> Path:
+    """lm-eval's built-in tasks folder (`.../site-packages/lm_eval/tasks`)."""
+    # find_spec locates the package without importing lm_eval.tasks (datasets, ~5 s)
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("lm-eval is not installed: pip install 'lm-eval[hf,ifeval,math]'")
+    return Path(spec.origin).resolve().parent / "tasks"
+
+
 def base_yaml(task: str) -> Path:
     """Absolute path of the task's own YAML (lm-eval's, or ours for SVAMP)."""
     rel = _YAML[task]
     if rel.startswith("pipeline:"):
         return HERE / rel.removeprefix("pipeline:")
-    # find_spec locates the package without importing lm_eval.tasks (datasets, ~5 s)
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("lm-eval is not installed: pip install 'lm-eval[hf,ifeval,math]'")
-    path = Path(spec.origin).resolve().parent / "tasks" / rel
+    path = lm_eval_tasks_dir() / rel
     if not path.is_file():
         raise FileNotFoundError(f"task {task!r}: lm-eval {importlib.metadata.version('lm_eval')} has "
                                 f"no {path}; this pipeline was written against lm-eval 0.4.13")
     return path
-
-
-class _KeepFunctionTags(yaml.SafeLoader):
-    """SafeLoader that reads `!function mod.fn` as a plain string (we only read splits)."""
-
-
-_KeepFunctionTags.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
 def task_config(task: str) -> dict:
@@ -153,16 +169,7 @@ def task_config(task: str) -> dict:
 
 @functools.cache
 def _task_config(task: str) -> dict:
-    def load(path: Path) -> dict:
-        cfg = yaml.load(path.read_text(), Loader=_KeepFunctionTags)  # noqa: S506 (SafeLoader)
-        merged: dict = {}
-        includes = cfg.pop("include", [])
-        for inc in includes if isinstance(includes, list) else [includes]:
-            merged.update(load(path.parent / inc))
-        merged.update(cfg)
-        return merged
-
-    return load(base_yaml(task))
+    return _map_hooks(_flat_config(base_yaml(task)), lambda hook: hook.spec)
 
 
 def eval_split(cfg: dict) -> str:
@@ -190,10 +197,13 @@ class OfflineData:
     fewshot_rows: int
     """Exemplars available to one item (the scored item excluded when pools coincide)."""
 
-    def yaml_overrides(self) -> dict:
-        """Task-config keys that point lm-eval at these files."""
+    def yaml_overrides(self, data_subdir: str = DATA_SUBDIR) -> dict:
+        """Task-config keys that point lm-eval at copies of these files in `data_subdir/`
+        next to the YAML (paths relative to the task folder, read by `local_data.load`)."""
+        rel = {split: f"{data_subdir}/{Path(path).name}" for split, path in self.files.items()}
         return {"dataset_path": "json", "dataset_name": None,
-                "dataset_kwargs": {"data_files": self.files},
+                "custom_dataset": _Hook(f"{_DATA_HOOK}.load"),
+                "dataset_kwargs": {"data_files": rel},
                 # explicit, so that a few-shot pool equal to the scored split is recognized
                 # (hellaswag/piqa score `validation` and set no test split)
                 "test_split": self.test_split, "fewshot_split": self.fewshot_split}
@@ -254,18 +264,126 @@ def check_jsonl(task: str, path: Path) -> int:
     return rows
 
 
+@dataclass(frozen=True)
+class _Hook:
+    """A `!function MODULE.FN` value; `base` is the folder of the YAML that named it (None:
+    resolved already, i.e. a name the task folder itself or `import` can find)."""
+
+    spec: str
+    base: Path | None = None
+
+
+def _flat_config(path: Path) -> dict:
+    """`path`'s config with its `include:`s merged (local keys win), hooks as `_Hook`s."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _Hook(loader.construct_scalar(node), path.parent))
+    cfg = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (SafeLoader)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a YAML mapping, got {type(cfg).__name__}")
+    merged: dict = {}
+    includes = cfg.pop("include", [])
+    for inc in includes if isinstance(includes, list) else [includes]:
+        inc_path = Path(inc) if Path(inc).is_absolute() else path.parent / inc
+        merged.update(_flat_config(inc_path))
+    merged.update(cfg)
+    return merged
+
+
+def _portable_hook(hook: _Hook, out: Path, lm_eval_tasks: Path) -> _Hook:
+    """The same function under a name that resolves from `out` wherever it is moved.
+
+    lm-eval first looks for `MODULE.py` next to the YAML, then imports MODULE. A hook of
+    lm-eval's own tasks becomes its import name; a module of ours is copied into `out`.
+    """
+    if hook.base is None:
+        return hook
+    module, _, fn = hook.spec.rpartition(".")
+    src = (hook.base / f"{module.replace('.', '/')}.py").resolve()
+    if not src.is_file():  # not a file next to its YAML: an importable name already
+        return _Hook(hook.spec)
+    if src.is_relative_to(lm_eval_tasks):
+        parts = src.relative_to(lm_eval_tasks).with_suffix("").parts
+        if all(p.isidentifier() for p in parts):
+            return _Hook(".".join(("lm_eval", "tasks", *parts, fn)))
+    if "." in module:
+        raise ValueError(f"{src}: hook {hook.spec!r} lives in a package folder; cannot copy it "
+                         f"into the task folder {out}")
+    dst = out / src.name
+    if dst.is_file() and dst.read_bytes() != src.read_bytes():
+        raise ValueError(f"{out}: two different hook modules named {src.name} ({src} and another)")
+    shutil.copyfile(src, dst)
+    return _Hook(hook.spec)
+
+
+def _map_hooks(value, fn):
+    """`value` with every `_Hook` replaced by `fn(hook)` (dicts and lists walked)."""
+    if isinstance(value, _Hook):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_hooks(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_hooks(v, fn) for v in value]
+    return value
+
+
+class _TaskDumper(yaml.SafeDumper):
+    """Writes `_Hook`s back as `!function` tags, multi-line strings on one line ("a\\nb")."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = '"' if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_TaskDumper.add_representer(_Hook, lambda dumper, h: dumper.represent_scalar("!function", h.spec))
+_TaskDumper.add_representer(str, _represent_str)
+
+
+def _header(task: str, source: Path, lm_eval_tasks: Path, offline: bool) -> str:
+    origin = (f"lm-eval {importlib.metadata.version('lm_eval')}'s "
+              f"{source.relative_to(lm_eval_tasks).as_posix()}" if source.is_relative_to(lm_eval_tasks)
+              else f"pipeline/tasks/{source.name}")
+    data = (f"# Data: {DATA_SUBDIR}/*.jsonl next to this file (a copy of --data-dir), read by "
+            f"{_DATA_HOOK}.py; no hub access.\n" if offline else "# Data: the hub dataset below.\n")
+    return (f"# Task {task!r}, written by pipeline.evaluate: {origin} with its includes merged.\n"
+            + data + "# Paths are relative to this folder; it can be moved. lm-eval's own CLI reads it:\n"
+            f"#   lm_eval --model hf --model_args pretrained=MODEL --include_path THIS_FOLDER --tasks {task}\n")
+
+
 def write_task_dir(tasks: Iterable[str], out_dir: str | Path,
                    data_dir: str | Path | None = None) -> Path:
-    """Write `out_dir/{task}.yaml` for each task (hub data, or `data_dir`'s JSONL). -> out_dir"""
+    """Write the task folder `out_dir` (layout in the module docstring). -> out_dir
+
+    Self-contained: `{task}.yaml` per task, the hook modules of ours they name, and
+    offline (`data_dir`) a copy of the JSONL files they read plus `local_data.py`.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.yaml"):
-        stale.unlink()  # a task dropped since the last run must not stay indexed
+    # a rerun may read a task folder's own copy (--data-dir OUT/tasks/data): keep it then
+    in_place = data_dir is not None and Path(data_dir).resolve() == (out / DATA_SUBDIR).resolve()
+    # a task or file dropped since the last run must not stay indexed (or be read)
+    for stale in (*out.glob("*.yaml"), *out.glob("*.py")):
+        stale.unlink()
+    if not in_place:
+        shutil.rmtree(out / DATA_SUBDIR, ignore_errors=True)
+    lm_eval_tasks = lm_eval_tasks_dir()
     for task in tasks:
-        cfg: dict = {"include": str(base_yaml(task)), "task": task, "tag": []}
+        source = base_yaml(task)
+        cfg = {"task": task, "tag": []}
+        cfg |= {k: v for k, v in _flat_config(source).items() if k not in cfg}
         if data_dir is not None:
-            cfg |= offline_data(task, data_dir).yaml_overrides()
-        (out / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            data = offline_data(task, data_dir)
+            (out / DATA_SUBDIR).mkdir(exist_ok=True)
+            for path in sorted(set(data.files.values())) if not in_place else ():
+                shutil.copyfile(path, out / DATA_SUBDIR / Path(path).name)
+            cfg |= data.yaml_overrides()
+            shutil.copyfile(HERE / f"{_DATA_HOOK}.py", out / f"{_DATA_HOOK}.py")
+        cfg = _map_hooks(cfg, lambda h: _portable_hook(h, out, lm_eval_tasks))
+        text = yaml.dump(cfg, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True, width=100)
+        (out / f"{task}.yaml").write_text(_header(task, source, lm_eval_tasks, data_dir is not None) + text)
     return out
 
 

@@ -1,12 +1,17 @@
 #!/bin/bash
 # Stage 2: distill the student from the cache (DeepSpeed ZeRO-3), one torchrun launcher per node.
-#   sbatch --nodes=2 --gpus-per-node=8 slurm/distill.sh   # 2 x 8 workers; submit from the repo root
-#   sbatch --nodes=2 slurm/distill.sh                     # CPU nodes: NPROC_PER_NODE (default 1) workers each
-#   NPROC_PER_NODE=2 bash slurm/distill.sh                # no SLURM: torchrun --standalone
+#   STUDENT=/models/s CACHE_DIR=/scratch/cache RUN_DIR=/scratch/run1 \
+#     sbatch --nodes=2 --gpus-per-node=8 slurm/distill.sh   # 2 x 8 workers; submit from the repo root
+#   ... sbatch --nodes=2 slurm/distill.sh                   # CPU nodes: NPROC_PER_NODE (default 1) workers each
+#   ... NPROC_PER_NODE=2 bash slurm/distill.sh              # no SLURM: torchrun --standalone
+#   ... bash slurm/distill.sh --dry-run                     # check the variables, print the command
+# Required: STUDENT, CACHE_DIR, RUN_DIR (and TEACHER with MODE=dense_kd). Every other program
+# flag is passed only when its variable is set, so its default is pipeline.distill's (mode,
+# DeepSpeed config, steps, the loss recipe); EXTRA_ARGS is appended verbatim. The variables:
+# slurm/README.md.
 # Time limit: 120 s before it, SLURM sends USR1 to this shell, which passes it to the workers
 # (they checkpoint and exit) and requeues the job; every run passes --resume, so the rerun
 # continues from RUN_DIR (a missing checkpoint means a fresh start).
-# Optional flags are passed only when their variable is set; EXTRA_ARGS is appended verbatim.
 #SBATCH --job-name=sampledkd-distill
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -16,41 +21,38 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
+me=distill.sh
+# The shared preamble. Under sbatch this file runs from a spool copy: slurm/common.sh is then
+# found through REPO_DIR or the submit directory (submit from the repo root).
+for d in "$(dirname "$0")" "${REPO_DIR:-.}/slurm" "${SLURM_SUBMIT_DIR:-.}/slurm"; do [[ -f $d/common.sh ]] && break; done
+[[ -f $d/common.sh ]] || { echo "$me: slurm/common.sh not found: submit from the repo root or set REPO_DIR" >&2; exit 2; }
+source "$d/common.sh"
 
-# Under sbatch this file runs from a spool copy: the repo is then the submit directory.
-repo=$(cd "$(dirname "$0")/.." && pwd); [[ -d $repo/pipeline ]] || repo=${SLURM_SUBMIT_DIR:-$PWD}
-cd "${REPO_DIR:-$repo}"
-# The caller's NPROC_PER_NODE, before the defaults: theirs (2 CPU workers) is for runs
-# outside SLURM; inside, workers per node follow the allocation (its GPUs, else 1).
-nproc_caller=${NPROC_PER_NODE-}
-# Demo defaults (any variable set in the environment wins); see slurm/defaults.sh.
-[[ -f $repo/slurm/defaults.sh && -z ${SAMPLEDKD_NO_DEFAULTS:-} ]] && source "$repo/slurm/defaults.sh"
-[[ -d pipeline ]] || { echo "distill.sh: no pipeline/ in $PWD: submit from the repo root or set REPO_DIR" >&2; exit 2; }
-
-PYTHON=${PYTHON:-python}
-STUDENT=${STUDENT:-runs/demo/student-init}
-CACHE_DIR=${CACHE_DIR:-runs/demo/cache}
-RUN_DIR=${RUN_DIR:-runs/demo/student}
-MODE=${MODE:-sampledkd}                      # sampledkd | no_kd | dense_kd | rskd_all
-DS_CONFIG=${DS_CONFIG-ds_configs/zero3.json}  # set it empty to run without --deepspeed
+need STUDENT "the initial student: HF checkpoint directory, hub id or config.json (--student)" \
+  CACHE_DIR "the teacher cache written by slurm/cache.sh (--cache)" \
+  RUN_DIR "the run directory: metrics, checkpoints, export/ (--out)"
+if [[ ${MODE:-} == dense_kd ]]; then need TEACHER "MODE=dense_kd: the online teacher (--teacher)"; fi
+check_needs
+# Workers per node: NPROC_PER_NODE, else the node's GPUs (GPUS_PER_NODE, else the allocation's),
+# else 1.
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
-if [[ -n ${SLURM_JOB_ID:-} ]]; then NPROC_PER_NODE=$nproc_caller; fi
 export NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1))}
-read -ra extra <<<"${EXTRA_ARGS:-}"
-args=(--student "$STUDENT" --cache "$CACHE_DIR" --out "$RUN_DIR" --mode "$MODE" --resume
-  ${DS_CONFIG:+--deepspeed "$DS_CONFIG"} ${SELECT:+--select "$SELECT"}
-  ${SELECT_FRAC:+--select-frac "$SELECT_FRAC"} ${STEPS:+--steps "$STEPS"}
-  ${MICRO_BATCH:+--micro-batch "$MICRO_BATCH"} ${LR:+--lr "$LR"} ${SEED:+--seed "$SEED"}
-  ${WARMUP_STEPS:+--warmup-steps "$WARMUP_STEPS"} ${SELECT_SCORE:+--select-score "$SELECT_SCORE"}
-  ${GLS_QUEUE:+--gls-queue "$GLS_QUEUE"} ${GLS_WARMUP:+--gls-warmup "$GLS_WARMUP"}
-  ${CE_WEIGHT:+--ce-weight "$CE_WEIGHT"} ${KD_WEIGHT:+--kd-weight "$KD_WEIGHT"}
-  ${CE_POSITIONS:+--ce-positions "$CE_POSITIONS"})
-if [[ $MODE == dense_kd ]]; then args+=(--teacher "${TEACHER:?dense_kd needs TEACHER (the online teacher)}"); fi
+args=(--student "$STUDENT" --cache "$CACHE_DIR" --out "$RUN_DIR")
+flags MODE --mode
+args+=(--resume)
+flags DS_CONFIG --deepspeed SELECT --select SELECT_FRAC --select-frac STEPS --steps \
+  MICRO_BATCH --micro-batch LR --lr SEED --seed WARMUP_STEPS --warmup-steps \
+  SELECT_SCORE --select-score GLS_QUEUE --gls-queue GLS_WARMUP --gls-warmup \
+  CE_WEIGHT --ce-weight KD_WEIGHT --kd-weight CE_POSITIONS --ce-positions
+if [[ ${MODE:-} == dense_kd ]]; then args+=(--teacher "$TEACHER"); fi
 args+=("${extra[@]}")
 
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  dry_run_exit "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m pipeline.distill "${args[@]}"
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m pipeline.distill "${args[@]}"
 fi
+dry_run_exit srun "$PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC_PER_NODE" \
+  -m pipeline.distill "${args[@]}"
 
 # Rendezvous on the allocation's first host; the port is per job since jobs may share a host.
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
@@ -66,6 +68,6 @@ srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --nproc_per_node "$NPROC_PER_NODE" \
   -m pipeline.distill "$@"' "$PYTHON" "${args[@]}" &
 step=$!  # in the background, so that this shell takes USR1 while it waits
-trap 'echo "distill.sh: USR1: the workers checkpoint and exit, then requeue" >&2
+trap 'echo "$me: USR1: the workers checkpoint and exit, then requeue" >&2
   kill -USR1 "$step"; wait "$step" || true; scontrol requeue "$SLURM_JOB_ID"; exit 0' USR1
 wait "$step"

@@ -4,13 +4,22 @@
 #   NODES=2 GPUS_PER_NODE=8 bash slurm/pipeline.sh   # submit the three jobs and return
 #   WAIT=1 bash slurm/pipeline.sh                    # wait for eval; exit 0 only if it completed (CI)
 #   LOCAL=1 NTASKS=2 bash slurm/pipeline.sh          # no SLURM
+# Before anything runs, each stage is checked with `slurm/X.sh --dry-run`.
 # The variables of cache.sh, distill.sh and eval.sh pass through (sbatch exports the environment;
-# export them). Per-stage extra program flags: CACHE_ARGS, DISTILL_ARGS, EVAL_ARGS (each becomes
-# that stage's EXTRA_ARGS); extra sbatch options for all three: SBATCH_ARGS (or SBATCH_* variables).
+# export them): TEACHER, DATA, CACHE_DIR, STUDENT, RUN_DIR and TASKS (or HELDOUT) are required,
+# the rest default to the pipeline's own (slurm/README.md). Per-stage extra program flags:
+# CACHE_ARGS, DISTILL_ARGS, EVAL_ARGS (each becomes that stage's EXTRA_ARGS); extra sbatch
+# options for all three: SBATCH_ARGS (or SBATCH_* variables).
 set -euo pipefail
 
 S=$(cd "$(dirname "$0")" && pwd)  # the job scripts, next to this one
 export REPO_DIR=${REPO_DIR:-$(dirname "$S")}
+
+# Check the three stages' variables first (each prints its command), so that a missing
+# STUDENT or TASKS stops this script, not the distill job after a day of caching.
+EXTRA_ARGS=${CACHE_ARGS:-} bash "$S/cache.sh" --dry-run
+EXTRA_ARGS=${DISTILL_ARGS:-} bash "$S/distill.sh" --dry-run
+EXTRA_ARGS=${EVAL_ARGS:-} bash "$S/eval.sh" --dry-run
 
 if [[ ${LOCAL:-0} == 1 ]] || ! command -v sbatch >/dev/null; then
   EXTRA_ARGS=${CACHE_ARGS:-} bash "$S/cache.sh"

@@ -26,7 +26,9 @@ NODES = {"node1", "node2"}
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 180,
          ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # From the repo root: under sbatch a job script finds slurm/common.sh through the submit
+    # directory (REPO_DIR points at the stand-ins, which have no slurm/).
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
 def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -35,8 +37,8 @@ def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(REPO_DIR=str(FAKE_REPO), PYTHON=sys.executable, TEACHER="teacher-id",
                DATA=str(tmp_path / "data.jsonl"), CACHE_DIR=str(tmp_path / "cache"),
                STUDENT=str(tmp_path / "student-init"), RUN_DIR=str(tmp_path / "run"),
-               EVAL_DIR=str(tmp_path / "eval"), DS_CONFIG="", LOG_DIR=str(tmp_path / "logs"),
-               SAMPLEDKD_NO_DEFAULTS="1")  # the scripts' own logic, not the demo defaults
+               EVAL_DIR=str(tmp_path / "eval"), TASKS="quick", DS_CONFIG="",
+               LOG_DIR=str(tmp_path / "logs"))
     env.update(extra)
     (tmp_path / "logs").mkdir(exist_ok=True)  # sbatch does not create the --output folder
     return env
@@ -139,7 +141,7 @@ def test_distill_sh_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert len(done) == 2 and all(d["env"]["SLURM_RESTART_COUNT"] == "1" for d in done)
     assert done[0]["argv"] == ["--student", str(tmp_path / "student-init"),
                                "--cache", str(tmp_path / "cache"), "--out", str(run),
-                               "--mode", "sampledkd", "--resume", "--steps", "5",
+                               "--resume", "--steps", "5",
                                "--log-every", "1"]
 
 

@@ -43,10 +43,10 @@ def test_sbatch_cache_then_distill_on_two_nodes_exports(cluster, tmp_path):
                DATA=str(tmp_path / "data.jsonl"), CACHE_DIR=str(tmp_path / "cache"),
                RUN_DIR=str(tmp_path / "run"), SEQ_LEN="64", MAX_WINDOWS="32", STEPS=str(STEPS),
                DS_CONFIG="ds_configs/zero3_test.json", EXTRA_ARGS="--shard-samples 4")
-    # The rest comes from slurm/defaults.sh (the demo's gls, micro-batch 2, ...), as shipped;
-    # its NPROC_PER_NODE=2 is for runs outside SLURM: here one worker per CPU node.
+    # The rest are the pipeline's defaults (the scripts pass no flag whose variable is unset);
+    # one worker per CPU node (NPROC_PER_NODE unset, no GPUs).
     env.pop("NPROC_PER_NODE", None)
-    env.pop("SAMPLEDKD_NO_DEFAULTS", None)
+    env["MICRO_BATCH"] = "2"
     proc = _sbatch("cache.sh", env, tmp_path / "cache.out")
     assert proc.returncode == 0, proc.stderr + (tmp_path / "cache.out").read_text()[-4000:]
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())

@@ -3,6 +3,9 @@ Wikipedia text, 2 CPU ranks per stage. Run through `bash scripts/demo.sh`.
 
     python tools/demo.py [--out runs/demo] [--steps 48] [--max-windows 192] [--tiny]
 
+The demo's settings (T, windows, steps, the loss recipe, the evaluation's fixtures and
+limits) live in scripts/demo.env and nowhere else; a variable set in the environment wins.
+
 1. assets (cached after the first run): teacher, a 6-layer student cut (teacher layers
    0-2 and 27-29), train/held-out text;
 2. stage 1 through slurm/cache.sh (mpiexec, 2 ranks, U=12 priority samples, T=256);
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +32,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+DEMO_ENV = REPO / "scripts" / "demo.env"
+
+
+def demo_settings(path: Path = DEMO_ENV, environ: dict | None = None) -> dict[str, str]:
+    """scripts/demo.env (KEY=VALUE lines, shell quoting and comments, no expansion); a
+    variable set in `environ` (default os.environ) wins over the file."""
+    environ = os.environ if environ is None else environ
+    settings = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        key, eq, value = words[0].partition("=")
+        if len(words) != 1 or not eq or not key.isidentifier():
+            raise SystemExit(f"demo: {path}:{n}: expected KEY=VALUE, got {line!r}")
+        settings[key] = environ.get(key, value)
+    return settings
 
 
 def sh(cmd: list[str], env: dict, what: str) -> float:
@@ -108,23 +129,25 @@ def main() -> None:
         t0 = time.perf_counter()
         assets = prepare_assets(cache)
         print(f"--- assets: {time.perf_counter() - t0:.0f} s", flush=True)
-    seq = "64" if args.tiny else os.environ.get("SEQ_LEN", "256")
-    env = dict(os.environ, PYTHON=PY, TEACHER=assets["teacher"], DATA=assets["train"],
-               STUDENT=assets["student"], CACHE_DIR=str(out / "cache"), SEQ_LEN=seq,
+    s = demo_settings()
+    if args.tiny:
+        s.update(SEQ_LEN="64", MICRO_BATCH="1", HELDOUT_MAX_WINDOWS="8")
+    if args.max_windows or args.tiny:
+        s["MAX_WINDOWS"] = str(args.max_windows or 24)
+    if args.steps or args.tiny:
+        s["STEPS"] = str(args.steps or 4)
+    seq = s["SEQ_LEN"]
+    # The job scripts read their settings from the environment: the demo's, then the paths.
+    env = dict(os.environ, **s, PYTHON=PY, TEACHER=assets["teacher"], DATA=assets["train"],
+               STUDENT=assets["student"], CACHE_DIR=str(out / "cache"),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if args.max_windows or args.tiny:
-        env["MAX_WINDOWS"] = str(args.max_windows or 24)
-    if args.steps or args.tiny:
-        env["STEPS"] = str(args.steps or 4)
-    if args.tiny:
-        env.update(MICRO_BATCH="1")
-    times = {"cache": sh(["bash", "slurm/cache.sh"], dict(env, EXTRA_ARGS="--shard-samples 16"),
-                         "stage 1: teacher cache (2 ranks)")}
+    times = {"cache": sh(["bash", "slurm/cache.sh"], dict(env, EXTRA_ARGS=s["CACHE_ARGS"]),
+                         f"stage 1: teacher cache ({s['NTASKS']} ranks)")}
     runs = {"sampledkd": out / "sampledkd", "no_kd": out / "no_kd"}
     if args.tiny:
         env["GLS_WARMUP"] = "256"  # 2 steps of per-sequence top-k, then the global threshold
-    # The recipe (slurm/defaults.sh): sparse KD on the GLS top 25% by teacher entropy, CE on
+    # The recipe (scripts/demo.env): sparse KD on the GLS top 25% by teacher entropy, CE on
     # the other 75%; the no-KD student trains on CE at every position instead.
     times["sampledkd"] = sh(["bash", "slurm/distill.sh"], dict(
         env, RUN_DIR=str(runs["sampledkd"]), MODE="sampledkd"),
@@ -135,12 +158,12 @@ def main() -> None:
 
     models = {"teacher": assets["teacher"], "student_init": assets["student"],
               "no_kd": str(runs["no_kd"] / "export"), "sampledkd": str(runs["sampledkd"] / "export")}
-    hw = "8" if args.tiny else "24"
+    hw = s["HELDOUT_MAX_WINDOWS"]
     # One process per model: let torch use every core (the 2-rank stages pinned 1 thread each).
     eval_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS" or "OMP_NUM_THREADS" in os.environ}
     for name, model in models.items():
-        tasks = ["--tasks", "paper", "--data-dir", "pipeline/tasks/fixtures", "--limit", "2",
-                 "--max-gen-toks", "16"] if name in ("no_kd", "sampledkd") else []
+        tasks = ["--tasks", s["TASKS"], "--data-dir", s["EVAL_DATA_DIR"], "--limit", s["LIMIT"],
+                 "--max-gen-toks", s["MAX_GEN_TOKS"]] if name in ("no_kd", "sampledkd") else []
         kl = [] if name == "teacher" else ["--teacher", assets["teacher"]]  # KL to itself is 0
         cmd = [PY, "-m", "pipeline.evaluate", "--model", model, "--out", str(out / "eval" / name),
                "--heldout", assets["heldout"], *kl, "--seq-len", seq, "--heldout-max-windows", hw,
@@ -156,7 +179,7 @@ def main() -> None:
        env, "storage: tools/inspect_cache.py")
     sh([PY, "tools/compare_runs.py", *[f"{n}={out / 'eval' / n}" for n in ("no_kd", "sampledkd")],
         "--out", str(plots / "comparison"), "--title",
-        "offline fixture tasks, 2 examples each: proves the lm-eval path, not a score"],
+        f"offline fixture tasks, {s['LIMIT']} examples each: proves the lm-eval path, not a score"],
        env, "comparison: tools/compare_runs.py")
     loss_plot(runs, plots / "loss_curves.png")
 

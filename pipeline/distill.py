@@ -283,8 +283,9 @@ class Trainer:
         model, self.tok, self._dschf = load_student(cfg, self.ds)
         V = model.get_output_embeddings().weight.ds_shape[0] if hasattr(
             model.get_output_embeddings().weight, "ds_shape") else model.get_output_embeddings().weight.shape[0]
-        self.vocab = int(V)
+        self.vocab = int(V)                     # the student's logits dimension, >= the cache's V
         self.reader.check_student(self.tok, self.vocab)
+        self.cache_vocab = int(self.reader.manifest["vocab_size"])
         self.sel_cfg = cfg.selection()
         T = self.reader.seq_len
         self.sel_cfg.validate(has_targets=cfg.mode != "no_kd",
@@ -317,6 +318,16 @@ class Trainer:
     # -- one micro-batch --------------------------------------------------------------------
     def micro_losses(self, b: CacheBatch) -> dict:
         """Local (sum, count) of each loss term for one micro-batch, plus logging values."""
+        if self.vocab > self.cache_vocab:
+            # A padded student (more logits than the cache's V): an unused slot holds the
+            # cache's sentinel, >= its V but maybe < the student's; the losses and the
+            # selector read "id >= the logits dimension" as unused, so map it to the
+            # student's V. Class ids < V index the same classes in both; the student's
+            # softmax runs over all its logits, the padded ones included (the teacher puts
+            # ~0 there, so the student learns ~0 there too).
+            import dataclasses
+
+            b = dataclasses.replace(b, ids=torch.where(b.ids < self.cache_vocab, b.ids, self.vocab))
         cfg, head = self.cfg, self.model.get_output_embeddings()
         h = self.model.get_decoder()(input_ids=b.input_ids).last_hidden_state      # [B,T,H]
         labels = next_token_labels(b.input_ids)
@@ -339,7 +350,13 @@ class Trainer:
         if cfg.mode == "dense_kd":
             logits = head(h.reshape(-1, h.shape[-1]))
             with torch.no_grad():
-                t_logits = self.teacher(input_ids=b.input_ids).logits.reshape(logits.shape)
+                t_logits = self.teacher(input_ids=b.input_ids).logits
+                # The cache's distribution: the teacher's logits of the V tokenizer classes
+                # (padded ones dropped); a padded student's extra classes get p = 0 (-1e9:
+                # exp underflows to 0 for any sane T, where -inf gives 0 * -inf = NaN in the KL).
+                t_logits = t_logits.reshape(-1, t_logits.shape[-1])[:, :self.cache_vocab]
+                if t_logits.shape[1] < self.vocab:
+                    t_logits = F.pad(t_logits, (0, self.vocab - t_logits.shape[1]), value=-1e9)
             # The teacher distribution is the one the cache holds: softmax(y / T_teacher).
             out["kd"] = losses.dense_kd(logits, t_logits, cfg.kd_temperature,
                                         teacher_temperature=self.reader.manifest["teacher_temperature"])

@@ -28,6 +28,11 @@ blocks whose max can be heavy are scanned for heavy classes (`_priority_blocks`)
 or [P, V] mask runs on peaked rows (2.4x the log_softmax floor, BENCHMARKS.md); a vocabulary
 no block width divides takes b = p_(U+1) from a topk and a heavy mask over V instead.
 
+A -inf logit is a class of probability 0 (a masked class): no sampler ever returns it (a
+class with p = 0 never gets a nonzero weight, and slots without one hold the sentinel),
+and the entropy is that of the distribution over the finite classes. NaN and +inf logits,
+and a row whose logits are all -inf, are refused.
+
 All randomness comes from one `torch.Generator` on the logits' device, so the same code runs
 on CPU and CUDA and is deterministic for a given seed and chunking. This module imports
 nothing of ours.
@@ -60,15 +65,23 @@ def _validate(logits: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"num_classes U={num_classes!r} must be an integer in [1, V={V})")
 
 
-def _check_finite(S: torch.Tensor, entropy: torch.Tensor) -> None:
-    # A NaN or +inf logit makes its row's max shift NaN, and a -inf logit gives
-    # 0 * -inf = NaN in the entropy dot: checking the [P] results catches every
-    # non-finite input without another pass over [P, V].
-    bad = ~(torch.isfinite(S) & torch.isfinite(entropy))
+def _check_finite(z: torch.Tensor, S: torch.Tensor, entropy: torch.Tensor | None = None) -> None:
+    # A NaN or +inf logit makes its row's max shift NaN, so S = sum softmax is NaN: checking
+    # the [P] results catches them without another pass over [P, V]. A -inf logit is a class
+    # of probability 0 (a masked class) and leaves S finite; a row whose logits are all -inf
+    # has no distribution (S is NaN) and is refused with its own message.
+    bad = ~torch.isfinite(S)
+    if entropy is not None:
+        bad |= ~torch.isfinite(entropy)
     if bad.any():
-        rows = torch.nonzero(bad).flatten()[:5].tolist()
-        raise ValueError(f"logits contain NaN or inf at positions {rows} "
-                         f"({int(bad.sum())} positions in all)")
+        rows = torch.nonzero(bad).flatten()
+        empty = torch.isneginf(z[rows]).all(dim=-1)
+        if empty.any():
+            er = rows[empty]
+            raise ValueError(f"logits are all -inf (no class has nonzero probability) at "
+                             f"positions {er[:5].tolist()} ({er.numel()} positions in all)")
+        raise ValueError(f"logits contain NaN or inf at positions {rows[:5].tolist()} "
+                         f"({rows.numel()} positions in all)")
 
 
 def _block_size(V: int, min_blocks: int = 1) -> int | None:
@@ -120,8 +133,17 @@ def softmax_stats(logits: torch.Tensor, k: int | None) -> Stats:
     # softmax divided by its own (fp32, ~1e-5 relative) sum: p_max = 1 / S_softmax, and the
     # cascade sum S = sum p = S_true / S_softmax corrects it: lse = max z + log S_true.
     lse = z_max + torch.log(S) - torch.log(p_max)
+    _check_finite(z, S)
     entropy = lse - _rowdot(p, z) / S
-    _check_finite(S, entropy)
+    # A -inf logit (p = 0) gives 0 * -inf = NaN in the dot: recompute those rows with the
+    # -inf logits zeroed (their p is 0, so H is the entropy over the finite classes). Rows
+    # without -inf pay nothing extra.
+    holes = ~torch.isfinite(entropy)
+    if holes.any():
+        r = torch.nonzero(holes).flatten()
+        zr = z[r]
+        entropy[r] = lse[r] - _rowdot(p[r], torch.where(torch.isneginf(zr), 0.0, zr)) / S[r]
+        _check_finite(z, S, entropy)
     return Stats(p, entropy, top_idx, z_max, p_max)
 
 
@@ -328,7 +350,8 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
     """Sample U classes per position from teacher logits.
 
     Args:
-        logits: `[P, V]` fp32/bf16/fp16 teacher logits (teacher temperature already applied).
+        logits: `[P, V]` fp32/bf16/fp16 teacher logits (teacher temperature already applied);
+            -inf marks a class of probability 0, NaN and +inf are refused.
         num_classes: U, records per position.
         method: one of `priority`, `rskd`, `topk`.
         generator: torch.Generator on the logits' device (None: a fresh one seeded 0).
@@ -375,7 +398,9 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
     # the block-max bound needs U+1 blocks (U+1 distinct logits)
     block = _block_size(V, U + 1) if method == "priority" else None
     for s in range(0, P, chunk_size):
-        z = logits[s:s + chunk_size].float()   # one fp32 copy (bf16 teachers), shared below
+        # one fp32 copy (bf16 teachers), shared below; contiguous: the block paths view it
+        # as [P, V / block, block] (a column slice such as logits[:, :V] is not)
+        z = logits[s:s + chunk_size].float().contiguous()
         st = softmax_stats(z, None if block else U + 1)
         p, entropy, top_idx = st.p, st.entropy, st.top_idx
         if method == "priority" and block:

@@ -175,7 +175,7 @@ def _build_assets(root: Path) -> dict:
                 "--seq-len", "64", "--max-windows", "3", "--shard-samples", "1"])
     V = json.loads((root / "cache" / "manifest.json").read_text())["vocab_size"]
     other_tok = build_tiny_model(root / "other_tok", seed=1, vocab_size=V, **{**kw, "texts": OTHER_TEXTS})
-    big_v = build_tiny_model(root / "big_v", seed=1, vocab_size=V + 3, **kw)
+    big_v = _fewer_logits_student(root / "big_v", V - 3, seed=1, **kw)  # V-3 logits: refused
     bad_ds = root / "bad_ds.json"
     bad_ds.write_text(json.dumps({**json.loads(DS_TEST.read_text()), "train_batch_size": 7}))
     bad_json = root / "bad_json.json"
@@ -573,7 +573,7 @@ def test_kd_and_ce_paths_match_dense_step1_references(runs, name):
 # ------------------------------------------------------------------ 5. bad input
 BAD = {  # job -> words the message must contain
     "bad_tokenizer": ["tokenizer fingerprint"],
-    "bad_vocab": ["vocabulary size", "V={V}", "V={V3}"],
+    "bad_vocab": ["vocabulary size", "cache V={V}", "fewer than"],   # V-3: the test at the end
     "bad_student_path": ["--student", "no_such_student: no such file or directory"],
     "bad_ds_batch": ["--deepspeed", "train_batch_size=7", "derived 2"],
     "bad_ds_json": ["--deepspeed", "bad_json.json", "not valid JSON", "line 1"],
@@ -686,3 +686,33 @@ def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     truncate_metrics(path, 3)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
     truncate_metrics(tmp_path / "absent.jsonl", 0)   # no file: nothing to do
+
+
+def _fewer_logits_student(out: Path, n_logits: int, seed: int = 0, arch: str = "llama",
+                          texts=None, **kw) -> Path:
+    """A tiny student with the shared tokenizer but only `n_logits` < len(tokenizer) logits
+    (pipeline.tiny refuses to build one): the config is made by hand and saved."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.tiny import tiny_config, train_tokenizer
+
+    tok = train_tokenizer(texts)
+    assert n_logits < len(tok)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, n_logits, eos_token_id=tok.eos_token_id,
+                                                         **kw))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_student_with_fewer_logits_than_v_is_refused_naming_both(runs):
+    """A student with more logits than the cache's V trains (the untied V = 151,936 student
+    on q_cache, whose V is its tokenizer's); one with fewer is refused naming both numbers."""
+    V = runs["V"]
+    err = runs["results"]["bad_vocab"]["error"]
+    assert f"cache V={V}, student V={V - 3} " in err and f"has {V - 3} logits" in err, err
+    q_v = json.loads((runs["q_cache"] / "manifest.json").read_text())["vocab_size"]
+    assert q_v < QWEN_V and runs["results"]["untied"]["ok"]

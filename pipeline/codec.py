@@ -1,4 +1,4 @@
-"""The version-1 cache record format: 24-bit (id, weight-code) records + 1 entropy byte.
+"""The cache record format (versions 1 and 2): 24-bit (id, weight-code) records + 1 entropy byte.
 
 Per position, U records of 3 bytes then 1 entropy byte: 3U + 1 = 37 bytes at U = 12.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 RECORD_BITS = 24
 MIN_WEIGHT_BITS = 5
 MAX_VOCAB = 2 ** (RECORD_BITS - MIN_WEIGHT_BITS) - 1  # 524,287

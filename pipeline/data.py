@@ -112,9 +112,22 @@ def _texts(ds, field: str, spec: DataSpec, files: list[str]) -> Iterator[str]:
 def load_documents(spec: DataSpec) -> Iterable[str]:
     """The corpus's documents, in dataset order, as strings.
 
+    A `.txt` file is one document: its whole text as stored (UTF-8, a leading BOM dropped,
+    line breaks and a final newline kept); a folder of `.txt` files gives one document per
+    file, in sorted order (not `datasets`' text builder, which makes every line a document).
+
     A corpus that is not UTF-8 raises a ValueError naming --data and its file(s), here or
-    while the documents are iterated (streaming datasets and .jsonl decode lazily)."""
+    while the documents are iterated (streaming datasets, .jsonl and .txt decode lazily)."""
     import datasets
+
+    def _txt_documents(spec: DataSpec, files: list[str]) -> Iterator[str]:
+        for f in files:
+            raw = Path(f).read_bytes()
+            try:
+                doc = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(spec, [f], e) from e
+            yield doc
 
     path = Path(spec.path).expanduser()
     files: list[str] = []
@@ -123,6 +136,8 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
         if any(Path(f).stat().st_size == 0 for f in files):
             empty = [f for f in files if Path(f).stat().st_size == 0]
             raise ValueError(f"--data {spec.path}: empty file(s) {empty}")
+        if builder == "text":
+            return _txt_documents(spec, files)
         try:
             ds = datasets.load_dataset(builder, data_files={spec.split: files}, split=spec.split,
                                        streaming=spec.streaming)
@@ -152,18 +167,6 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
     if field not in columns:
         raise ValueError(f"--text-field {field!r} is not a column of {spec.path}; columns: {columns}")
     return _texts(ds, field, spec, files)
-
-
-def dataset_fingerprint(spec: DataSpec) -> str:
-    """sha256 over the spec and, for local data, the bytes of every file."""
-    h = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode())
-    path = Path(spec.path).expanduser()
-    if path.exists():
-        for f in _local_files(path)[1]:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

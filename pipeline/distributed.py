@@ -65,6 +65,13 @@ class MPIComm:
     def gather_object(self, obj: Any) -> list[Any] | None:
         return self.comm.gather(obj, root=0)
 
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+    def bcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (JSON-like data: the pickle stays inside the job)."""
+        return self.comm.bcast(obj, root=0)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 
@@ -75,6 +82,12 @@ class SingleComm:
 
     def gather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def bcast_object(self, obj: Any) -> Any:
+        return obj
 
     def barrier(self) -> None:
         pass
@@ -102,6 +115,16 @@ class TorchComm:
         out = [None] * self.world_size
         self.dist.all_gather_object(out, obj)
         return out if self.rank == 0 else None
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def bcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         self.dist.barrier()

@@ -1,15 +1,18 @@
-"""The cache directory's manifest: settings header, per-rank parts, merge, and checks.
+"""The cache directory's manifest: header, unit plan, merge, layout and checks.
 
-Layout of a cache directory:
-    manifest.json              merged by rank 0 at the end of a run (the reader's entry point)
-    manifest.r{rank:04d}.json  each rank's part, rewritten atomically after every shard
-    cache-r{rank:04d}-{n:06d}.tar   shards; written as `*.tar.tmp` and renamed when complete
+Layout of a cache directory (format version 2; docs/CACHE_FORMAT.md is the full reference):
+    header.json          what determines the records (teacher, tokenizer, data, T, U, sampler,
+                         codebooks, seed), written by the first launch, compared by every restart
+    units.json           the unit plan: the corpus files (size, mtime) and their work units
+    ledger/              claims and done records of units, launches (pipeline.ledger)
+    cache-u{unit:07d}-l{launch:06d}-{n:04d}.tar   shards of a unit, written as `*.tar.tmp`
+    manifest.json        merged by rank 0 when every unit is done (the reader's entry point)
+    quarantine/          damaged shards moved aside by `inspect_cache.py --verify --quarantine`
 
-The header holds only what determines the records (teacher, tokenizer, data, T, U, sampler,
-codebooks, seed): training settings never enter it, so changing a training knob never
-invalidates a cache. A run into a directory whose header differs is refused, naming the
-fields that differ; so is a restart with a different number of ranks (each part records the
-world size that decided which windows its rank holds).
+Training settings never enter the header, so changing a training knob never invalidates a
+cache. A run into a directory whose header differs is refused, naming the fields.
+Version-1 caches (rank parts manifest.r*.json, shards cache-r{rank:04d}-{n:06d}.tar, keys
+{rank:04d}-{window:09d}) are still read by the reader and `inspect_cache.py`.
 """
 
 from __future__ import annotations
@@ -22,28 +25,54 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+HEADER = "header.json"
+UNITS = "units.json"
+READABLE_VERSIONS = (1, 2)
 # teacher_parameters and teacher_weights (sha256 of every weight file) identify the teacher
 # by its weights: the same path holding another model is refused, not mixed into the cache.
 HEADER_KEYS = ("format_version", "teacher", "teacher_parameters", "teacher_weights",
-               "teacher_dtype", "vocab_size",
+               "teacher_dtype", "teacher_logits", "vocab_size",
                "tokenizer_fingerprint", "seq_len",
                "num_classes", "id_bits", "w_bits", "sampler", "sampler_args",
                "teacher_temperature", "seed", "dataset", "dataset_fingerprint", "max_windows",
-               "weight_codebook", "entropy_codebook", "shard_samples", "chunk_positions")
+               "weight_codebook", "entropy_codebook", "shard_samples", "chunk_positions",
+               "unit_bytes")
+
+# What a decoder written from scratch needs, stored in every manifest (docs/CACHE_FORMAT.md).
+LAYOUT = {
+    "container": "POSIX tar files (WebDataset shards); one sample per window, members "
+                 "'{key}.tokens.u32' and '{key}.kd.bin'; key = 'u{unit:07d}-w{window:07d}'",
+    "tokens.u32": "seq_len token ids, uint32 little-endian: the exact inputs the teacher saw",
+    "kd.bin": "seq_len positions, position-major, each bytes_per_position = 3*num_classes + 1 "
+              "bytes: num_classes records of 3 bytes, then 1 entropy byte",
+    "record": "r = b0 | b1 << 8 | b2 << 16 (24-bit little-endian); class id = r & "
+              "(2**id_bits - 1); weight code = r >> id_bits; id == sentinel (2**id_bits - 1) "
+              "is an empty slot (weight code 0); ids are distinct within a position",
+    "weight": "weight_codebook[weight code] (float32): an unnormalised, unbiased estimate "
+              "p_hat of the class's probability under softmax(logits / teacher_temperature) "
+              "(E[p_hat] = p); it can exceed p, a position's weights need not sum to 1",
+    "entropy": "entropy_codebook[entropy byte]: the teacher's exact entropy at the position, "
+               "in nats, rounded to the nearest level (error <= entropy_max_error)",
+    "classes": "class ids index the first vocab_size teacher logits (len(tokenizer)); the "
+               "teacher_logits - vocab_size padded logits are dropped before sampling, and "
+               "their probability mass is reported in stats.dropped_mass_sum / _max",
+}
 
 
-def part_name(rank: int) -> str:
-    return f"manifest.r{rank:04d}.json"
+def unit_shard_name(unit: int, launch: int, n: int) -> str:
+    return f"cache-u{unit:07d}-l{launch:06d}-{n:04d}.tar"
 
 
-def shard_name(rank: int, n: int) -> str:
-    return f"cache-r{rank:04d}-{n:06d}.tar"
+def window_key(unit: int, k: int) -> str:
+    """The `__key__` of window k of a unit: names the unit and the window inside it."""
+    return f"u{unit:07d}-w{k:07d}"
 
 
 SHARD_FILE_RULE = ("a shard `file` must be a plain file name in the cache directory, of the "
-                   "form cache-r{rank:04d}-{n:06d}.tar the cache stage writes (no '/', no '\\', "
-                   "not '.' or '..', not absolute, not empty)")
-_SHARD_FILE_RE = re.compile(r"cache-r[0-9]{4}-[0-9]{6}\.tar")
+                   "form cache-u{unit:07d}-l{launch:06d}-{n:04d}.tar (version 2) or "
+                   "cache-r{rank:04d}-{n:06d}.tar (version 1) the cache stage writes (no '/', "
+                   "no '\\', not '.' or '..', not absolute, not empty)")
+_SHARD_FILE_RE = re.compile(r"cache-u[0-9]{7}-l[0-9]{6}-[0-9]{4}\.tar|cache-r[0-9]{4}-[0-9]{6}\.tar")
 
 
 def shard_path(cache_dir: str | Path, name: object, source: str = MANIFEST) -> Path:
@@ -73,35 +102,12 @@ def shard_path(cache_dir: str | Path, name: object, source: str = MANIFEST) -> P
 
 QUARANTINE = "quarantine"
 """Subfolder of a cache directory into which `tools/inspect_cache.py --verify --quarantine`
-moves damaged shards (nothing is deleted); their names stay used (next_shard_number)."""
+moves the shards and done records of damaged units (nothing is deleted)."""
 
 
 def repair_command(out: Path | str) -> str:
     """The command that moves damaged shards aside; the stage's errors name it."""
     return f"python tools/inspect_cache.py {out} --verify --quarantine"
-
-
-def shard_number(name: str, rank: int) -> int | None:
-    """n of `cache-r{rank:04d}-{n:06d}.tar` (or `.tar.tmp`, `.tar.*`); None for other names."""
-    prefix = f"cache-r{rank:04d}-"
-    if not name.startswith(prefix):
-        return None
-    digits, _, rest = name[len(prefix):].partition(".")
-    if not (digits.isascii() and digits.isdigit()) or not (rest == "tar" or rest.startswith("tar.")):
-        return None
-    return int(digits)
-
-
-def next_shard_number(out: Path, rank: int, part: dict) -> int:
-    """1 + the highest shard number `rank` has ever used, counting its recorded entries, the
-    part's `next_shard` and `quarantined` names, and its files (finished or partial) in `out`
-    and in `out/quarantine/`. A shard name is never reused: a name once written (read by a
-    trainer, copied, quarantined) always means the same bytes."""
-    names = [s["file"] for s in part.get("shards", [])] + list(part.get("quarantined", []))
-    names += [f.name for d in (out, out / QUARANTINE) if d.is_dir()
-              for f in d.glob(f"cache-r{rank:04d}-*")]
-    used = [n for n in (shard_number(x, rank) for x in names) if n is not None]
-    return max([int(part.get("next_shard", 0))] + [n + 1 for n in used])
 
 
 def sha256_file(path: Path) -> str:
@@ -168,76 +174,88 @@ def teacher_weights_diff(cached: dict | None, now: dict | None, teacher: str | N
             "the same path?): " + "; ".join(changed))
 
 
-def check_compatible(out: Path, header: dict, rank: int) -> dict | None:
-    """Refuse to mix runs: compare `header` with the merged manifest and this rank's part.
-
-    Returns this rank's existing part (to resume from) or None.
-    """
-    # The merged manifest carries the header's keys at its top level; a part, under "header".
-    for f, key in ((out / MANIFEST, None), (out / part_name(rank), "header")):
+def check_compatible(out: Path, header: dict) -> None:
+    """Refuse to mix runs: compare `header` with the cache directory's header.json (and a
+    merged manifest.json, which carries the header's keys at its top level)."""
+    for f in (out / HEADER, out / MANIFEST):
         if f.exists():
-            existing = read_json(f)
-            diffs = header_diff(existing if key is None else existing[key], header)
+            diffs = header_diff(read_json(f), header)
             if diffs:
                 raise ValueError(
                     f"--out {out} holds a different cache ({f.name}); refusing to mix:\n  "
                     + "\n  ".join(diffs) + "\nUse a new --out directory (or delete this one).")
-    part = out / part_name(rank)
-    return read_json(part) if part.exists() else None
+    old = sorted(out.glob("manifest.r[0-9][0-9][0-9][0-9].json"))
+    if old:
+        raise ValueError(f"--out {out} holds an unfinished version-1 cache ({old[0].name}); this "
+                         "version writes format 2 (work units): use a new --out directory")
 
 
-def check_world(out: Path, world_size: int) -> None:
-    """Refuse to resume with another number of ranks.
-
-    Window w belongs to rank w % world, and a restarted rank skips as many of its windows as
-    its part records: with another world size those would be other windows (some cached
-    twice, some never), and parts of ranks >= world would be silently dropped.
-    """
-    paths = sorted(out.glob("manifest.r[0-9][0-9][0-9][0-9].json"))
-    if (out / MANIFEST).exists():
-        paths.append(out / MANIFEST)
-    for f in paths:
-        got = read_json(f).get("world_size")
-        if got != world_size:
-            raise ValueError(
-                f"--out {out}: {f.name} was written by a run with {got} rank(s), this run has "
-                f"{world_size}; resume with {got} rank(s), or use a new --out directory")
-
-
-def merge_parts(header: dict, parts: list[dict]) -> dict:
-    """Rank 0: one manifest from every rank's part (shards in rank, then shard order)."""
-    shards = [s for p in sorted(parts, key=lambda p: p["rank"]) for s in p["shards"]]
+def merge_stats(parts: list[dict]) -> dict[str, Any]:
+    """Sum per-unit statistics (lists elementwise; *_max keys by max)."""
     stats: dict[str, Any] = {}
-    for p in parts:
-        for k, v in p["stats"].items():
+    for st in parts:
+        for k, v in st.items():
             if isinstance(v, list):
                 stats[k] = [a + b for a, b in zip(stats[k], v)] if k in stats else list(v)
+            elif k.endswith("_max"):
+                stats[k] = max(stats.get(k, v), v)
             else:
                 stats[k] = stats.get(k, 0) + v
+    return stats
+
+
+def merge_units(header: dict, plan: dict, done: dict[int, dict], launch_ranks: list[dict]) -> dict:
+    """Rank 0: the manifest from every unit's done record, shards in unit order.
+
+    `launch_ranks`: this launch's per-rank reading counts (documents, tokens, bytes read).
+    The record of who read what is kept per launch and rank under `reads`; per unit, the
+    window count, documents, tokens, the sha256 of its bytes, and which launch/rank made it."""
+    units = [u["unit"] for u in plan["units"]]
+    shards = [s for u in units for s in done[u]["shards"]]
+    launches: dict[str, dict] = {}
+    for u in units:
+        rec = done[u]
+        lr = launches.setdefault(str(rec["launch"]), {})
+        r = lr.setdefault(str(rec["rank"]), {"units": 0, "documents": 0, "tokens": 0, "bytes": 0,
+                                             "windows": 0, "node": rec.get("node")})
+        r["units"] += 1
+        for k in ("documents", "tokens", "bytes", "windows"):
+            r[k] += rec[k]
     return {
         **header,
-        "world_size": len(parts),
-        "ranks": {str(p["rank"]): {"shards": [s["file"] for s in p["shards"]],
-                                   "finished": p["finished"], "node": p.get("node")}
-                  for p in parts},
+        "units": [{"unit": u, "file": plan["files"][p["file"]]["path"], "start": p["start"],
+                   "last_file": plan["files"][p["last_file"]]["path"], "end": p["end"],
+                   "windows": done[u]["windows"],
+                   "documents": done[u]["documents"], "tokens": done[u]["tokens"],
+                   "sha256": done[u]["sha256"], "launch": done[u]["launch"],
+                   "rank": done[u]["rank"]}
+                  for u, p in zip(units, plan["units"])],
+        "launches": launches,
+        "world_size": len(launch_ranks),          # ranks of the launch that finished the cache
+        "this_launch": launch_ranks,
         "shards": shards,
         "samples": sum(s["samples"] for s in shards),
         "positions": sum(s["positions"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
-        "stats": stats,
+        "wall_time_s": max((r.get("wall_time_s", 0.0) for r in launch_ranks), default=0.0),
+        "stats": merge_stats([done[u]["stats"] for u in units]),
     }
 
 
 def load_manifest(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
-        parts = sorted(Path(cache_dir).glob("manifest.r*.json"))
-        hint = (f" ({len(parts)} rank part(s) exist: the cache run did not finish; rerun "
-                "`python -m pipeline.cache` with the same arguments to complete it)") if parts else ""
+        started = (Path(cache_dir) / UNITS).exists() or any(Path(cache_dir).glob("manifest.r*.json"))
+        hint = (" (the cache run did not finish; rerun `python -m pipeline.cache` with the same "
+                "arguments to complete it)") if (Path(cache_dir) / UNITS).exists() else (
+                " (an unfinished version-1 cache: this version cannot complete it; re-cache into "
+                "a new directory)") if started else ""
         raise FileNotFoundError(f"{path} does not exist{hint}")
     m = read_json(path)
-    if m.get("format_version") != 1:
-        raise ValueError(f"{path}: format_version {m.get('format_version')!r}; this reader knows 1")
+    if m.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format_version {m.get('format_version')!r}; this reader knows "
+                         f"{list(READABLE_VERSIONS)}: rebuild the cache with this version's "
+                         "`python -m pipeline.cache`")
     return m
 
 

@@ -1,5 +1,6 @@
 #!/bin/bash
 # Stage 1: teacher -> sparse cache shards. One MPI rank per GPU across nodes (mpi4py over PMI2).
+# A resubmission with any number of tasks resumes the same cache (ranks claim work units).
 #   TEACHER=/models/t DATA=/data/corpus.jsonl CACHE_DIR=/scratch/cache \
 #     sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 slurm/cache.sh  # 16 ranks; submit from the repo root
 #   ... sbatch --nodes=2 slurm/cache.sh                                      # CPU nodes: one rank per node
@@ -22,13 +23,14 @@ for d in "$(dirname "$0")" "${REPO_DIR:-.}/slurm" "${SLURM_SUBMIT_DIR:-.}/slurm"
 source "$d/common.sh"
 
 need TEACHER "the teacher: HF checkpoint directory or hub id (--teacher)" \
-  DATA "the corpus: json/jsonl/parquet/txt file or folder, or a hub dataset (--data)" \
+  DATA "the corpus: a local jsonl/json/parquet/txt file or folder (--data)" \
   CACHE_DIR "the output cache directory (--out)"
 check_needs
 NTASKS=${NTASKS:-1}  # ranks outside SLURM
 args=(--teacher "$TEACHER" --data "$DATA" --out "$CACHE_DIR")
 flags TEXT_FIELD --text-field SEQ_LEN --seq-len NUM_CLASSES --num-classes SAMPLER --sampler \
-  SEED --seed BATCH_SIZE --batch-size MAX_WINDOWS --max-windows
+  SEED --seed BATCH_SIZE --batch-size MAX_WINDOWS --max-windows UNIT_BYTES --unit-bytes \
+  LEASE_S --lease-s
 args+=("${extra[@]}")
 
 if [[ -n ${SLURM_JOB_ID:-} ]]; then

@@ -46,11 +46,12 @@ def write_corpus(tmp_path: Path, kind: str, docs: list[str]) -> tuple[DataSpec, 
     if kind == "jsonl":
         return DataSpec(str(write_jsonl(tmp_path / "c.jsonl", docs))), docs
     if kind == "txt":
-        # One document per line (HF's text builder), blank lines included: each is an
-        # empty document and contributes one EOS.
+        # A .txt file is ONE document (its whole text, line breaks and blank lines
+        # included), not one per line: one EOS at its end.
         p = tmp_path / "c.txt"
-        p.write_text("\n".join(docs) + "\n", encoding="utf-8")
-        return DataSpec(str(p), text_field="ignored-for-txt"), docs
+        text = "\n".join(docs) + "\n"
+        p.write_text(text, encoding="utf-8")
+        return DataSpec(str(p), text_field="ignored-for-txt"), [text]
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -202,3 +203,50 @@ def test_folder_with_a_file_that_is_not_utf8_names_the_folder_and_how_to_find_it
     msg = str(e.value)
     assert f"--data {d}" in msg and str(d / "b.jsonl") in msg and "not valid UTF-8" in msg, msg
     assert f"grep -rlaxv '.*' {d}" in msg and "re-encode" in msg, msg
+
+
+# ---------------------------------------------------------------- plain text (issue 10, item 6)
+
+def test_txt_file_is_one_document_blank_lines_add_no_eos(tmp_path, tok):
+    """A .txt file is one document: its blank lines stay text inside it (before, datasets'
+    text builder made each line a document and each blank line an extra EOS)."""
+    text = "the quick brown fox\n\n\nlazy dog\n\nanswer 42\n"
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    spec = DataSpec(str(p))
+    assert list(load_documents(spec)) == [text]
+    flat = np.concatenate([win for _, win in rank_windows(spec, tok, 2)])
+    ref = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    np.testing.assert_array_equal(flat, ref[:len(ref) // 2 * 2])
+    assert int((np.asarray(ref) == tok.eos_token_id).sum()) == 1
+    assert count_windows(spec, tok, 2) == len(ref) // 2
+
+
+def test_folder_of_txt_files_is_one_document_per_file_in_sorted_order(tmp_path, tok):
+    d = tmp_path / "texts"
+    (d / "sub").mkdir(parents=True)
+    texts = {"b.txt": "second\n\nwith a blank line\n", "a.txt": "first, no final newline",
+             "sub/c.txt": "東京🙂 nested\n", "c.txt": "\ufeffBOM dropped\r\nCRLF kept\r\n"}
+    for name, t in texts.items():
+        (d / name).write_bytes(t.encode("utf-8"))
+    (d / "notes.md").write_text("not a data file")
+    order = sorted(d.rglob("*.txt"))                       # the order of every other kind
+    assert [p.relative_to(d).as_posix() for p in order] == ["a.txt", "b.txt", "c.txt", "sub/c.txt"]
+    expect = [p.read_bytes().decode("utf-8").removeprefix("\ufeff") for p in order]
+    assert expect[2] == "BOM dropped\r\nCRLF kept\r\n"
+    for streaming in (False, True):
+        spec = DataSpec(str(d), streaming=streaming)
+        assert list(load_documents(spec)) == expect
+        got = np.concatenate([win for _, win in rank_windows(spec, tok, 4)])
+        np.testing.assert_array_equal(got, reference_windows(expect, tok, 4).reshape(-1))
+
+
+def test_txt_folder_with_a_file_that_is_not_utf8_names_that_file(tmp_path, tok):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("fine")
+    bad = _not_utf8_corpus(d / "b.txt", "txt")
+    with pytest.raises(ValueError) as e:
+        list(load_documents(DataSpec(str(d))))
+    assert type(e.value) is ValueError, repr(e.value)
+    assert f"--data {d}: file {bad} is not valid UTF-8" in str(e.value), str(e.value)

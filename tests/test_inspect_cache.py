@@ -1,48 +1,65 @@
-"""tools/inspect_cache.py on a real tiny cache; every expected number is recomputed here
-from the files themselves (os.stat, the tar members, the 24-bit records decoded by hand),
-never taken from the tool's own code."""
+"""tools/inspect_cache.py on a real tiny cache of format version 2 (work units, the ledger's
+done records; docs/CACHE_FORMAT.md); every expected number is recomputed here from the
+files themselves (os.stat, the tar members, the 24-bit records decoded by hand), never
+taken from the tool's own code. A hand-built version-1 cache checks that finished caches
+of the old format still report and verify."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "inspect_cache.py"
-T, U, WINDOWS, SHARD_SAMPLES = 64, 12, 10, 4
+T, U, WINDOWS, SHARD_SAMPLES, UNIT_BYTES = 64, 12, 10, 3, 1000
+TEACHER_LOGITS = 512            # the teacher's output layer, padded past its tokenizer's classes
 WORDS = ("the quick brown fox jumps over lazy dog knowledge distillation teacher student "
          "number answer question because").split()
+SHARD_NAME = re.compile(r"^cache-u(\d{7})-l(\d{6})-(\d{4})\.tar$")   # docs/CACHE_FORMAT.md
+KEY = re.compile(r"^u(\d{7})-w(\d{7})$")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """10 windows of 64 tokens from a tiny llama; teacher temperature 0.1 spreads the
-    entropies over 0 .. ln V; the rskd sampler with 14 draws pads most positions (fewer
-    than U=12 distinct draws) and truncates some (more than 12)."""
+def stage(tmp_path_factory) -> SimpleNamespace:
+    """10 windows of 64 tokens from a tiny llama whose 512 logits are padded past its
+    tokenizer's classes (the cache's V); teacher temperature 0.1 spreads the entropies over
+    0 .. ln V; the rskd sampler with 14 draws pads most positions (fewer than U=12 distinct
+    draws) and truncates some (more than 12). Units of ~1000 bytes of jsonl cut the corpus
+    into several units, and 3 windows per shard give some units more than one shard.
+    `args`: the stage's arguments without --out (a rerun uses them)."""
     from pipeline.cache import main as cache_main
     from pipeline.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("inspect")
-    teacher = build_tiny_model(root / "teacher", arch="llama", hidden=32)
+    teacher = build_tiny_model(root / "teacher", arch="llama", hidden=32,
+                               vocab_size=TEACHER_LOGITS)
     rng = np.random.default_rng(0)
     with open(root / "data.jsonl", "w") as f:
         for _ in range(60):
             words = rng.choice(WORDS, size=int(rng.integers(20, 200)))
             f.write(json.dumps({"text": " ".join(words)}) + "\n")
     out = root / "cache"
-    cache_main(["--teacher", str(teacher), "--data", str(root / "data.jsonl"), "--out", str(out),
-                "--seq-len", str(T), "--max-windows", str(WINDOWS), "--shard-samples",
-                str(SHARD_SAMPLES), "--batch-size", "2", "--sampler", "rskd",
-                "--rskd-draws", "14", "--teacher-temperature", "0.1"])
-    return out
+    args = ["--teacher", str(teacher), "--data", str(root / "data.jsonl"), "--seq-len", str(T),
+            "--max-windows", str(WINDOWS), "--shard-samples", str(SHARD_SAMPLES),
+            "--unit-bytes", str(UNIT_BYTES), "--batch-size", "2", "--sampler", "rskd",
+            "--rskd-draws", "14", "--teacher-temperature", "0.1"]
+    cache_main([*args, "--out", str(out)])
+    return SimpleNamespace(cache=out, args=args, teacher=teacher)
+
+
+@pytest.fixture(scope="module")
+def cache(stage) -> Path:
+    return stage.cache
 
 
 def run_tool(*args) -> subprocess.CompletedProcess:
@@ -57,16 +74,36 @@ def read_json(*args) -> dict:
 
 
 def shard_files(cache: Path) -> list[Path]:
-    return sorted(cache.glob("cache-r*.tar"))
+    return sorted(cache.glob("cache-u*.tar"))
 
 
-def decoded_records(cache: Path, V: int) -> tuple[np.ndarray, np.ndarray, int]:
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {"tokens.u32": bytes, "kd.bin": bytes}} of one shard, in member order (tarfile)."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def all_samples(cache: Path, files: list[Path] | None = None) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    for p in files if files is not None else shard_files(cache):
+        for key, members in tar_samples(p).items():
+            assert key not in out, f"{key} in two shards"
+            out[key] = members
+    return out
+
+
+def decoded_records(cache: Path, V: int, files: list[Path] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """(entropy codes [N], non-sentinel ids per position [N], samples) decoded by hand:
     bytes 3k..3k+2 of a position are record k (LE), its low bit_length(V) bits the id."""
     id_bits = V.bit_length()
     sentinel = (1 << id_bits) - 1
     ecodes, distinct, samples = [], [], 0
-    for path in shard_files(cache):
+    for path in files if files is not None else shard_files(cache):
         with tarfile.open(path) as tf:
             for m in tf.getmembers():
                 if m.name.endswith(".kd.bin"):
@@ -79,17 +116,45 @@ def decoded_records(cache: Path, V: int) -> tuple[np.ndarray, np.ndarray, int]:
     return np.concatenate(ecodes), np.concatenate(distinct), samples
 
 
-def test_storage_numbers(cache):
+def units_on_disk(cache: Path) -> dict[int, list[tuple[str, list[str]]]]:
+    """{unit: [(shard name, its keys), ...] in shard order}, from the names and tar members."""
+    out: dict[int, list] = {}
+    for p in shard_files(cache):
+        m = SHARD_NAME.match(p.name)
+        assert m, p.name
+        out.setdefault(int(m.group(1)), []).append((p.name, list(tar_samples(p))))
+    return out
+
+
+def test_storage_numbers(stage):
+    from transformers import AutoTokenizer
+
+    cache = stage.cache
     m = json.loads((cache / "manifest.json").read_text())
     V = m["vocab_size"]
+    # V is the tokenizer's class count, not the teacher's padded logits dimension
+    assert V == len(AutoTokenizer.from_pretrained(stage.teacher)) < TEACHER_LOGITS
     rep = read_json(cache)
     on_disk = sum(os.stat(p).st_size for p in shard_files(cache))
     _, _, samples = decoded_records(cache, V)
     assert samples == WINDOWS
     assert rep["samples"] == WINDOWS
     assert rep["positions"] == WINDOWS * T
-    assert rep["shards"] == len(shard_files(cache)) == -(-WINDOWS // SHARD_SAMPLES)
+    # shards per unit from the file names and tar members: each unit's windows 0, 1, ...
+    # in shards of SHARD_SAMPLES windows, the last one possibly shorter
+    units = units_on_disk(cache)
+    assert len(units) >= 3, "the fixture should cut the corpus into several units"
+    for u, shards in units.items():
+        keys = [k for _, ks in shards for k in ks]
+        assert keys == [f"u{u:07d}-w{w:07d}" for w in range(len(keys))], (u, keys)
+        assert [len(ks) for _, ks in shards[:-1]] == [SHARD_SAMPLES] * (len(shards) - 1)
+        assert [int(SHARD_NAME.match(n).group(3)) for n, _ in shards] == list(range(len(shards)))
+    assert any(len(shards) > 1 for shards in units.values()), "a unit with several shards"
+    windows = [len([k for _, ks in shards for k in ks]) for shards in units.values()]
+    assert sum(windows) == WINDOWS
+    assert rep["shards"] == len(shard_files(cache)) == sum(-(-n // SHARD_SAMPLES) for n in windows)
     assert rep["bytes_on_disk"] == on_disk
+    assert rep["missing_shards"] == [] and rep["stray_files"] == []
     bpp = on_disk / (WINDOWS * T)
     assert rep["bytes_per_position"] == pytest.approx(bpp, rel=1e-12)
     assert rep["record_bytes_per_position"] == 37
@@ -104,6 +169,29 @@ def test_storage_numbers(cache):
     assert (s["id_bits"], s["w_bits"]) == (V.bit_length(), 24 - V.bit_length())
     assert s["rskd_truncated_fraction"] == pytest.approx(
         m["stats"]["rskd_truncated_positions"] / (WINDOWS * T))
+    assert s["teacher_logits"] == TEACHER_LOGITS
+
+
+def test_dropped_mass_matches_the_teacher(stage):
+    """The report's probability mass on the teacher's padded logits (>= V), recomputed here
+    by running the teacher on the cached tokens: softmax(logits / 0.1) summed over the
+    columns >= V, mean and max over every position."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = json.loads((stage.cache / "manifest.json").read_text())
+    V = m["vocab_size"]
+    tokens = np.stack([np.frombuffer(x["tokens.u32"], "<u4")
+                       for x in all_samples(stage.cache).values()]).astype(np.int64)
+    model = AutoModelForCausalLM.from_pretrained(stage.teacher, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.from_numpy(tokens)).logits.double() / 0.1
+    assert logits.shape == (WINDOWS, T, TEACHER_LOGITS)
+    dropped = torch.softmax(logits, -1)[..., V:].sum(-1)
+    s = read_json(stage.cache)["settings"]
+    assert dropped.mean().item() > 1e-6, "the fixture's padded logits should carry some mass"
+    assert s["dropped_mass_mean"] == pytest.approx(dropped.mean().item(), rel=1e-4)
+    assert s["dropped_mass_max"] == pytest.approx(dropped.max().item(), rel=1e-4)
 
 
 def test_entropy_and_distinct_statistics(cache):
@@ -129,7 +217,9 @@ def test_entropy_and_distinct_statistics(cache):
 def test_table_output(cache):
     proc = run_tool(cache)
     assert proc.returncode == 0, proc.stderr
-    for word in ("bytes on disk", "reduction vs bf16", "entropy histogram", "rskd"):
+    # the fixture's padded logits carry ~0.1 of the mass (test_dropped_mass_matches_the_teacher)
+    for word in ("bytes on disk", "reduction vs bf16", "entropy histogram", "rskd",
+                 "dropped mass", "NOT about 0"):
         assert word in proc.stdout
 
 
@@ -140,6 +230,96 @@ def test_verify_good_cache(cache):
     v = rep["verify"]
     assert v["ok"] and v["bad_shards"] == [] and v["stats_match"] is True
     assert [r["file"] for r in v["shards"]] == [p.name for p in shard_files(cache)]
+
+
+def decode_as_documented(path: Path, m: dict) -> dict[str, dict]:
+    """A decoder written from docs/CACHE_FORMAT.md alone: a POSIX tar, two members per
+    sample `{key}.tokens.u32` (T uint32 LE) and `{key}.kd.bin` (T positions of 3U + 1 bytes:
+    U records, then the entropy byte); record r = b0 | b1 << 8 | b2 << 16, id = r &
+    (2**id_bits - 1) with id_bits = bit_length(vocab_size), weight code = r >> id_bits,
+    weight = weight_codebook[code], entropy = entropy_codebook[byte]. Plain Python."""
+    V, U_, T_ = m["vocab_size"], m["num_classes"], m["seq_len"]
+    id_bits = V.bit_length()
+    B = 3 * U_ + 1
+    out: dict[str, dict] = {}
+    with tarfile.open(path) as tf:
+        for member in tf.getmembers():
+            key, _, ext = member.name.partition(".")
+            raw = tf.extractfile(member).read()
+            sample = out.setdefault(key, {})
+            if ext == "tokens.u32":
+                assert len(raw) == 4 * T_
+                sample["tokens"] = [int.from_bytes(raw[4 * t:4 * t + 4], "little")
+                                    for t in range(T_)]
+                continue
+            assert ext == "kd.bin" and len(raw) == B * T_, (member.name, len(raw))
+            ids, codes, weights, entropies = [], [], [], []
+            for t in range(T_):
+                pos = raw[t * B:(t + 1) * B]
+                row = [pos[3 * k] | pos[3 * k + 1] << 8 | pos[3 * k + 2] << 16 for k in range(U_)]
+                ids.append([r & (2 ** id_bits - 1) for r in row])
+                codes.append([r >> id_bits for r in row])
+                weights.append([m["weight_codebook"][r >> id_bits] for r in row])
+                entropies.append(m["entropy_codebook"][pos[3 * U_]])
+            sample |= {"ids": ids, "codes": codes, "weights": weights, "entropy": entropies}
+    return out
+
+
+def test_manifest_layout_and_a_decoder_written_from_the_format_doc(cache):
+    """The manifest carries `layout` (the header's, describing the same key and record
+    layout as docs/CACHE_FORMAT.md), and decode_as_documented, which knows only the doc and
+    the manifest's fields, decodes every shard to the ids, weights and entropies that
+    pipeline.codec gives; the keys and the shard entries agree with the doc's naming."""
+    from pipeline.codec import RecordCodec
+
+    m = json.loads((cache / "manifest.json").read_text())
+    header = json.loads((cache / "header.json").read_text())
+    doc = (ROOT / "docs" / "CACHE_FORMAT.md").read_text()
+    layout = m["layout"]
+    assert layout == header["layout"]
+    assert {"container", "tokens.u32", "kd.bin", "record", "weight", "entropy",
+            "classes"} <= set(layout)
+    for phrase in ("u{unit:07d}-w{window:07d}", "b0 | b1 << 8 | b2 << 16"):
+        assert phrase in doc and phrase in json.dumps(layout), phrase
+    assert m["format_version"] == 2 and "version 2" in doc
+    V, U_ = m["vocab_size"], m["num_classes"]
+    id_bits = V.bit_length()
+    assert (m["id_bits"], m["w_bits"], m["sentinel"]) == (id_bits, 24 - id_bits, 2 ** id_bits - 1)
+    assert (m["bytes_per_position"], len(m["weight_codebook"]),
+            len(m["entropy_codebook"])) == (3 * U_ + 1, 2 ** (24 - id_bits), 256)
+
+    codec = RecordCodec(V, U_)
+    wlevels = codec.weight_codebook().levels
+    elevels = codec.entropy_codebook().levels
+    assert np.array_equal(np.float32(m["weight_codebook"]), wlevels)
+    assert np.array_equal(np.float32(m["entropy_codebook"]), elevels)
+    assert [s["file"] for s in m["shards"]] == [p.name for p in shard_files(cache)]
+    decoded_keys = []
+    for s in m["shards"]:
+        path = cache / s["file"]
+        unit = int(SHARD_NAME.match(s["file"]).group(1))
+        samples = decode_as_documented(path, m)
+        keys = list(samples)
+        decoded_keys += keys
+        assert s["unit"] == unit and keys == [f"u{unit:07d}-w{w:07d}" for w in s["windows"]]
+        assert (s["samples"], s["positions"]) == (len(keys), len(keys) * T)
+        ref = tar_samples(path)
+        for key, got in samples.items():
+            ids, wc, ec = codec.unpack(ref[key]["kd.bin"])
+            assert np.array_equal(np.array(got["ids"]), ids), key
+            assert np.array_equal(np.array(got["codes"]), wc), key
+            assert np.array_equal(np.float32(got["weights"]), wlevels[wc]), key
+            assert np.array_equal(np.float32(got["entropy"]), elevels[ec]), key
+            assert got["tokens"] == np.frombuffer(ref[key]["tokens.u32"], "<u4").tolist()
+            # what the doc promises of every record: ids < V or the sentinel (weight code
+            # 0), distinct within a position; tokens < V
+            sentinel = 2 ** id_bits - 1
+            for row_ids, row_codes in zip(got["ids"], got["codes"]):
+                used = [i for i in row_ids if i != sentinel]
+                assert all(i < V for i in used) and len(set(used)) == len(used)
+                assert all(c == 0 for i, c in zip(row_ids, row_codes) if i == sentinel)
+            assert max(got["tokens"]) < V
+    assert len(decoded_keys) == len(set(decoded_keys)) == WINDOWS
 
 
 def corrupt_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -221,53 +401,296 @@ def test_verify_bad_record_with_matching_hash(cache, tmp_path, damage, message):
     assert rep["verify"]["bad_shards"] == [shard.name] and not rep["verify"]["ok"]
 
 
+def snapshot(d: Path) -> dict[str, bytes]:
+    """Every file under `d` (ledger/ included), by relative path."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def rewrite_keys(shard: Path, new_key) -> bytes:
+    """Rewrite `shard` with every member's key replaced by new_key(key) (tarfile); returns
+    the new bytes. The member data stays as it was."""
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for member in src.getmembers():
+            key, _, ext = member.name.partition(".")
+            info = tarfile.TarInfo(f"{new_key(key)}.{ext}")
+            info.size, info.mtime, info.mode = member.size, 0, member.mode
+            dst.addfile(info, src.extractfile(member))
+    shard.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("keys,message", [
+    ("another_unit", "belongs to unit 7, shard is unit 1"),
+    ("version_1", "is not unit-window"),
+])
+def test_verify_flags_keys_of_another_unit(cache, tmp_path, keys, message):
+    """Unit 1's first shard with its samples renamed to unit 7 (a unit no other shard holds,
+    so no key repeats) or to version-1 keys, the manifest's size and sha256 updated: only
+    the key checks can catch it, and only that shard is bad."""
+    import hashlib
+
+    bad, shard = corrupt_copy(cache, tmp_path)
+    assert SHARD_NAME.match(shard.name).group(1) == "0000001"
+
+    def rename(key: str) -> str:
+        u, w = map(int, KEY.match(key).groups())
+        assert u == 1
+        return f"u{7:07d}-w{w:07d}" if keys == "another_unit" else f"{u:04d}-{w:09d}"
+
+    data = rewrite_keys(shard, rename)
+    m = json.loads((bad / "manifest.json").read_text())
+    (entry,) = [s for s in m["shards"] if s["file"] == shard.name]
+    entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    proc = run_tool(bad, "--verify")
+    assert_only_bad(proc, shard, bad)
+    assert message in proc.stdout, proc.stdout
+    rep = json.loads(run_tool(bad, "--verify", "--json").stdout)
+    assert rep["verify"]["bad_shards"] == [shard.name] and not rep["verify"]["ok"]
+
+
+def test_stray_shard_files_are_listed(cache, tmp_path):
+    """A shard-named file the manifest does not list (v2 name, a leftover .tmp) is reported."""
+    d = tmp_path / "cache"
+    shutil.copytree(cache, d)
+    extra = ["cache-u0000009-l000001-0000.tar", "cache-u0000001-l000003-0000.tar.tmp"]
+    for name in extra:
+        (d / name).write_bytes(b"x")
+    rep = read_json(d)
+    assert rep["stray_files"] == sorted(extra)
+    assert rep["bytes_on_disk"] == sum(os.stat(p).st_size for p in shard_files(cache))
+    proc = run_tool(d)
+    assert proc.returncode == 0 and "files not in manifest" in proc.stdout, proc.stdout
+
+
 def test_quarantine_on_a_good_cache_changes_nothing(cache, tmp_path):
     good = tmp_path / "cache"
     shutil.copytree(cache, good)
-    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    before = snapshot(good)
+    assert any(k.startswith("ledger/") and k.endswith(".done.json") for k in before)
     proc = run_tool(good, "--verify", "--quarantine")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nothing to quarantine" in proc.stdout
-    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    proc = run_tool(good, "--verify", "--quarantine", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["ok"] and res["quarantined"] == [] and res["manifest_moved_to"] is None
+    assert res["shards_checked"] == len(shard_files(good))
+    assert not (good / "quarantine").exists()
+    assert snapshot(good) == before
 
 
-def test_quarantine_moves_bad_shards_drops_entries_and_recomputes_part_stats(cache, tmp_path):
-    """A flipped byte in shard 1, shard 2's file gone: both entries leave the part, the
-    damaged file moves into quarantine/ (nothing deleted), manifest.json too (the cache
-    reads as unfinished), the part's statistics are those of the shards kept (decoded by
-    hand here) and its next shard number stays past every name used."""
-    bad, shard = corrupt_copy(cache, tmp_path)
-    names = [p.name for p in shard_files(bad)]
-    assert len(names) == 3
-    data = bytearray(shard.read_bytes())
+def test_quarantine_moves_damaged_units_and_a_rerun_recomputes_them(stage, tmp_path):
+    """A flipped byte in the first of unit 1's two shards, unit 2's shard file gone: both
+    units' shards (the good one of unit 1 too) and their done records move into
+    quarantine/ (nothing deleted), manifest.json too (the cache reads as unfinished); unit 0
+    is untouched. A rerun of the cache stage with the same arguments recomputes units 1
+    and 2 into shards with new names (launch 2), and the cache verifies with the same
+    records per key as before the damage."""
+    from pipeline.cache import main as cache_main
+
+    cache = stage.cache
+    bad = tmp_path / "cache"
+    shutil.copytree(cache, bad)
+    units = units_on_disk(bad)
+    assert sorted(units) == [0, 1, 2] and len(units[1]) == 2 and len(units[2]) == 1, units
+    names = {u: [n for n, _ in shards] for u, shards in units.items()}
+    flipped, gone = bad / names[1][0], bad / names[2][0]
+    data = bytearray(flipped.read_bytes())
     data[len(data) // 3] ^= 0x40
-    shard.write_bytes(data)
-    (bad / names[2]).unlink()
-    old = json.loads((bad / "manifest.r0000.json").read_text())
-    manifest = (bad / "manifest.json").read_bytes()
+    flipped.write_bytes(data)
+    gone.unlink()
+    before = snapshot(bad)
+    done = {u: (bad / "ledger" / f"unit-{u:07d}.done.json").read_bytes() for u in units}
 
     assert run_tool(bad, "--quarantine").returncode == 2          # needs --verify
-    proc = run_tool(bad, "--verify", "--quarantine")
+    assert snapshot(bad) == before
+    work = tmp_path / "text"                                      # the table output, on a copy
+    shutil.copytree(bad, work)
+    proc = run_tool(work, "--verify", "--quarantine")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert names[1] in proc.stdout and names[2] in proc.stdout and f"{names[0]}:" not in proc.stdout
-    assert "rerun the cache stage" in proc.stdout
-    assert (bad / "quarantine" / names[1]).read_bytes() == bytes(data)
-    assert (bad / "quarantine" / "manifest.json").read_bytes() == manifest
-    assert [p.name for p in shard_files(bad)] == names[:1]
-    assert not (bad / "manifest.json").exists()
-    part = json.loads((bad / "manifest.r0000.json").read_text())
-    assert [s["file"] for s in part["shards"]] == names[:1]
-    assert part["finished"] is False and part["next_shard"] == 3
-    assert part["header"] == old["header"]
-    m = json.loads(manifest)
-    ec, distinct, samples = decoded_records(bad, m["vocab_size"])   # the kept shard, by hand
-    st = part["stats"]
-    assert samples == SHARD_SAMPLES and st["samples"] == samples and st["positions"] == samples * T
-    assert st["entropy_code_hist"] == np.bincount(ec, minlength=256).tolist()
-    assert st["distinct_hist"] == np.bincount(distinct, minlength=U + 1).tolist()
-    assert st["rskd_truncated_positions"] == old["shards"][0]["rskd_truncated_positions"]
-    proc = run_tool(bad, "--verify", "--quarantine")                # nothing left to do
+    out = proc.stdout
+    assert "BAD unit 1:" in out and "BAD unit 2:" in out and "BAD unit 0" not in out, out
+    assert names[1][0] in out and names[2][0] in out and "rerun the cache stage" in out, out
+
+    proc = run_tool(bad, "--verify", "--quarantine", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    res = json.loads(proc.stdout)
+    q = bad / "quarantine"
+    assert res["ok"] is False and res["shards_checked"] == sum(map(len, names.values()))
+    assert res["manifest_moved_to"] == str(q / "manifest.json")
+    by_unit = {x["unit"]: x for x in res["quarantined"]}
+    assert sorted(by_unit) == [1, 2]
+    assert sorted(by_unit[1]["moved_to"]) == sorted(
+        [str(q / n) for n in names[1]] + [str(q / "unit-0000001.done.json")])
+    assert by_unit[2]["moved_to"] == [str(q / "unit-0000002.done.json")]   # its shard is gone
+    assert any(names[1][0] in p and "sha256" in p for p in by_unit[1]["problems"])
+    assert not any(names[1][1] in p for p in by_unit[1]["problems"])     # the good one: moved only
+    assert any(names[2][0] in p for p in by_unit[2]["problems"])
+    assert by_unit[1]["samples"] == sum(len(ks) for _, ks in units[1])
+    assert by_unit[2]["samples"] == len(units[2][0][1])
+
+    after = snapshot(bad)
+    moved = {f"quarantine/{n}": before[n] for n in names[1]}
+    moved |= {f"quarantine/unit-{u:07d}.done.json": done[u] for u in (1, 2)}
+    moved["quarantine/manifest.json"] = before["manifest.json"]
+    gone_paths = {*names[1], "manifest.json", "ledger/unit-0000001.done.json",
+                  "ledger/unit-0000002.done.json"}
+    assert after == {k: v for k, v in before.items() if k not in gone_paths} | moved
+    assert moved["quarantine/" + names[1][0]] == bytes(data)       # the damaged bytes, kept
+    proc = run_tool(bad)
+    assert proc.returncode == 2 and "did not finish" in proc.stderr, proc.stderr
+    proc = run_tool(bad, "--verify", "--quarantine")               # nothing left to do
     assert proc.returncode == 0 and "nothing to quarantine" in proc.stdout, proc.stdout
+
+    cache_main([*stage.args, "--out", str(bad)])                   # the repair: rerun the stage
+    rep = read_json(bad, "--verify")
+    assert rep["verify"]["ok"] and rep["verify"]["stats_match"] is True, rep["verify"]
+    again = units_on_disk(bad)
+    assert [n for n, _ in again[0]] == names[0]                   # unit 0: the same files
+    for n in names[0]:
+        assert (bad / n).read_bytes() == before[n]
+    for u in (1, 2):                                              # recomputed by launch 2
+        assert [SHARD_NAME.match(n).group(2) for n, _ in again[u]] == ["000002"] * len(again[u])
+        assert not {n for n, _ in again[u]} & set(names[u])
+        assert [ks for _, ks in again[u]] == [ks for _, ks in units[u]]
+    assert all_samples(bad) == all_samples(cache)                 # records per key, unchanged
+    old, new = (json.loads((d / "manifest.json").read_text()) for d in (cache, bad))
+    for k in ("entropy_code_hist", "distinct_hist", "rskd_truncated_positions"):
+        assert new["stats"][k] == old["stats"][k], k
+    assert [x["launch"] for x in new["units"]] == [1, 2, 2]
+    assert (q / names[1][0]).read_bytes() == bytes(data)          # quarantine/ is left alone
+    assert read_json(bad)["stray_files"] == []
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    import io
+
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext in ("tokens.u32", "kd.bin"):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(members[ext]), 0
+                tf.addfile(info, io.BytesIO(members[ext]))
+
+
+def build_v1_cache(v2: Path, out: Path, world: int = 2) -> dict:
+    """A finished version-1 cache by hand, holding the v2 fixture's samples: window k of the
+    corpus stream (the v2 windows in unit order) was cached by rank k % world under the key
+    {rank:04d}-{k:09d}, in shards cache-r{rank:04d}-{n:06d}.tar of SHARD_SAMPLES windows;
+    rank parts manifest.r{rank:04d}.json and a manifest.json of format_version 1 (the
+    version-1 fields: no layout, unit list, teacher_logits or dropped mass)."""
+    import hashlib
+
+    m2 = json.loads((v2 / "manifest.json").read_text())
+    stream = list(all_samples(v2, [v2 / s["file"] for s in m2["shards"]]).values())
+    out.mkdir()
+    header = {k: v for k, v in m2.items() if k in (
+        "teacher", "teacher_parameters", "teacher_weights", "teacher_dtype", "vocab_size",
+        "tokenizer_fingerprint", "eos_token_id", "seq_len", "num_classes", "id_bits", "w_bits",
+        "sentinel", "bytes_per_position", "sampler", "sampler_args", "chunk_positions",
+        "teacher_temperature", "seed", "dataset", "dataset_fingerprint", "max_windows",
+        "shard_samples", "weight_codebook", "entropy_codebook", "entropy_max_error")}
+    header["format_version"] = 1
+    V = header["vocab_size"]
+    parts = []
+    for rank in range(world):
+        mine = [(f"{rank:04d}-{k:09d}", stream[k], k) for k in range(rank, len(stream), world)]
+        shards = []
+        for n in range(-(-len(mine) // SHARD_SAMPLES)):
+            chunk = mine[n * SHARD_SAMPLES:(n + 1) * SHARD_SAMPLES]
+            path = out / f"cache-r{rank:04d}-{n:06d}.tar"
+            write_tar(path, [(key, members) for key, members, _ in chunk])
+            data = path.read_bytes()
+            shards.append({"file": path.name, "samples": len(chunk), "positions": len(chunk) * T,
+                           "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                           "rskd_truncated_positions": 0, "windows": [k for _, _, k in chunk]})
+        ec, distinct, samples = decoded_records(out, V, [out / s["file"] for s in shards])
+        stats = {"entropy_code_hist": np.bincount(ec, minlength=256).tolist(),
+                 "distinct_hist": np.bincount(distinct, minlength=U + 1).tolist(),
+                 "positions": samples * T, "samples": samples, "rskd_truncated_positions": 0}
+        part = {"rank": rank, "header": header, "shards": shards, "finished": True,
+                "stats": stats, "next_shard": len(shards), "world_size": world, "node": "test"}
+        (out / f"manifest.r{rank:04d}.json").write_text(json.dumps(part))
+        parts.append(part)
+    shards = [s for p in parts for s in p["shards"]]
+    m = {**header, "world_size": world,
+         "ranks": {str(p["rank"]): {"shards": [s["file"] for s in p["shards"]],
+                                    "finished": True, "node": "test"} for p in parts},
+         "shards": shards, "samples": sum(s["samples"] for s in shards),
+         "positions": sum(s["positions"] for s in shards),
+         "bytes": sum(s["bytes"] for s in shards),
+         "stats": {k: (np.sum([p["stats"][k] for p in parts], axis=0).tolist()
+                       if isinstance(parts[0]["stats"][k], list)
+                       else sum(p["stats"][k] for p in parts)) for k in parts[0]["stats"]}}
+    (out / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def test_version_1_cache_reports_and_verifies(cache, tmp_path):
+    """A finished version-1 cache (rank shards and keys, rank parts, format_version 1) is still
+    read: the report's numbers match the files, --verify passes and its key checks are the
+    version-1 ones (a key of another rank is flagged), the reader yields every window, and
+    --quarantine (version-2 repair) refuses it without touching anything."""
+    import hashlib
+
+    v1 = tmp_path / "v1"
+    m = build_v1_cache(cache, v1)
+    files = sorted(v1.glob("cache-r*.tar"))
+    assert [p.name for p in files] == ["cache-r0000-000000.tar", "cache-r0000-000001.tar",
+                                       "cache-r0001-000000.tar", "cache-r0001-000001.tar"]
+    assert list(tar_samples(files[0]))[:2] == ["0000-000000000", "0000-000000002"]
+    V = m["vocab_size"]
+    rep = read_json(v1)
+    on_disk = sum(os.stat(p).st_size for p in files)
+    assert (rep["samples"], rep["positions"], rep["shards"]) == (WINDOWS, WINDOWS * T, 4)
+    assert rep["bytes_on_disk"] == on_disk and rep["stray_files"] == []
+    assert rep["reduction_vs_bf16"] == pytest.approx(2 * V / (on_disk / (WINDOWS * T)), rel=1e-12)
+    ec, distinct, _ = decoded_records(v1, V, files)
+    h = np.asarray(m["entropy_codebook"], dtype=np.float64)[ec]
+    assert rep["entropy"]["mean"] == pytest.approx(h.mean(), rel=1e-9)
+    assert rep["distinct"]["hist"] == np.bincount(distinct, minlength=U + 1).tolist()
+    assert rep["settings"]["teacher_logits"] is None
+    assert rep["settings"]["dropped_mass_mean"] is None
+    proc = run_tool(v1)
+    assert proc.returncode == 0 and "not recorded" in proc.stdout, proc.stdout + proc.stderr
+
+    proc = run_tool(v1, "--verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    v = read_json(v1, "--verify")["verify"]
+    assert v["ok"] and v["bad_shards"] == [] and v["stats_match"] is True
+    assert [r["file"] for r in v["shards"]] == [p.name for p in files]
+
+    from pipeline.reader import CacheReader
+
+    keys = set()
+    for batch in CacheReader(v1, micro_batch=2).batches(epoch=0):
+        for b, key in enumerate(batch.keys):
+            ref = all_samples(v1, files)[key]
+            assert batch.input_ids[b].tolist() == np.frombuffer(ref["tokens.u32"], "<u4").tolist()
+            keys.add(key)
+    assert keys == {f"{k % 2:04d}-{k:09d}" for k in range(WINDOWS)}
+
+    before = snapshot(v1)
+    proc = run_tool(v1, "--verify", "--quarantine")
+    assert proc.returncode == 2 and "version-1" in proc.stderr, proc.stdout + proc.stderr
+    assert snapshot(v1) == before
+
+    # a rank-1 key inside a rank-0 shard (size and sha256 updated): that shard alone is bad
+    shard = files[1]
+    data = rewrite_keys(shard, lambda key: "0001" + key[4:])
+    for s in m["shards"]:
+        if s["file"] == shard.name:
+            s["sha256"], s["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (v1 / "manifest.json").write_text(json.dumps(m))
+    proc = run_tool(v1, "--verify")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "belongs to rank 1, shard is rank 0" in out, out
+    for p in files:
+        assert (p == shard) == (f"{p.name}:" in out), out
 
 
 def test_plot_writes_png(cache, tmp_path):
@@ -285,10 +708,14 @@ def test_missing_manifest(tmp_path):
     proc = run_tool(tmp_path)
     assert proc.returncode == 2
     assert "manifest.json does not exist" in proc.stderr
-    (tmp_path / "manifest.r0000.json").write_text("{}")
+    (tmp_path / "units.json").write_text("{}")         # a version-2 run that did not finish
     proc = run_tool(tmp_path)
     assert proc.returncode == 2
     assert "did not finish" in proc.stderr
+    (tmp_path / "units.json").unlink()
+    (tmp_path / "manifest.r0000.json").write_text("{}")  # an unfinished version-1 run
+    proc = run_tool(tmp_path)
+    assert proc.returncode == 2 and "manifest.json does not exist" in proc.stderr
     proc = run_tool(tmp_path / "nope")
     assert proc.returncode == 2 and "not a directory" in proc.stderr
 

@@ -5,7 +5,7 @@
     python tools/bench_reader.py --part stage --stage-windows 32 --repeats 5
 
 (a) reader: a synthetic cache written without a teacher (random ids/weights/entropies,
-    valid records: pipeline.cache.RankWriter + pipeline.codec, the same shards and
+    valid records: pipeline.cache.UnitWriter + pipeline.codec, the same shards and
     manifest the stage writes) at T=2048, U=12, V=151,936; CacheReader.batches() decodes
     it into training tensors on ONE core (torch.set_num_threads(1), CPU affinity pinned to
     one core). positions/s = B x T per batch / wall time of one epoch, with and without the
@@ -17,12 +17,11 @@
     windows (tiny llama, hidden 64, V=32,000, T=512), OMP_NUM_THREADS=1 per rank, so the
     ratio is the scaling over processes/cores. tokens/s = positions / manifest
     `wall_time_s` (the stage's own loop time, max over ranks: model load and imports
-    excluded; corpus loading and tokenization, which every rank does for the whole corpus,
-    included). A third row, 1 rank with 2 threads, shows what intra-op threads give
-    instead. Runs are interleaved; "CPU s" is the user+sys time of all the run's processes
-    (imports and model load included); the per-rank tokenization cost is measured on its
-    own; every window's records are compared across all runs (they must not depend on the
-    rank count). On an oversubscribed machine the scheduler gives 2 ranks about twice the
+    excluded; reading and tokenizing the units a rank claims included; `--stage-unit-bytes`
+    small so the tiny corpus has several units per rank). A third row, 1 rank with 2
+    threads, shows what intra-op threads give instead. Runs are interleaved; "CPU s" is the
+    user+sys time of all the run's processes (imports and model load included); every
+    window's records are compared across all runs (they must not depend on the rank count). On an oversubscribed machine the scheduler gives 2 ranks about twice the
     CPU share of 1, so read the ratio together with the load average printed per run.
     Target ratio >= 1.6.
 """
@@ -51,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.codec import FORMAT_VERSION, RecordCodec
-from pipeline.manifest import MANIFEST, merge_parts, write_json_atomic
+from pipeline.manifest import MANIFEST, merge_units, write_json_atomic
 
 console = Console(highlight=False, width=max(Console().width, 120))
 WORDS = ("the quick brown fox jumps over lazy dog knowledge distillation trains small student "
@@ -78,8 +77,8 @@ def synthetic_records(codec: RecordCodec, T: int, rng: np.random.Generator,
 
 def write_synthetic_cache(out: Path, windows: int, T: int, V: int, U: int, shard_samples: int,
                           seed: int = 0) -> dict:
-    """A complete cache directory (shards + manifest.json) without a teacher."""
-    from pipeline.cache import RankWriter
+    """A complete cache directory (shards + manifest.json) without a teacher: one unit."""
+    from pipeline.cache import UnitWriter
 
     codec = RecordCodec(V, U)
     header = {
@@ -97,12 +96,16 @@ def write_synthetic_cache(out: Path, windows: int, T: int, V: int, U: int, shard
     }
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    writer = RankWriter(out, 0, header, None)
+    writer = UnitWriter(out, 0, 1, header)
     for w in range(windows):
         records, ec, n = synthetic_records(codec, T, rng)
         writer.write(w, rng.integers(0, V, T).astype(np.uint32), records, ec, n, 0)
-    part = writer.close()
-    manifest = merge_parts(header, [part])
+    shards = writer.close()
+    plan = {"files": [{"path": "synthetic"}], "units": [{"unit": 0, "file": 0, "last_file": 0,
+                                                        "start": 0, "end": 0}]}
+    done = {0: {"shards": shards, "stats": writer.stats, "windows": windows, "documents": 0,
+                "tokens": windows * T, "bytes": 0, "sha256": None, "launch": 1, "rank": 0}}
+    manifest = merge_units(header, plan, done, [{"rank": 0, "wall_time_s": 0.0}])
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
@@ -248,25 +251,22 @@ def write_corpus(path: Path, docs: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS, int(rng.integers(50, 400))))}) + "\n")
 
 
-# `python -m pipeline.cache` plus this rank's CPU time inside the stage's loop: from the
-# call of rank_windows (where the loop's wall clock starts) to RankWriter.close (where it
-# stops). CPU time does not count waiting for a core, so it gives the scaling that two
-# idle cores would show even on a shared, loaded machine.
+# `python -m pipeline.cache` plus this rank's CPU time inside the stage's loop: the call of
+# _cache_units (claim, read, tokenize, teacher, write every unit). CPU time does not count
+# waiting for a core, so it gives the scaling that two idle cores would show even on a
+# shared, loaded machine.
 LOOP_CPU_WRAPPER = """
 import json, os, sys, time
 import pipeline.cache as c
-mark = {}
-rank_windows, close = c.rank_windows, c.RankWriter.close
-def timed_windows(*a, **k):
-    mark["t0"] = time.process_time()
-    return rank_windows(*a, **k)
-def timed_close(self):
-    part = close(self)
-    out = os.path.join(os.environ["BENCH_LOOP_CPU_DIR"], f"r{self.rank}.json")
+cache_units = c._cache_units
+def timed(cfg, info, *a, **k):
+    t0 = time.process_time()
+    mine = cache_units(cfg, info, *a, **k)
+    out = os.path.join(os.environ["BENCH_LOOP_CPU_DIR"], f"r{info.rank}.json")
     with open(out, "w") as f:
-        json.dump({"loop_cpu_s": time.process_time() - mark["t0"]}, f)
-    return part
-c.rank_windows, c.RankWriter.close = timed_windows, timed_close
+        json.dump({"loop_cpu_s": time.process_time() - t0}, f)
+    return mine
+c._cache_units = timed
 c.main(sys.argv[1:])
 """
 
@@ -282,6 +282,7 @@ def stage_run(ranks: int, threads: int, teacher: Path, data: Path, out: Path, ar
     cmd = [mpiexec, "-n", str(ranks), sys.executable, "-c", LOOP_CPU_WRAPPER, "--teacher",
            str(teacher), "--data", str(data), "--out", str(out), "--seq-len", str(args.stage_seq_len),
            "--max-windows", str(args.stage_windows), "--shard-samples", "4",
+           "--unit-bytes", str(args.stage_unit_bytes),
            "--batch-size", str(args.stage_batch)]
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -303,9 +304,9 @@ def stage_run(ranks: int, threads: int, teacher: Path, data: Path, out: Path, ar
             "windows": window_digests(out, m)}
 
 
-def window_digests(out: Path, m: dict) -> dict[int, str]:
-    """window index -> sha256 of its tokens + records. Shard files differ with the rank
-    count (keys carry the rank, shards group a rank's windows), the windows must not."""
+def window_digests(out: Path, m: dict) -> dict[str, str]:
+    """window key -> sha256 of its tokens + records. Which rank cached a unit differs
+    between runs, the windows must not."""
     digests = {}
     for s in m["shards"]:
         with tarfile.open(out / s["file"]) as tf:
@@ -314,20 +315,8 @@ def window_digests(out: Path, m: dict) -> dict[int, str]:
             if name.endswith(".kd.bin"):
                 key = name.removesuffix(".kd.bin")
                 h = hashlib.sha256(files[key + ".tokens.u32"] + kd).hexdigest()
-                digests[int(key.split("-")[1])] = h
+                digests[key] = h
     return digests
-
-
-def tokenize_cost(teacher: Path, data: Path, T: int, windows: int, repeats: int) -> float:
-    """Seconds one rank spends on pipeline.data for the whole corpus (every rank does it)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.data import DataSpec, rank_windows
-
-    tok = AutoTokenizer.from_pretrained(teacher)
-    spec = DataSpec(str(data))
-    return median_time(lambda: sum(1 for _ in rank_windows(spec, tok, T, 0, 2, max_windows=windows)),
-                       repeats)[0]
 
 
 def bench_stage(args) -> None:
@@ -353,7 +342,6 @@ def bench_stage(args) -> None:
                           f"{r['process_s']:.2f} s, CPU {r['cpu_s']:.1f} s, load "
                           f"{os.getloadavg()[0]:.1f}", style="dim")
     same = {tuple(sorted(r["windows"].items())) for rs in results.values() for r in rs}
-    tok_s = tokenize_cost(teacher, data, args.stage_seq_len, args.stage_windows, args.repeats)
     t = Table(title=f"(b) cache stage, tiny llama hidden {args.stage_hidden}, V={args.stage_vocab:,}, "
                     f"T={args.stage_seq_len}, {args.stage_windows} windows, batch "
                     f"{args.stage_batch}, median of {args.repeats}")
@@ -376,8 +364,6 @@ def bench_stage(args) -> None:
                   "loop of the slowest rank; with one thread per rank, tokens/CPU-s = positions / "
                   "it is the rate idle cores would give. CPU s, all: user+sys of every process of "
                   "the run, imports and model load included.")
-    console.print(f"corpus load + tokenize + window (pipeline.data, one rank, whole corpus): "
-                  f"{tok_s:.2f} s median; every rank pays it inside its loop time")
     console.print(f"every window's tokens + records identical across all runs and rank counts: "
                   f"{len(same) == 1} ({len(next(iter(same)))} windows)")
 
@@ -398,6 +384,8 @@ def main() -> None:
     ap.add_argument("--stage-vocab", type=int, default=32_000)
     ap.add_argument("--stage-hidden", type=int, default=64)
     ap.add_argument("--stage-batch", type=int, default=4)
+    ap.add_argument("--stage-unit-bytes", type=int, default=4096,
+                    help="work unit size: small, so the tiny corpus has units for every rank")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")

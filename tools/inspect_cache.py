@@ -21,22 +21,22 @@ of non-sentinel ids per position.
 every shard against the manifest (size, sha256), reads every sample
 (tar members, `tokens.u32` of 4T bytes, `kd.bin` of (3U+1)T bytes) and decodes its records
 with pipeline.codec: ids < V or the sentinel, weight code 0 in sentinel slots, no repeated
-id within a position, tokens < V, keys `{rank:04d}-{window:09d}` unique and of the shard's
-rank, sample/position counts as recorded; when every shard passes it also recomputes the
-entropy and distinct-class histograms and compares them with the manifest's.
+id within a position, tokens < V, keys unique and of the shard's unit (version 2:
+`u{unit:07d}-w{window:07d}` in `cache-u{unit:07d}-l{launch:06d}-{n:04d}.tar`, and the windows
+its entry records) or rank (version 1: `{rank:04d}-{window:09d}`), sample/position counts as
+recorded; when every shard passes it also recomputes the entropy and distinct-class
+histograms and compares them with the manifest's.
 
-`--verify --quarantine` repairs: it verifies every shard the rank parts (manifest.r*.json)
-record, the same checks plus "the keys are the windows the part records, of the part's
-rank", moves each bad or missing-file shard into CACHE/quarantine/ (nothing is deleted),
-drops its entry from its part (atomically; the part's statistics are recomputed from the
-shards kept, its `next_shard` keeps the name from being reused) and moves manifest.json
-into quarantine/ too, so the cache reads as unfinished until the cache stage, rerun with
-the same arguments, recomputes the missing windows into new shards and merges a new one.
-It works on unfinished caches (no manifest.json) and prints what it did instead of the table.
+`--verify --quarantine` repairs a version-2 cache, finished or not: it verifies every shard
+of every cached unit (the ledger's done records), and for each unit with a bad or missing
+shard moves its shards and its done record into CACHE/quarantine/ (nothing is deleted) and
+moves manifest.json there too; the cache stage, rerun with the same arguments and any
+number of ranks, then recomputes exactly those units into new shards (new names: the launch
+number is part of them). It prints what it did instead of the table.
 
 Exit status: 0 fine (with --quarantine: every shard good, nothing moved); 1 `--verify`
 found a bad shard (each one is named; with --quarantine: and moved it); 2 the directory
-is not a readable cache (no manifest.json: an unfinished run leaves only rank parts).
+is not a readable cache (no manifest.json: the cache stage has not finished).
 """
 
 from __future__ import annotations
@@ -57,17 +57,18 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import load_manifest, shard_path
-from pipeline.manifest import (MANIFEST, QUARANTINE, next_shard_number, read_json, shard_number,
-                               write_json_atomic)
+from pipeline.manifest import (HEADER, MANIFEST, QUARANTINE, load_manifest, read_json,
+                               shard_path)
 
 TOP_K_BASELINE = 128            # a top-k logit cache as DistillKit-style pipelines store it
 TOP_K_BYTES_PER_CLASS = 2 + 4   # fp16 value + int32 id
 TOKEN_BYTES = 4                 # tokens.u32
 SPARK = "▁▂▃▄▅▆▇█"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-KEY_RE = re.compile(r"^(\d{4})-(\d{9})$")
+KEY_RE = re.compile(r"^(\d{4})-(\d{9})$")                  # version 1: {rank}-{window}
 SHARD_RE = re.compile(r"^cache-r(\d{4})-(\d{6})\.tar$")
+UNIT_KEY_RE = re.compile(r"^u(\d{7})-w(\d{7})$")            # version 2: u{unit}-w{window}
+UNIT_SHARD_RE = re.compile(r"^cache-u(\d{7})-l(\d{6})-(\d{4})\.tar$")
 MAX_PROBLEMS = 5                # per shard, so one bad shard does not flood the report
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)   # messages stay greppable
@@ -147,7 +148,7 @@ def storage_stats(cache_dir: Path, m: dict) -> dict:
         raise ValueError(f"{cache_dir}/manifest.json lists no positions (an empty cache)")
     bpp = on_disk / positions
     listed = {s["file"] for s in m["shards"]}
-    stray = sorted(p.name for p in cache_dir.glob("cache-r*.tar*") if p.name not in listed)
+    stray = sorted(p.name for p in cache_dir.glob("cache-*.tar*") if p.name not in listed)
     return {
         "samples": samples, "positions": positions, "shards": len(m["shards"]),
         "positions_expected": samples * T,
@@ -173,7 +174,13 @@ def settings(m: dict) -> dict:
                                    "sampler_args", "teacher_temperature", "seed", "dataset",
                                    "max_windows", "shard_samples", "world_size", "wall_time_s")} | {
         "rskd_truncated_positions": st.get("rskd_truncated_positions", 0),
-        "rskd_truncated_fraction": st.get("rskd_truncated_positions", 0) / n if n else 0.0}
+        "rskd_truncated_fraction": st.get("rskd_truncated_positions", 0) / n if n else 0.0,
+        # Probability mass of the teacher's logits beyond V (a padded output layer), dropped
+        # before sampling: per-position sum and max over the cache. None: not recorded (a
+        # cache written before these statistics existed).
+        "teacher_logits": m.get("teacher_logits"),
+        "dropped_mass_mean": st["dropped_mass_sum"] / n if n and "dropped_mass_sum" in st else None,
+        "dropped_mass_max": st.get("dropped_mass_max")}
 
 
 # -- verification -----------------------------------------------------------------------------
@@ -200,14 +207,24 @@ def tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def check_sample(codec: RecordCodec, T: int, key: str, group: dict[str, bytes],
-                 rank: int | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
-    """Problems of one sample; its entropy codes [T] and distinct counts [T] when decodable."""
+                 owner: tuple[str, int] | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """Problems of one sample; its entropy codes [T] and distinct counts [T] when decodable.
+
+    `owner`: ("unit", u) for a version-2 shard (keys u{unit:07d}-w{window:07d}), ("rank", r)
+    for a version-1 shard (keys {rank:04d}-{window:09d}), None when the name says neither."""
     problems = []
-    km = KEY_RE.match(key)
-    if km is None:
-        problems.append(f"key {key!r} is not rank-window ({{rank:04d}}-{{window:09d}})")
-    elif rank is not None and int(km.group(1)) != rank:
-        problems.append(f"key {key} belongs to rank {int(km.group(1))}, shard is rank {rank}")
+    if owner is not None and owner[0] == "unit":
+        km = UNIT_KEY_RE.match(key)
+        if km is None:
+            problems.append(f"key {key!r} is not unit-window (u{{unit:07d}}-w{{window:07d}})")
+        elif int(km.group(1)) != owner[1]:
+            problems.append(f"key {key} belongs to unit {int(km.group(1))}, shard is unit {owner[1]}")
+    else:
+        km = KEY_RE.match(key)
+        if km is None:
+            problems.append(f"key {key!r} is not rank-window ({{rank:04d}}-{{window:09d}})")
+        elif owner is not None and int(km.group(1)) != owner[1]:
+            problems.append(f"key {key} belongs to rank {int(km.group(1))}, shard is rank {owner[1]}")
     if set(group) != {"tokens.u32", "kd.bin"}:
         problems.append(f"sample {key}: members {sorted(group)}, expected ['kd.bin', 'tokens.u32']")
     tok, kd = group.get("tokens.u32", b""), group.get("kd.bin", b"")
@@ -254,13 +271,16 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
         problems.append(f"{len(data)} bytes, manifest says {s['bytes']} (truncated or replaced)")
     if hashlib.sha256(data).hexdigest() != s["sha256"]:
         problems.append("sha256 differs from manifest.json (corrupted or replaced)")
-    sm = SHARD_RE.match(s["file"])
-    rank = int(sm.group(1)) if sm else None
+    um, sm = UNIT_SHARD_RE.match(s["file"]), SHARD_RE.match(s["file"])
+    owner = ("unit", int(um.group(1))) if um else ("rank", int(sm.group(1))) if sm else None
     samples = positions = 0
+    windows = []
     try:
         for key, group in tar_samples(data):
             samples += 1
-            p, ec, nd = check_sample(codec, T, key, group, rank)
+            p, ec, nd = check_sample(codec, T, key, group, owner)
+            if (km := UNIT_KEY_RE.match(key)) is not None:
+                windows.append(int(km.group(2)))
             if key in seen_keys:
                 p.append(f"sample {key} appears in more than one place")
             seen_keys.add(key)
@@ -274,6 +294,8 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
     if (samples, positions) != (s["samples"], s["positions"]):
         problems.append(f"{samples} samples / {positions} positions decoded, manifest says "
                         f"{s['samples']} / {s['positions']}")
+    if "windows" in s and owner is not None and owner[0] == "unit" and windows != list(s["windows"]):
+        problems.append("its keys are not the windows its entry records")
     if len(problems) > MAX_PROBLEMS:
         problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more"]
     return problems
@@ -306,16 +328,6 @@ def verify_cache(cache_dir: Path, m: dict) -> dict:
 
 
 # -- quarantine -------------------------------------------------------------------------------
-def _plain_name(name: object) -> bool:
-    """A shard name inside the cache directory (manifest.shard_path): never move anything
-    outside it."""
-    try:
-        shard_path(".", name)
-    except ValueError:
-        return False
-    return True
-
-
 def _free(path: Path) -> Path:
     """`path`, or `path.1`, `path.2`, ... : the first that does not exist (never overwrite)."""
     n, out = 0, path
@@ -326,117 +338,84 @@ def _free(path: Path) -> Path:
 
 
 def quarantine_damaged(cache_dir: Path) -> dict:
-    """Verify every shard the rank parts record; move each bad one into `quarantine/` and
-    drop its entry (see the module docstring). Returns what was checked and done."""
+    """Verify every shard of every cached unit (the ledger's done records); for each unit
+    with a bad or missing shard, move its shards and its done record into `quarantine/`
+    (nothing is deleted), and move manifest.json there too, so that the cache stage, rerun
+    with the same arguments (any number of ranks), recomputes exactly those units."""
     import os
 
-    parts = sorted(cache_dir.glob("manifest.r[0-9][0-9][0-9][0-9].json"))
-    if not parts:
-        raise FileNotFoundError(f"{cache_dir} holds no rank parts (manifest.r*.json); "
-                                "--quarantine repairs through the cache stage, which needs them")
+    from pipeline.ledger import done_name, ledger_dir
+
+    header_path = cache_dir / HEADER
+    if not header_path.exists():
+        if any(cache_dir.glob("manifest.r[0-9][0-9][0-9][0-9].json")):
+            raise ValueError("a version-1 cache (rank parts): --quarantine repairs version-2 "
+                             "caches only; re-cache it into a new directory with this version")
+        raise FileNotFoundError(f"{header_path} does not exist: not a cache directory of this "
+                                "version (--quarantine repairs through the cache stage)")
+    h = read_json(header_path)
+    codec, T = RecordCodec(h["vocab_size"], h["num_classes"]), h["seq_len"]
+    if not ledger_dir(cache_dir).is_dir():
+        raise FileNotFoundError(f"{ledger_dir(cache_dir)} does not exist (a cache copied without "
+                                "its ledger?): --quarantine repairs through the ledger's done "
+                                "records; use --verify to find damaged shards")
     qdir = cache_dir / QUARANTINE
     seen: set[str] = set()
-    checked, bad, rewritten, notes, worlds = 0, [], [], [], set()
-    for path in parts:
-        part = read_json(path)
-        h, rank, world = part["header"], part["rank"], part.get("world_size")
-        worlds.add(world)
-        U, T = h["num_classes"], h["seq_len"]
-        codec = RecordCodec(h["vocab_size"], U)
-        keep, drop = [], []
-        hist = {"entropy": np.zeros(256, np.int64), "distinct": np.zeros(U + 1, np.int64)}
-        for s in part["shards"]:
+    checked, bad = 0, []
+    for rec_path in sorted(ledger_dir(cache_dir).glob("unit-*.done.json")):
+        rec = read_json(rec_path)
+        unit = int(rec_path.name.split("-")[1].split(".")[0])
+        problems = []
+        for s in rec.get("shards", []):
             checked += 1
-            acc = {"entropy": np.zeros(256, np.int64), "distinct": np.zeros(U + 1, np.int64)}
-            missing = [k for k in ("file", "samples", "positions", "bytes", "sha256") if k not in s]
-            if missing or not _plain_name(s["file"]):
-                problems = [f"entry {json.dumps(s)[:120]} lacks {missing}" if missing else
-                            f"file name {s['file']!r} is not a plain name in the cache directory"]
-            else:
-                final, tmp = cache_dir / s["file"], cache_dir / (s["file"] + ".tmp")
-                if not final.exists() and tmp.exists() and \
-                        hashlib.sha256(tmp.read_bytes()).hexdigest() == s["sha256"]:
-                    os.replace(tmp, final)   # recorded, then killed before the rename
-                    notes.append(f"renamed {tmp.name} to {final.name} (a run was killed "
-                                 "between recording and renaming it)")
-                before = set(seen)
-                problems = verify_shard(cache_dir, s, codec, T, seen, acc)
-                windows = sorted(int(k.split("-")[1]) for k in seen - before if KEY_RE.match(k))
-                if not problems and world and any(w % world != rank for w in windows):
-                    problems.append(f"holds windows of other ranks (window w belongs to rank "
-                                    f"w % {world}, this is rank {rank})")
-                if not problems and "windows" in s and sorted(s["windows"]) != windows:
-                    problems.append(f"its keys are not the windows {path.name} records for it")
-            if problems:
-                drop.append((s, problems))
-            else:
-                keep.append(s)
-                hist["entropy"] += acc["entropy"]
-                hist["distinct"] += acc["distinct"]
-        if not drop:
+            acc = {"entropy": np.zeros(256, np.int64),
+                   "distinct": np.zeros(h["num_classes"] + 1, np.int64)}
+            p = verify_shard(cache_dir, s, codec, T, seen, acc)
+            problems += [f"{s.get('file')}: {x}" for x in p]
+        if not problems:
             continue
-        names = []
-        for s, problems in drop:
-            item = {"file": s.get("file"), "rank": rank, "part": path.name, "problems": problems,
-                    "windows": s.get("windows"), "samples": s.get("samples"), "moved_to": []}
-            if _plain_name(s.get("file")):
-                names.append(s["file"])
-                for f in (cache_dir / s["file"], cache_dir / (s["file"] + ".tmp")):
-                    if f.exists():       # move first: a part without the entry would let the
-                        qdir.mkdir(exist_ok=True)   # stage delete the file as a partial one
-                        dest = _free(qdir / f.name)
-                        os.replace(f, dest)
-                        item["moved_to"].append(str(dest))
-            bad.append(item)
-        part["shards"] = keep
-        part["quarantined"] = list(part.get("quarantined", [])) + names
-        part["next_shard"] = next_shard_number(cache_dir, rank, part)
-        part["finished"] = False
-        st = part.setdefault("stats", {})
-        st["entropy_code_hist"] = hist["entropy"].tolist()
-        st["distinct_hist"] = hist["distinct"].tolist()
-        st["samples"] = sum(s["samples"] for s in keep)
-        st["positions"] = sum(s["positions"] for s in keep)
-        if all("rskd_truncated_positions" in s for s in keep):
-            st["rskd_truncated_positions"] = sum(s["rskd_truncated_positions"] for s in keep)
-        elif st.get("rskd_truncated_positions"):
-            notes.append(f"{path.name}: rskd_truncated_positions kept at its old total "
-                         f"{st['rskd_truncated_positions']} (entries written before per-shard "
-                         "counts were recorded); it may count the quarantined shards' positions")
-        write_json_atomic(path, part, indent=None)
-        rewritten.append(path.name)
+        moved = []
+        qdir.mkdir(exist_ok=True)
+        for s in rec.get("shards", []):
+            try:
+                f = shard_path(cache_dir, s.get("file"), source=f"ledger/{rec_path.name}")
+            except ValueError:
+                continue                    # never move anything outside the cache directory
+            for g in (f, f.with_name(f.name + ".tmp")):
+                if g.exists():
+                    dest = _free(qdir / g.name)
+                    os.replace(g, dest)
+                    moved.append(str(dest))
+        dest = _free(qdir / done_name(unit))
+        os.replace(rec_path, dest)          # the unit is no longer done: the stage redoes it
+        moved.append(str(dest))
+        bad.append({"unit": unit, "problems": problems, "moved_to": moved,
+                    "samples": sum(s.get("samples", 0) for s in rec.get("shards", []))})
     manifest_moved = None
     if bad and (cache_dir / MANIFEST).exists():
-        qdir.mkdir(exist_ok=True)
         dest = _free(qdir / MANIFEST)
         os.replace(cache_dir / MANIFEST, dest)
         manifest_moved = str(dest)
     return {"ok": not bad, "shards_checked": checked, "quarantined": bad,
-            "parts_rewritten": rewritten, "manifest_moved_to": manifest_moved,
-            "world_size": sorted(worlds, key=str), "notes": notes}
+            "manifest_moved_to": manifest_moved}
 
 
 def render_quarantine(res: dict, cache_dir: Path, console: Console) -> None:
-    for n in res["notes"]:
-        console.print(f"note: {n}", soft_wrap=True)
     for q in res["quarantined"]:
-        where = " and ".join(q["moved_to"]) if q["moved_to"] else "nothing to move (no such file)"
-        console.print(f"[red]BAD[/red] {cache_dir / str(q['file'])}: {'; '.join(q['problems'])}",
+        console.print(f"[red]BAD[/red] unit {q['unit']}: {'; '.join(q['problems'][:MAX_PROBLEMS])}",
                       soft_wrap=True)
-        console.print(f"  quarantined: {where}; removed its entry from {q['part']}", soft_wrap=True)
+        console.print(f"  quarantined: {', '.join(q['moved_to'])}", soft_wrap=True)
     if res["ok"]:
-        console.print(f"all {res['shards_checked']} recorded shard(s) verified; nothing to "
-                      "quarantine", soft_wrap=True)
+        console.print(f"all {res['shards_checked']} shard(s) of the cached units verified; "
+                      "nothing to quarantine", soft_wrap=True)
         return
     if res["manifest_moved_to"]:
         console.print(f"moved {cache_dir / MANIFEST} to {res['manifest_moved_to']}: the cache "
                       "reads as unfinished until the cache stage completes it", soft_wrap=True)
-    n = sum(q["samples"] or 0 for q in res["quarantined"])
-    world = "/".join(str(w) for w in res["world_size"])
-    console.print(f"Now rerun the cache stage with the same arguments and the same number of "
-                  f"ranks ({world}), e.g. `python -m pipeline.cache ... --out {cache_dir}` (or "
-                  f"mpiexec -n {world} ...): it recomputes the {n} window(s) of the "
-                  f"{len(res['quarantined'])} quarantined shard(s) into new shards.",
+    n = sum(q["samples"] for q in res["quarantined"])
+    console.print(f"Now rerun the cache stage with the same arguments (any number of ranks), "
+                  f"e.g. `python -m pipeline.cache ... --out {cache_dir}`: it recomputes the "
+                  f"{len(res['quarantined'])} quarantined unit(s) ({n} window(s)) into new shards.",
                   soft_wrap=True)
 
 
@@ -456,6 +435,23 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+DROPPED_MASS_WARN = (1e-3, 1e-2)   # mean, max above which the dropped mass is not "about 0"
+
+
+def _dropped_mass_row(s: dict) -> tuple[str, str, str]:
+    """The table row of the teacher probability mass on logits >= V, dropped before sampling."""
+    name, V, vt = "dropped mass (logits >= V)", s["vocab_size"], s.get("teacher_logits")
+    mean, mx = s.get("dropped_mass_mean"), s.get("dropped_mass_max")
+    cols = (f"{vt - V:,} of {vt:,} teacher logits beyond V" if isinstance(vt, int)
+            else "teacher logits beyond V")
+    if mean is None or mx is None:
+        return name, "not recorded", "a cache written before this statistic"
+    value = f"mean {mean:.3g} / max {mx:.3g}"
+    if mean > DROPPED_MASS_WARN[0] or mx > DROPPED_MASS_WARN[1]:
+        return f"[yellow]{name}", f"[yellow]{value}", f"[yellow]NOT about 0[/yellow]: {cols}"
+    return name, value, f"{cols}; per position"
 
 
 def render(rep: dict, cache_dir: Path, console: Console) -> None:
@@ -503,6 +499,7 @@ def render(rep: dict, cache_dir: Path, console: Console) -> None:
               f"sentinel {s['sentinel']}")
     t.add_row("rskd truncated positions", f"{100 * s['rskd_truncated_fraction']:.3f}%",
               f"{s['rskd_truncated_positions']:,} positions")
+    t.add_row(*_dropped_mass_row(s))
     if s["wall_time_s"]:
         t.add_row("cache stage", f"{s['world_size']} rank(s)", f"wall {s['wall_time_s']:.1f} s")
     if rep["stray_files"]:
@@ -568,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--plot", type=Path, metavar="OUT.png", help="write entropy plots (matplotlib)")
     ap.add_argument("--quarantine", action="store_true",
-                    help="with --verify: move bad shards into CACHE/quarantine/ and drop their "
-                         "entries, so a rerun of the cache stage recomputes their windows")
+                    help="with --verify: move the shards and done records of units with a bad "
+                         "shard into CACHE/quarantine/, so a rerun of the cache stage recomputes them")
     args = ap.parse_args(argv)
     if args.quarantine and not args.verify:
         ap.error("--quarantine acts on what --verify finds: use --verify --quarantine")
@@ -580,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = quarantine_damaged(args.cache_dir)
         except (FileNotFoundError, ValueError, KeyError) as e:
-            what = f"a rank part lacks the field {e}" if isinstance(e, KeyError) else str(e)
+            what = f"a done record or header lacks the field {e}" if isinstance(e, KeyError) else str(e)
             err.print(f"[red]error:[/red] {args.cache_dir} is not a repairable cache: {what}")
             return 2
         if args.json:

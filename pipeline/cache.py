@@ -57,12 +57,9 @@ from pipeline.units import UnitReader, UnitStats, check_plan, plan_units, unit_w
 @dataclass(frozen=True)
 class CacheConfig:
     teacher: str = C.opt(None, "teacher: local HF checkpoint directory or hub id")
-    data: str = C.opt(None, "corpus: local json/jsonl/parquet/txt file or folder, or a hub dataset")
+    data: str = C.opt(None, "corpus: a local jsonl/json/parquet/txt file or folder (work units need local files)")
     out: str = C.opt(None, "output cache directory")
     text_field: str = C.opt("text", "column holding the document text")
-    split: str = C.opt("train", "dataset split")
-    dataset_name: str | None = C.opt(None, "hub dataset configuration name")
-    streaming: bool = C.opt(False, "stream the dataset instead of materializing it")
     seq_len: int = C.opt(2048, "window length T in tokens")
     num_classes: int = C.opt(12, "U: sampled classes stored per position")
     sampler: str = C.opt("priority", "class sampler", choices=METHODS)
@@ -112,7 +109,8 @@ class CacheConfig:
 
     @property
     def data_spec(self) -> DataSpec:
-        return DataSpec(self.data, self.text_field, self.split, self.dataset_name, self.streaming)
+        # Work units read local files directly: no split, hub configuration or streaming.
+        return DataSpec(self.data, self.text_field)
 
     @property
     def sampler_args(self) -> dict:

@@ -123,47 +123,34 @@ def test_unwritable_output_dir_is_reported_and_the_error_still_printed(tmp_path)
 
 @pytest.mark.dist
 def test_cache_stage_rank_failure_reaches_stderr_and_its_error_file(tmp_path):
-    """The real stage under `mpiexec -n 2`: the teacher's tokenizer emits ids its lm_head
-    does not have (a model saved with fewer rows than its tokenizer's vocabulary), and
-    only window 1 (rank 1's) holds such ids. Rank 1 fails in its token check after the
-    stage started; rank 0 caches window 0 and waits in the final gather. The job must end
-    with rank 1's error on mpiexec's output and in OUT/errors/rank0001.txt."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipeline.tiny import build_tiny_model, tiny_config
+    """The real stage under `mpiexec -n 2`: the corpus has two work units, and the second
+    holds a line that is not JSON. Rank 1 starts its walk at unit 1 and fails there after the
+    stage started; rank 0 caches unit 0, finds nothing left to claim and waits in the final
+    gather. The job must end with rank 1's error on mpiexec's output and in
+    OUT/errors/rank0001.txt."""
+    from pipeline.tiny import build_tiny_model
 
     T = 16
-    src = build_tiny_model(tmp_path / "src", hidden=32, layers=1)
-    tok = AutoTokenizer.from_pretrained(src)
-    docs = ["z" * (T - 1), "Knowledge distillation trains a small student to imitate a teacher. " * 3]
-    ids = [tok.encode(d, add_special_tokens=False) + [tok.eos_token_id] for d in docs]
-    flat = np.concatenate(ids)
-    w0, w1 = flat[:T], flat[T:2 * T]
-    assert len(flat) >= 2 * T and len(ids[0]) == T, ids
-    V = int(w0.max()) + 1            # window 0 fits the teacher, window 1 does not
-    assert int(w1.max()) >= V and tok.eos_token_id < V, (w0, w1, V)
-    teacher = tmp_path / "teacher"
-    torch.manual_seed(0)
-    cfg = tiny_config("llama", V, hidden=32, layers=1, eos_token_id=tok.eos_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
-    tok.save_pretrained(teacher)
+    teacher = build_tiny_model(tmp_path / "teacher", hidden=32, layers=1)
+    good = "".join(json.dumps({"text": f"Knowledge distillation {i} trains a small student."}) + "\n"
+                   for i in range(12))
     data = tmp_path / "corpus.jsonl"
-    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data.write_text(good + '{"text": "the second unit starts here"}\n{"text": broken\n')
     out = tmp_path / "cache"
+    unit_bytes = len(good.encode())           # unit 0: the good lines; unit 1: the rest
 
     t0 = time.perf_counter()
     r = _mpiexec([sys.executable, "-m", "pipeline.cache", "--teacher", str(teacher), "--data",
-                  str(data), "--out", str(out), "--seq-len", str(T), "--max-windows", "2",
+                  str(data), "--out", str(out), "--seq-len", str(T), "--unit-bytes", str(unit_bytes),
                   "--num-classes", "4"], timeout=300)
     print(f"failing 2-rank cache run: {time.perf_counter() - t0:.1f} s")
     text = r.stdout + r.stderr
     assert r.returncode not in (0, "timeout"), text[-3000:]
-    expected = f"window 1: token id {int(w1.max())} >= teacher V={V}"
-    assert expected in text, text[-3000:]
+    expected = f"{data}"
+    assert "is not valid JSON" in text and expected in text, text[-3000:]
     efile = _error_file(out, 1)
     assert efile.is_file(), text[-3000:]
-    assert expected in efile.read_text() and "Traceback" in efile.read_text()
+    assert "is not valid JSON" in efile.read_text() and "Traceback" in efile.read_text()
     assert f"traceback in {efile}" in text, text[-3000:]
     assert not _error_file(out, 0).exists()
     assert not (out / "manifest.json").exists()

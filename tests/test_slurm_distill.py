@@ -42,7 +42,8 @@ def test_sbatch_cache_then_distill_on_two_nodes_exports(cluster, tmp_path):
                TOKENIZERS_PARALLELISM="false", TEACHER=str(teacher), STUDENT=str(student),
                DATA=str(tmp_path / "data.jsonl"), CACHE_DIR=str(tmp_path / "cache"),
                RUN_DIR=str(tmp_path / "run"), SEQ_LEN="64", MAX_WINDOWS="32", STEPS=str(STEPS),
-               DS_CONFIG="ds_configs/zero3_test.json", EXTRA_ARGS="--shard-samples 4")
+               DS_CONFIG="ds_configs/zero3_test.json", UNIT_BYTES="3000",
+               EXTRA_ARGS="--shard-samples 4")
     # The rest are the pipeline's defaults (the scripts pass no flag whose variable is unset);
     # one worker per CPU node (NPROC_PER_NODE unset, no GPUs).
     env.pop("NPROC_PER_NODE", None)
@@ -51,7 +52,8 @@ def test_sbatch_cache_then_distill_on_two_nodes_exports(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr + (tmp_path / "cache.out").read_text()[-4000:]
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["samples"] == 32
-    assert {s["file"][:11] for s in manifest["shards"]} == {"cache-r0000", "cache-r0001"}  # 2 MPI ranks
+    (ranks,) = manifest["launches"].values()                   # both MPI ranks cached units
+    assert manifest["world_size"] == 2 and all(r["units"] >= 1 for r in ranks.values()), ranks
 
     env["EXTRA_ARGS"] = "--checkpoint-every 2"
     proc = _sbatch("distill.sh", env, tmp_path / "distill.out")

@@ -33,7 +33,7 @@ def test_pipeline_sh_runs_three_chained_jobs(cluster, tmp_path):
                TASKS="quick", EVAL_DATA_DIR=str(REPO / "pipeline/tasks/fixtures"), LIMIT="1",
                NODES="2", WAIT="1", POLL_S="1", LOG_DIR=str(tmp_path / "logs"),
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-               CACHE_ARGS="--shard-samples 4")
+               CACHE_ARGS="--shard-samples 4 --unit-bytes 1500")
     proc = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1200)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.out")))
@@ -46,8 +46,11 @@ def test_pipeline_sh_runs_three_chained_jobs(cluster, tmp_path):
     for s in manifest["shards"]:
         with tarfile.open(tmp_path / "cache" / s["file"]) as t:
             keys += sorted({m.name.split(".")[0] for m in t.getmembers()})
-    assert sorted(int(k.split("-")[1]) for k in keys) == list(range(16))   # each window once
-    assert {k.split("-")[0] for k in keys} == {"0000", "0001"}            # two ranks wrote them
+    assert len(keys) == len(set(keys)) == 16                               # each window once
+    by_unit = {u["unit"]: u["windows"] for u in manifest["units"]}
+    assert sorted(keys) == sorted(f"u{u:07d}-w{k:07d}" for u, n in by_unit.items() for k in range(n))
+    (ranks,) = manifest["launches"].values()
+    assert sorted(ranks) == ["0", "1"] and all(r["units"] >= 1 for r in ranks.values())  # two ranks
     recs = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(recs) == 2
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()

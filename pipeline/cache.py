@@ -425,14 +425,37 @@ def corpus_fingerprint(plan: dict) -> str:
 
 
 def _setup_launch(cfg: CacheConfig, out: Path, header: dict, tok, info: DistInfo):
-    """Rank 0: refuse a changed corpus or a different cache, plan the units (first launch),
-    begin this launch and take over the units of dead launches. Returns (header, plan, launch)."""
+    """Rank 0: begin this launch, then refuse a changed corpus or a different cache, plan the
+    units (first launch) and take over the units of dead launches. Returns (header, plan,
+    launch). The checks run before the launch begins (a refused run leaves the directory
+    as it was) and again after it: the first writes of header.json and units.json come
+    after the lease, so two jobs started at once on one directory cannot both write them."""
+    _check_existing(cfg, out, header)
+    launch = Ledger.begin_launch(out, info.world_size, cfg.lease_s, log=lambda m: log(m, info))
+    try:
+        header, plan = _plan_and_take_over(cfg, out, header, tok, info, launch.number)
+    except BaseException as e:
+        if info.world_size == 1:    # several ranks: the job is aborted, the heartbeat dies with it
+            launch.stop("failed", reason=f"{type(e).__name__}: {e}"[:500])
+        raise
+    return header, plan, launch
+
+
+def _check_existing(cfg: CacheConfig, out: Path, header: dict) -> tuple[dict, dict | None]:
+    """Read-only: refuse a corpus changed since the plan (naming the file) or a directory
+    holding another cache. Returns (header with the corpus fingerprint, the plan or None)."""
     plan = read_json(out / UNITS) if (out / UNITS).exists() else None
     if plan is not None:
         check_plan(cfg.data_spec, plan)            # names the file that changed
     files = plan if plan is not None else plan_units(cfg.data_spec, cfg.unit_bytes)
     header = {**header, "dataset_fingerprint": corpus_fingerprint(files)}
     check_compatible(out, header)
+    return header, plan
+
+
+def _plan_and_take_over(cfg: CacheConfig, out: Path, header: dict, tok, info: DistInfo,
+                        launch: int) -> tuple[dict, dict]:
+    header, plan = _check_existing(cfg, out, header)      # again, now under the lease
     if plan is None:
         plan = plan_with_cap(cfg.data_spec, cfg.unit_bytes, tok, cfg.seq_len, cfg.max_windows)
         if not plan["units"]:
@@ -440,14 +463,8 @@ def _setup_launch(cfg: CacheConfig, out: Path, header: dict, tok, info: DistInfo
         write_json_atomic(out / UNITS, plan)
     if not (out / HEADER).exists():
         write_json_atomic(out / HEADER, header)
-    launch = Ledger.begin_launch(out, info.world_size, cfg.lease_s, log=lambda m: log(m, info))
-    try:
-        stale = Ledger(out, len(plan["units"]), launch.number, 0, info.world_size).take_over_stale()
-    except BaseException as e:
-        if info.world_size == 1:
-            launch.stop("failed", reason=f"{type(e).__name__}: {e}"[:500])
-        raise
-    ledger = Ledger(out, len(plan["units"]), launch.number, 0, info.world_size)
+    ledger = Ledger(out, len(plan["units"]), launch, 0, info.world_size)
+    stale = ledger.take_over_stale()
     done = ledger.done()
     keep = {s["file"] for rec in done.values() for s in rec["shards"]}
     # Before any rank of this launch writes: a shard file no done record names is part of a
@@ -466,10 +483,9 @@ def _setup_launch(cfg: CacheConfig, out: Path, header: dict, tok, info: DistInfo
         log(f"removing {f.name}: part of an unfinished unit of an earlier launch", info)
         f.unlink()
     if stale:
-        log(f"launch {launch.number}: took over {len(stale)} unit(s) claimed by earlier launches",
-            info)
-    log(f"launch {launch.number}: {len(done)} of {len(plan['units'])} unit(s) already cached", info)
-    return header, plan, launch
+        log(f"launch {launch}: took over {len(stale)} unit(s) claimed by earlier launches", info)
+    log(f"launch {launch}: {len(done)} of {len(plan['units'])} unit(s) already cached", info)
+    return header, plan
 
 
 def _verify_done(out: Path, done: dict[int, dict], info: DistInfo) -> list[str]:

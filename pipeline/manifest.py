@@ -122,7 +122,8 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = 1) -> None:
     """Write `obj` as JSON to `path` atomically (temporary file, fsync, rename).
 
     `indent=None` writes compact JSON (the per-rank parts, rewritten after every shard)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    # Host and pid and a random part: two hosts writing one shared directory never collide.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{os.uname().nodename}.{os.urandom(4).hex()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=indent)
         f.flush()

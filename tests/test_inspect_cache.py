@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from references import move_shard_outside
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "inspect_cache.py"
 T, U, WINDOWS, SHARD_SAMPLES, UNIT_BYTES = 64, 12, 10, 3, 1000
@@ -738,20 +740,9 @@ def test_verify_refuses_shard_entries_outside_the_cache(cache, tmp_path, entry):
     """A manifest entry `../outside/NAME` or an absolute path, naming a real shard with the
     manifest's sha256 and size, is a bad shard for --verify (exit 1, the entry and the rule
     named) and the file is never opened; the other shards stay good."""
-    import hashlib
-
-    bad = tmp_path / "cache"
-    shutil.copytree(cache, bad)
-    m = json.loads((bad / "manifest.json").read_text())
-    s = m["shards"][1]
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    target = outside / s["file"]
-    shutil.move(bad / s["file"], target)
-    data = target.read_bytes()
-    assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
-    s["file"] = f"../outside/{target.name}" if entry == "relative" else str(target)
-    (bad / "manifest.json").write_text(json.dumps(m))
+    bad, target, name = move_shard_outside(cache, tmp_path, 1, entry)
+    outside = target.parent
+    s = {"file": name}
 
     proc = subprocess.run([sys.executable, "-c", _RUN_WATCHING_OPENS, str(outside), str(TOOL),
                            str(bad), "--verify"], capture_output=True, text=True, cwd=ROOT)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.reader import CacheReader, ShardError
+from references import move_shard_outside
 
 T = 64
 WINDOWS = 23          # shards of 3: 7 full shards and one of 2 (unequal shards on purpose)
@@ -247,22 +248,8 @@ def opened():
 
 
 def _move_shard_outside(cache: Path, tmp_path: Path, entry: str) -> tuple[Path, Path, str]:
-    """A copy of the cache whose third shard lies outside it, in `tmp_path/outside`,
-    byte-identical (its manifest sha256 and size still match), and whose manifest entry
-    points at it as `../outside/NAME` (entry="relative") or by absolute path."""
-    bad = tmp_path / "cache"
-    shutil.copytree(cache, bad)
-    m = manifest_of(bad)
-    s = m["shards"][2]
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    target = outside / s["file"]
-    shutil.move(bad / s["file"], target)
-    data = target.read_bytes()
-    assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
-    s["file"] = f"../outside/{target.name}" if entry == "relative" else str(target)
-    (bad / "manifest.json").write_text(json.dumps(m))
-    return bad, target, s["file"]
+    """The cache with its third shard moved outside it (tests/references.py)."""
+    return move_shard_outside(cache, tmp_path, 2, entry)
 
 
 @pytest.mark.parametrize("entry", ["relative", "absolute"])

@@ -679,6 +679,10 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = C.parse(CacheConfig, argv, __doc__)
     run(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():     # torchrun/srun without MPI: as pipeline.distill.main
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

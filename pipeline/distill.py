@@ -689,6 +689,13 @@ def run(cfg: DistillConfig) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     cfg = C.parse(DistillConfig, argv, __doc__)
     run(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Tear gloo/NCCL down before the interpreter does: left to interpreter teardown, a
+        # process group's worker threads can be destroyed while joinable, and the process
+        # ends in "terminate called without an active exception" (SIGABRT) after a clean run.
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

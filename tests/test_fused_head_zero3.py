@@ -55,6 +55,7 @@ def dense_loss(m, x, ids, w):
     logp = torch.log_softmax(m.head(m.hidden(x)).float(), -1)
     return -(w * logp.gather(1, ids)).sum() / N
 
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False   # as Trainer: no g++ JIT on CPU
 deepspeed.init_distributed("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 cfg = json.loads(open(sys.argv[1]).read())
@@ -93,6 +94,7 @@ for tied in (False, True):
         engine.destroy()
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(out, indent=1))
+dist.destroy_process_group()
 '''
 
 

@@ -471,8 +471,10 @@ def begin_launch(out: str | Path, world: int, lease_s: float = DEFAULT_LEASE_S,
             launch._set(status="refused", ended=time.time(),
                         reason=str(e) if isinstance(e, LaunchRefused)
                         else f"{type(e).__name__}: {e}")
-        except Exception:
-            pass
+        except (OSError, LaunchEnded) as mark:
+            # The refusal itself (re-raised below) is what the user needs; the launch file
+            # keeps its old status, and with its heartbeat gone it counts as dead anyway.
+            log(f"[ledger] launch {n}: could not record the refusal ({mark})")
         _unlink(d / alive_name(n))
         raise
     log(f"[ledger] launch {n} working (world size {world}, lease {lease_s:g} s)")
@@ -694,10 +696,3 @@ class Ledger:
             elif st == "bad":
                 out[u] = {"launch": None, "unreadable": c}
         return out
-
-    def summary(self) -> dict[str, int]:
-        """Counts for a progress line: units, done, claimed and not done, free."""
-        claims, dones, _ = self._files()
-        pending = len(set(claims) - set(dones))
-        return {"units": self.n_units, "done": len(dones), "claimed": pending,
-                "free": self.n_units - len(dones) - pending}

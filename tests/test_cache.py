@@ -69,7 +69,7 @@ def build_teacher(out: Path, arch: str = "llama", vocab_size: int | None = 4096,
     """
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     build_tiny_model(out, arch=arch, vocab_size=vocab_size, hidden=32, layers=1, heads=4, seed=seed)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -817,7 +817,7 @@ def test_other_teacher_weights_at_the_same_path_are_refused(env, tmp_path):
     and changes nothing. A teacher with another parameter count is refused too."""
     from transformers import AutoTokenizer
 
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     teacher = tmp_path / "teacher"
     shutil.copytree(env["teacher"], teacher)
@@ -1092,7 +1092,7 @@ def test_mpi_init_that_never_returns_exits_with_where_it_hung():
 
 def big_tokenizer(n: int):
     """A byte-level BPE tokenizer of exactly n tokens: <|endoftext|> (id 0), the 256
-    byte-level symbols, then synthetic tokens no merge produces (`pipeline.tiny`'s trainer
+    byte-level symbols, then synthetic tokens no merge produces (`pipeline.demo.tiny`'s trainer
     cannot reach 2**17 tokens on a test corpus quickly). Text encodes to byte tokens
     (ids < 257); Qwen2's tokenizer class loads it as it is."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -1115,7 +1115,7 @@ def test_qwen_vocab_ids_above_17_bits_round_trip(tmp_path, env):
     logits are dropped (records never name them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tiny import tiny_config
+    from pipeline.demo.tiny import tiny_config
 
     n_logits, V, high = 151_936, 151_665, 131_072
     teacher = tmp_path / "qwen"

@@ -160,7 +160,7 @@ def _steps_so_far(run: Path) -> list[int]:
 
 def _build_assets(root: Path) -> dict:
     from pipeline import cache
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data.jsonl"
@@ -691,10 +691,10 @@ def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
 def _fewer_logits_student(out: Path, n_logits: int, seed: int = 0, arch: str = "llama",
                           texts=None, **kw) -> Path:
     """A tiny student with the shared tokenizer but only `n_logits` < len(tokenizer) logits
-    (pipeline.tiny refuses to build one): the config is made by hand and saved."""
+    (pipeline.demo.tiny refuses to build one): the config is made by hand and saved."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.tiny import tiny_config, train_tokenizer
+    from pipeline.demo.tiny import tiny_config, train_tokenizer
 
     tok = train_tokenizer(texts)
     assert n_logits < len(tok)

@@ -22,7 +22,7 @@ from lm_eval.utils import make_table
 from pipeline import evaluate
 from pipeline import tasks as registry
 from pipeline.evaluate import EvalConfig, gen_kwargs_for, model_dir_problems, parse_args, run
-from pipeline.tiny import build_tiny_model
+from pipeline.demo.tiny import build_tiny_model
 
 FIX = registry.FIXTURES_DIR
 

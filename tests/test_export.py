@@ -121,7 +121,7 @@ def test_save_hf_round_trips_a_wrapped_state_dict(tmp_path, tied):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.export import save_hf
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     src = build_tiny_model(tmp_path / "src", hidden=16, layers=1, heads=2, seed=3,
                            tie_word_embeddings=tied)

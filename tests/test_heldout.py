@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.heldout import heldout_metrics
-from pipeline.tiny import build_tiny_model
+from pipeline.demo.tiny import build_tiny_model
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",

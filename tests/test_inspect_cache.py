@@ -40,7 +40,7 @@ def stage(tmp_path_factory) -> SimpleNamespace:
     into several units, and 3 windows per shard give some units more than one shard.
     `args`: the stage's arguments without --out (a rerun uses them)."""
     from pipeline.cache import main as cache_main
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("inspect")
     teacher = build_tiny_model(root / "teacher", arch="llama", hidden=32,

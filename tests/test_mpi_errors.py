@@ -128,7 +128,7 @@ def test_cache_stage_rank_failure_reaches_stderr_and_its_error_file(tmp_path):
     stage started; rank 0 caches unit 0, finds nothing left to claim and waits in the final
     gather. The job must end with rank 1's error on mpiexec's output and in
     OUT/errors/rank0001.txt."""
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     T = 16
     teacher = build_tiny_model(tmp_path / "teacher", hidden=32, layers=1)

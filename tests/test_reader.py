@@ -30,7 +30,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teache
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     from pipeline.cache import main as cache_main
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("reader")
     teacher = build_tiny_model(root / "teacher", vocab_size=4096, hidden=32, layers=1)
@@ -187,7 +187,7 @@ def test_bad_records_without_verification_are_still_caught(cache, tmp_path):
 def test_check_student_names_both_sides(cache, tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.tiny import train_tokenizer
+    from pipeline.demo.tiny import train_tokenizer
 
     m = manifest_of(cache)
     reader = CacheReader(cache)

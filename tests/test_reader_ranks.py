@@ -70,7 +70,7 @@ def argv(student: Path, cache: Path, out: Path, steps: int, ckpt: int, resume: b
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     from pipeline import cache
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("reader_ranks")
     data = root / "data.jsonl"

@@ -126,7 +126,7 @@ def argv(a: dict, out: Path, **flags) -> list[str]:
 def runs(tmp_path_factory) -> dict:
     """Assets, then the one driver launch; returns paths, the driver's results and its log."""
     from pipeline import cache
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("selection_dist")
     data = root / "data.jsonl"

@@ -30,7 +30,7 @@ def _sbatch(script: str, env: dict, log: Path) -> subprocess.CompletedProcess[st
 @pytest.mark.dist
 @pytest.mark.slow
 def test_sbatch_cache_then_distill_on_two_nodes_exports(cluster, tmp_path):
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     texts = [f"The quick brown fox {i} jumps over the lazy dog, {3 * i} times." for i in range(300)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

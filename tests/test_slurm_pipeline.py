@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_pipeline_sh_runs_three_chained_jobs(cluster, tmp_path):
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     teacher = build_tiny_model(tmp_path / "teacher", "llama", hidden=32, layers=1, seed=0)
     student = build_tiny_model(tmp_path / "student", "llama", hidden=32, layers=1, seed=1)

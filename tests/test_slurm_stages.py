@@ -71,7 +71,7 @@ def test_cache_sh_two_nodes_then_one_node_resumes_the_same_cache(cluster, tmp_pa
 
     from transformers import AutoTokenizer
 
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     teacher = build_tiny_model(tmp_path / "teacher", vocab_size=4096, hidden=32, layers=1)
     rng = np.random.default_rng(0)

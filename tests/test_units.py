@@ -30,7 +30,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teache
 
 @pytest.fixture(scope="module")
 def tok():
-    from pipeline.tiny import train_tokenizer
+    from pipeline.demo.tiny import train_tokenizer
 
     return train_tokenizer()
 

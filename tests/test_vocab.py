@@ -42,7 +42,7 @@ def _masked(c: torch.Tensor, V: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     from pipeline import cache
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("vocab")
     data = root / "data.jsonl"
@@ -121,7 +121,7 @@ def test_cache_v_is_the_tokenizers_and_a_short_teacher_is_refused(assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.cache import cache_vocab_size, tokenizer_classes
-    from pipeline.tiny import tiny_config
+    from pipeline.demo.tiny import tiny_config
 
     tok = AutoTokenizer.from_pretrained(assets["teacher"])
     V = len(tok)
@@ -213,7 +213,7 @@ def test_student_with_fewer_logits_than_v_is_refused(assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.reader import CacheReader
-    from pipeline.tiny import tiny_config
+    from pipeline.demo.tiny import tiny_config
 
     tok = AutoTokenizer.from_pretrained(assets["student"])
     V = len(tok)

@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench_assign-") as tmp:
         work = Path(args.workdir or tmp)

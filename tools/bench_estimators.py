@@ -6,7 +6,7 @@
 Sources of teacher distributions p = softmax(z):
   teacher  a real causal LM on held-out real text: `--teacher DIR` (HF format; default the
            SmolLM2-135M teacher in assets_cache/teacher when it exists, V = 49,152). Without
-           one (`--teacher none`), a tiny Llama from `pipeline.tiny` is TRAINED for
+           one (`--teacher none`), a tiny Llama from `pipeline.demo.tiny` is TRAINED for
            `--tiny-steps` steps on the local text so its predictions are peaked like an LM's.
   zipf-a   synthetic p_r ~ r**-a over a random permutation of V = 151,936 (Qwen), for each
            exponent a in `--zipf` (with small log-normal noise).
@@ -301,10 +301,10 @@ def lm_logits(model, tok, texts: list[str], n_pos: int, skip: int, windows: int 
 
 
 def tiny_trained_lm(train: list[str], steps: int, seed: int):
-    """A tiny Llama (pipeline.tiny, V = 2,048) trained on `train`: peaked, LM-like predictions."""
+    """A tiny Llama (pipeline.demo.tiny, V = 2,048) trained on `train`: peaked, LM-like predictions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
     with tempfile.TemporaryDirectory() as d:
         build_tiny_model(d, "llama", hidden=128, layers=2, heads=4, seed=seed,
                          tokenizer_vocab=2048, texts=train)

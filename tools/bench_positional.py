@@ -20,7 +20,7 @@ Estimators (score = teacher entropy, alpha = 1):
   `pi = min(1, q/tau)`, systematic sampling, `w = 1/pi <= (1 + F) / (F * frac)`).
 - `uniform`: the new rule at alpha = 0 (every position pi = K/T, w = T/K), for scale.
 
-Data (synthetic, fixed seed; a real cache needs the real teacher, and `pipeline.tiny`'s
+Data (synthetic, fixed seed; a real cache needs the real teacher, and `pipeline.demo.tiny`'s
 random models give near-uniform entropies with no zeros at all): `--seqs` sequences of T
 positions. Teacher entropy per position: with probability 0.3 "confident", h ~ Exp(mean
 1e-4 nats), else h ~ LogNormal(ln 1.5, 1.0) clipped to ln V; then quantized to the cache's

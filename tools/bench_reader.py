@@ -320,7 +320,7 @@ def window_digests(out: Path, m: dict) -> dict[str, str]:
 
 
 def bench_stage(args) -> None:
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     work = Path(args.workdir) / "stage"
     work.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def build(args):
     if args.body == "qwen2":
         from transformers import AutoModelForCausalLM
 
-        from pipeline.tiny import tiny_config
+        from pipeline.demo.tiny import tiny_config
         model = AutoModelForCausalLM.from_config(tiny_config("qwen2", V, hidden=H, layers=2, heads=4))
         body, head = model.model, model.lm_head
     else:

@@ -65,7 +65,7 @@ def sh(cmd: list[str], env: dict, what: str) -> float:
 
 def tiny_assets(out: Path) -> dict:
     """Tiny random teacher/student sharing a tokenizer, and a few paragraphs of text."""
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     d = out / "tiny-assets"
     text = [p for f in sorted((REPO / "pipeline").glob("*.py")) for p in f.read_text().split("\n\n")]
@@ -123,7 +123,7 @@ def main() -> None:
     if args.tiny:
         assets = tiny_assets(out)
     else:
-        from pipeline.assets import prepare_assets
+        from pipeline.demo.assets import prepare_assets
         cache = args.assets or Path(os.environ.get("SAMPLEDKD_ASSETS", REPO / "assets_cache"))
         print(f"=== assets ({cache}) ===", flush=True)
         t0 = time.perf_counter()

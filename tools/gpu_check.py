@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); "
               "run it on a GPU machine", file=sys.stderr)
         return 2
-    from pipeline.tiny import build_tiny_model
+    from pipeline.demo.tiny import build_tiny_model
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

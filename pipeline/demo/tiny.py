@@ -6,7 +6,7 @@ byte-level BPE trained on a few lines of text with the `tokenizers` library, so 
 string encodes; the model's vocabulary may be larger than the tokenizer's (as Qwen's
 151,936 is larger than its 151,665 tokens), which is what the cache must handle.
 
-    python -m pipeline.tiny OUT_DIR --arch qwen2 --vocab-size 151936
+    python -m pipeline.demo.tiny OUT_DIR --arch qwen2 --vocab-size 151936
 """
 
 from __future__ import annotations

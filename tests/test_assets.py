@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pipeline.demo import assets, wikitext
-from pipeline.demo.assets import AssetError, WheelSource, check_tree, hash_tree
+from pipeline.demo.assets import AssetError, WheelSource
+from pipeline.demo.store import check_tree, hash_tree
 from pipeline.demo.wikitext import clean_wikitext
 
 # ----------------------------------------------------------------------------------------

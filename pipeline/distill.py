@@ -5,12 +5,14 @@
     sbatch slurm/distill.sh                 # one torchrun per node; SIGUSR1 -> checkpoint
 
 Per micro-batch: the student's decoder gives hidden states [B, T, H]; the selection policy
-(pipeline.selection) picks positions; `lm_head` runs on the selected rows only, and the
-sparse KD loss uses the cached (ids, p_hat) there. Modes:
-  sampledkd  cache targets at the selected positions (the product)
-  rskd_all   cache targets at every position (RS-KD: selection `all`)
-  no_kd      cross-entropy on every position, no teacher
-  dense_kd   online teacher in the loop, every position, full vocabulary (the baseline)
+(pipeline.selection) picks positions; the loss of the mode (pipeline.objectives) runs
+`lm_head` where it needs logits. Modes (each brings its natural loss weights):
+  sampledkd  cache targets at the selected positions (the product)      kd 1, ce 0
+  rskd_all   cache targets at every position (RS-KD: selection `all`)    kd 1, ce 0
+  no_kd      cross-entropy on every position, no teacher                 kd 0, ce 1
+  dense_kd   online teacher in the loop, every position, full vocabulary kd 1, ce 0
+`--kd-loss sampled_softmax` replaces the sparse KD's full-vocabulary softmax by exact logits
+for the cached and `--exact-classes` classes plus `--num-negatives` sampled ones.
 loss = ce_weight * CE + kd_weight * KD, each a global mean: sums and counts are summed
 over ranks before the division, so the result equals a single-process run on the global
 batch (DeepSpeed then averages gradients over ranks, hence the factor `world`). With
@@ -23,49 +25,48 @@ tokens per step = global batch x T, e.g. 4 x 1 x 8 x 2048 = 65,536.
 
 OUT/metrics.jsonl (rank 0), one record per step: step, epoch, loss, kd_loss, ce_loss,
 kl_est, selected_frac, select_threshold, lr (the rate the step used), tokens_per_s,
-step_time_s, keys (the global batch's window keys, rank order), rank_keys. On resume,
-records after the checkpoint's step are dropped (they are recomputed), so the file
-always describes one trajectory. OUT/ckpt/latest names only complete checkpoints
-(`Trainer.save`); SIGUSR1/SIGTERM on any rank -> every rank checkpoints, exit 0.
+step_time_s, keys (the global batch's window keys, rank order), rank_keys. Checkpoints and
+resume: pipeline.checkpoint. SIGUSR1/SIGTERM on any rank -> every rank checkpoints, exit 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
-import random
 import signal
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline import config as C
-from pipeline import losses
+from pipeline import losses, objectives
+from pipeline.checkpoint import Checkpointer, DataPosition, truncate_metrics
 from pipeline.distributed import TorchComm, log
-from pipeline.export import META, latest_tag, save_hf
+from pipeline.export import save_hf
 from pipeline.manifest import cache_identity
-from pipeline.safe_load import enforce_weights_only, refuse_unsafe
-from pipeline.tracking import Tracker
+from pipeline.objectives import KD_LOSSES, MODES, LossSettings, StepInputs, Terms
 from pipeline.reader import CacheBatch, CacheReader
-from pipeline.selection import Selector, SelectionInputs, next_token_labels
+from pipeline.safe_load import enforce_weights_only
+from pipeline.sampled_softmax import frequent_classes, negatives_generator
+from pipeline.selection import Selection, Selector, SelectionInputs, next_token_labels
 from pipeline.selection_config import SelectionConfig
+from pipeline.tracking import Tracker
+from pipeline.training_setup import check_model_path, ds_config, load_student, load_teacher, lr_lambda
 
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
                         category=FutureWarning)
 
-MODES = ("sampledkd", "no_kd", "dense_kd", "rskd_all")
-# Fields that may differ between a checkpoint and a resumed run (`out`: a run directory
-# may be moved or copied; the checkpoint is wherever it is found).
-RESUMABLE = {"steps", "resume", "checkpoint_every", "log_every", "log_all_ranks", "export", "out",
-             "tensorboard", "wandb_project"}
+# The loss weights each mode brings when --kd-weight / --ce-weight are not given.
+MODE_WEIGHTS = {"sampledkd": (1.0, 0.0), "rskd_all": (1.0, 0.0), "dense_kd": (1.0, 0.0),
+                "no_kd": (0.0, 1.0)}
+# Windows per rank read at setup to find the --exact-classes of the sampled softmax.
+EXACT_CLASS_WINDOWS = 64
+STATS = ("kd_sum", "kd_cnt", "ce_sum", "ce_cnt", "kl", "selected", "positions")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class DistillConfig:
     cache: str = C.opt(None, "teacher cache directory (pipeline.cache output)")
     out: str = C.opt(None, "run directory: metrics, checkpoints (ckpt/), export (export/)")
     deepspeed: str = C.opt("ds_configs/zero3.json", "DeepSpeed config (ZeRO and precision only)")
-    mode: str = C.opt("sampledkd", "what the loss distils", choices=MODES)
+    mode: str = C.opt("sampledkd", "what the loss distils; each mode brings its loss weights", choices=MODES)
     teacher: str | None = C.opt(None, "online teacher for --mode dense_kd")
     steps: int = C.opt(100, "optimizer steps")
     micro_batch: int = C.opt(1, "windows per rank per micro-step")
@@ -84,8 +85,9 @@ class DistillConfig:
     warmup_steps: int = C.opt(0, "linear warm-up steps")
     weight_decay: float = C.opt(0.0, "AdamW weight decay")
     seed: int = C.opt(0, "seed (data order, selection randomness)")
-    kd_weight: float = C.opt(1.0, "weight of the KD term")
-    ce_weight: float = C.opt(0.0, "weight of the next-token CE term")
+    kd_weight: float | None = C.opt(None, "weight of the KD term (default: the mode's, 1; 0 for no_kd)")
+    ce_weight: float | None = C.opt(None, "weight of the next-token CE term (default: the mode's, 0; "
+                                    "1 for no_kd)")
     ce_positions: str = C.opt("selected", "where CE is computed in sampledkd/rskd_all modes: at the "
                               "selected positions, at all, or at the unselected ones (KD then "
                               "replaces CE where the rule selects)",
@@ -95,23 +97,15 @@ class DistillConfig:
                          "chunk by chunk with the gradients (no [n, V] logits or gradient), "
                          "'logits' calls lm_head on the rows (used anyway when CE needs the "
                          "selected rows' logits)", choices=("fused", "logits"))
+    kd_loss: str = C.opt("sparse", "KD loss at the selected rows: 'sparse' (exact softmax over the "
+                         "vocabulary) or 'sampled_softmax' (exact logits for the cached and the "
+                         "--exact-classes classes, --num-negatives sampled ones for the rest: no "
+                         "[n, V] logits)", choices=KD_LOSSES)
+    num_negatives: int = C.opt(1024, "sampled_softmax: negatives M drawn per micro-step")
+    exact_classes: int = C.opt(1024, "sampled_softmax: classes K with the most cached teacher mass "
+                               "whose logits are always exact (cuts the estimator's bias ~10x)")
     self_normalize: bool = C.opt(False, "use p_hat / sum(p_hat) as the target (biased, lower variance)")
-    select: str = C.opt("topk", "position-selection rule (pipeline.selection RULES)")
-    select_score: str = C.opt("teacher_entropy", "score the rule ranks by")
-    select_frac: float = C.opt(0.25, "fraction of positions selected")
-    select_band: tuple[float, float] = C.opt((50.0, 100.0), "percentile_band: LO HI percentiles (0..100)")
-    gls_queue: int = C.opt(30_000, "gls: FIFO length (scores)")
-    gls_warmup: int | None = C.opt(None, "gls: scores seen before the global threshold is used (default: queue)")
-    positional_alpha: float = C.opt(1.0, "positional: sampling probability ~ score**alpha")
-    positional_floor: float = C.opt(0.1, "positional: q_t floored at this fraction of the sequence's "
-                                    "mean q, which bounds every position weight by "
-                                    "(1 + floor) / (floor * frac): 44 at 0.1 and frac 0.25")
-    learned_kind: str = C.opt("linucb", "learned selector", choices=("linucb", "mlp"))
-    learned_explore: float | None = C.opt(None, "learned: UCB bonus (linucb, default 1) or epsilon (mlp, 0.1)")
-    curriculum: str = C.opt("constant", "fraction schedule: constant | linear:A:B:N | cosine:A:B:N")
-    combined_weights: tuple[float, float, float, float] = C.opt(
-        (0.0, 1.0, 1.0, 1.0), "combined score weights: teacher_entropy student_entropy student_ce kl")
-    select_chunk: int = C.opt(512, "rows per no-grad lm_head chunk for student-side scores")
+    selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
     checkpoint_every: int = C.opt(0, "save a checkpoint every N steps (0: only at the end and on signals)")
     log_every: int = C.opt(1, "write metrics every N steps")
     log_all_ranks: bool = C.opt(False, "every rank writes OUT/metrics-rank{r}.jsonl")
@@ -123,11 +117,28 @@ class DistillConfig:
     shuffle_buffer: int = C.opt(64, "windows in the reader's shuffle buffer")
     dtype: str = C.opt("auto", "bf16 on GPU, fp32 on CPU when auto", choices=("auto", "float32", "bfloat16"))
 
+    def __post_init__(self):
+        kd, ce = MODE_WEIGHTS.get(self.mode, (1.0, 0.0))
+        if self.kd_weight is None:
+            object.__setattr__(self, "kd_weight", kd)
+        if self.ce_weight is None:
+            object.__setattr__(self, "ce_weight", ce)
+
+    @property
+    def active_selection(self) -> SelectionConfig:
+        """The selection that runs: rskd_all, no_kd and dense_kd train every position
+        (`all`) whatever `--select` says; sampledkd runs `selection`."""
+        if self.mode == "sampledkd" or self.selection.select == "all":
+            return self.selection
+        return dataclasses.replace(self.selection, select="all")
+
     def validate(self) -> None:
         p = []
         for name, val in (("student", self.student), ("cache", self.cache), ("out", self.out)):
             if not val:
                 p.append(f"--{name} is required")
+        if self.mode not in MODES:
+            p.append(f"--mode {self.mode!r} must be one of {MODES}")
         if self.mode == "dense_kd" and not self.teacher:
             p.append("--mode dense_kd needs --teacher (the online teacher)")
         if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
@@ -139,23 +150,19 @@ class DistillConfig:
             p.append(f"--kd-weight {self.kd_weight} and --ce-weight {self.ce_weight} must be >= 0, "
                      "not both 0")
         if self.mode == "no_kd" and self.ce_weight == 0:
-            p.append("--mode no_kd trains on CE only: set --ce-weight > 0")
+            p.append("--mode no_kd trains on CE only: --ce-weight must be > 0")
+        if self.kd_loss == "sampled_softmax":
+            if self.mode not in ("sampledkd", "rskd_all"):
+                p.append(f"--kd-loss sampled_softmax reads the cache: use it with --mode sampledkd "
+                         f"or rskd_all, not {self.mode}")
+            if self.num_negatives < 1 or self.exact_classes < 0:
+                p.append(f"--num-negatives {self.num_negatives} must be >= 1 and --exact-classes "
+                         f"{self.exact_classes} >= 0")
         try:
-            self.selection().validate(has_targets=self.mode != "no_kd")
+            self.active_selection.validate(has_targets=self.mode != "no_kd")
         except ValueError as e:
             p.append(str(e))
         C.raise_if(p, "distill")
-
-    def selection(self) -> SelectionConfig:
-        rule = "all" if self.mode in ("rskd_all", "no_kd", "dense_kd") else self.select
-        return SelectionConfig(
-            rule=rule, score=self.select_score, frac=self.select_frac, band_lo=self.select_band[0],
-            band_hi=self.select_band[1], gls_queue=self.gls_queue, gls_warmup=self.gls_warmup,
-            positional_alpha=self.positional_alpha, positional_floor=self.positional_floor,
-            learned_kind=self.learned_kind,
-            explore=self.learned_explore, curriculum=self.curriculum,
-            combined_weights=tuple(self.combined_weights), chunk_size=self.select_chunk,
-            seed=self.seed)
 
 
 class StopFlag:
@@ -176,81 +183,9 @@ class StopFlag:
         self.signum = signum
 
 
-def ds_config(cfg: DistillConfig, world: int, device: torch.device) -> dict:
-    """The user's ZeRO/precision JSON plus the batch sizes, which must agree if present."""
-    path = Path(cfg.deepspeed)
-    if not path.exists():
-        raise ValueError(f"--deepspeed {path}: no such file (see ds_configs/)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed {path}: not valid JSON ({e.msg} at line {e.lineno}, column "
-                         f"{e.colno}); fix the file (see ds_configs/zero3.json)") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--deepspeed {path}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                         "it must be a JSON file (see ds_configs/zero3.json)") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"--deepspeed {path}: a JSON object is needed, got {type(raw).__name__}")
-    ds = {k: v for k, v in raw.items() if not k.startswith("_")}
-    derived = {"train_micro_batch_size_per_gpu": cfg.micro_batch,
-               "gradient_accumulation_steps": cfg.grad_accum,
-               "train_batch_size": cfg.micro_batch * cfg.grad_accum * world}
-    clash = [f"{k}={ds[k]} (derived {v})" for k, v in derived.items() if k in ds and ds[k] != v]
-    if clash:
-        raise ValueError(f"--deepspeed {path} contradicts the batch settings: {', '.join(clash)}; "
-                         f"micro_batch x grad_accum x world = {cfg.micro_batch} x {cfg.grad_accum} x "
-                         f"{world}. Remove the batch keys from the JSON or change the flags.")
-    ds.update(derived)
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    ds["bf16"] = {"enabled": bf16}
-    ds.pop("fp16", None)
-    return ds
-
-
-def check_model_path(flag: str, value: str) -> None:
-    """A local-looking model path that does not exist is an error here, not a hub lookup.
-
-    `org/name` (two parts, relative) may be a hub id; anything absolute, starting with
-    `.`, or deeper is a path, and transformers would report it as an invalid repo id.
-    """
-    path = Path(value)
-    if not path.exists() and (path.is_absolute() or value.startswith(".") or len(path.parts) > 2):
-        raise ValueError(f"{flag} {value}: no such file or directory (expected an HF model "
-                         "directory, a config.json, or a hub id org/name)")
-
-
-def load_student(cfg: DistillConfig, ds: dict):
-    """Under a live HfDeepSpeedConfig, so ZeRO-3 partitions parameters as they load."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
-    keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841 (must outlive from_pretrained)
-    src = Path(cfg.student)
-    if src.is_file() and src.suffix == ".json":
-        mcfg = AutoConfig.from_pretrained(src)
-        model = AutoModelForCausalLM.from_config(mcfg)
-        tok_dir = src.parent
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
-        tok_dir = cfg.student
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--student {cfg.student}: no tokenizer found ({e})") from e
-    return model, tok, keep_alive
-
-
-def lr_lambda(cfg: DistillConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return f
-
-
 class Trainer:
-    """Setup, the loss of one micro-batch, checkpoints. The loop is `run()` below."""
+    """The student under DeepSpeed, its data, selector and loss: setup, one optimizer step,
+    checkpoint and export. The training loop (`train`) owns the data position."""
 
     def __init__(self, cfg: DistillConfig):
         import deepspeed
@@ -274,50 +209,56 @@ class Trainer:
             check_model_path("--teacher", cfg.teacher)
         self.reader = CacheReader(cfg.cache, self.rank, self.world, cfg.micro_batch, cfg.seed,
                                   cfg.shuffle_buffer)
-        steps_epoch = self.reader.steps_per_epoch(0) // cfg.grad_accum
-        if steps_epoch < 1:
+        if self.reader.steps_per_epoch(0) // cfg.grad_accum < 1:
             raise ValueError(f"--cache {cfg.cache} has {self.reader.manifest['samples']} windows: fewer "
                              f"than one global batch ({cfg.micro_batch} x {cfg.grad_accum} x {self.world}) "
                              "per rank; cache more windows or lower --micro-batch")
         self.ds = ds_config(cfg, self.world, self.device)
         model, self.tok, self._dschf = load_student(cfg, self.ds)
-        V = model.get_output_embeddings().weight.ds_shape[0] if hasattr(
-            model.get_output_embeddings().weight, "ds_shape") else model.get_output_embeddings().weight.shape[0]
-        self.vocab = int(V)                     # the student's logits dimension, >= the cache's V
+        w = model.get_output_embeddings().weight
+        self.vocab = int(w.ds_shape[0] if hasattr(w, "ds_shape") else w.shape[0])  # >= the cache's V
         self.reader.check_student(self.tok, self.vocab)
         self.cache_vocab = int(self.reader.manifest["vocab_size"])
-        self.sel_cfg = cfg.selection()
-        T = self.reader.seq_len
-        self.sel_cfg.validate(has_targets=cfg.mode != "no_kd",
-                              positions_per_step=cfg.micro_batch * T * self.world)
-        self.selector = Selector(self.sel_cfg, comm=self.comm, device=self.device)
-        self.teacher = self._load_teacher() if cfg.mode == "dense_kd" else None
+        sel_cfg = cfg.active_selection
+        sel_cfg.validate(has_targets=cfg.mode != "no_kd",
+                         positions_per_step=cfg.micro_batch * self.reader.seq_len * self.world)
+        self.selector = Selector(sel_cfg, comm=self.comm, device=self.device, seed=cfg.seed)
+        self.teacher = (load_teacher(cfg.teacher, cfg.student, self.tok, self.device)
+                        if cfg.mode == "dense_kd" else None)
+        self.settings = self._loss_settings()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         self.engine, _, _, self.sched = deepspeed.initialize(model=model, optimizer=opt,
                                                              lr_scheduler=sched, config=self.ds)
         self.model = self.engine.module
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.saved_step: int | None = None
+        self.ckpt = Checkpointer(self.out, self.engine, self.comm, self.rank, self.world)
 
-    def _load_teacher(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from pipeline.data import tokenizer_fingerprint
+    def _loss_settings(self) -> LossSettings:
+        cfg = self.cfg
+        exact = None
+        if cfg.kd_loss == "sampled_softmax" and cfg.exact_classes:
+            # The classes holding the most cached teacher mass in the first windows of every
+            # rank (summed over ranks): the same set everywhere, and again on resume.
+            first = (b for _, b in zip(range(EXACT_CLASS_WINDOWS // cfg.micro_batch + 1),
+                                       self.reader.batches(0)))
+            exact = frequent_classes(first, cfg.exact_classes, self.cache_vocab,
+                                     all_reduce=self._sum_over_ranks).to(self.device)
+        return LossSettings(vocab=self.vocab, cache_vocab=self.cache_vocab,
+                            kd_temperature=cfg.kd_temperature, self_normalize=cfg.self_normalize,
+                            ce_weight=cfg.ce_weight, ce_positions=cfg.ce_positions,
+                            kd_head=cfg.kd_head,
+                            teacher_temperature=self.reader.manifest["teacher_temperature"],
+                            num_negatives=cfg.num_negatives, exact_ids=exact)
 
-        # A frozen replica per rank, outside ZeRO (it is never trained).
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-        unset_hf_deepspeed_config()
-        teacher = AutoModelForCausalLM.from_pretrained(self.cfg.teacher, dtype=torch.float32).to(self.device)
-        ttok = AutoTokenizer.from_pretrained(self.cfg.teacher)
-        if tokenizer_fingerprint(ttok) != tokenizer_fingerprint(self.tok):
-            raise ValueError(f"--teacher {self.cfg.teacher} and --student {self.cfg.student} "
-                             "have different tokenizers; dense KD needs a shared vocabulary")
-        teacher.eval().requires_grad_(False)
-        return teacher
+    def _sum_over_ranks(self, t: torch.Tensor) -> None:
+        buf = t.to(self.device)
+        self.comm.dist.all_reduce(buf)
+        t.copy_(buf.to(t.device))
 
     # -- one micro-batch --------------------------------------------------------------------
-    def micro_losses(self, b: CacheBatch) -> dict:
-        """Local (sum, count) of each loss term for one micro-batch, plus logging values."""
+    def micro_losses(self, b: CacheBatch, step: int, micro: int) -> tuple[Terms, Selection, torch.Tensor]:
+        """This rank's loss terms of one micro-batch, its selection and its KL estimate."""
+        cfg, head, s = self.cfg, self.model.get_output_embeddings(), self.settings
         if self.vocab > self.cache_vocab:
             # A padded student (more logits than the cache's V): an unused slot holds the
             # cache's sentinel, >= its V but maybe < the student's; the losses and the
@@ -325,10 +266,7 @@ class Trainer:
             # student's V. Class ids < V index the same classes in both; the student's
             # softmax runs over all its logits, the padded ones included (the teacher puts
             # ~0 there, so the student learns ~0 there too).
-            import dataclasses
-
             b = dataclasses.replace(b, ids=torch.where(b.ids < self.cache_vocab, b.ids, self.vocab))
-        cfg, head = self.cfg, self.model.get_output_embeddings()
         h = self.model.get_decoder()(input_ids=b.input_ids).last_hidden_state      # [B,T,H]
         labels = next_token_labels(b.input_ids)
         valid = torch.ones_like(b.input_ids, dtype=torch.bool)
@@ -336,115 +274,54 @@ class Trainer:
                               ids=b.ids, weights=b.weights)
         if self.selector.needs_student_logits:
             import deepspeed
-            with deepspeed.zero.GatheredParameters(head_params(head)), torch.no_grad():
-                sel = self.selector.select(inp, head_logits(head), self.step)
+            with deepspeed.zero.GatheredParameters(objectives.head_params(head)), torch.no_grad():
+                sel = self.selector.select(inp, objectives.head_logits(head), step)
         else:
-            sel = self.selector.select(inp, None, self.step)
-        zero = h.sum() * 0.0
-        out = {"kd": (zero, zero.detach()), "ce": (zero, zero.detach()), "threshold": sel.threshold}
+            sel = self.selector.select(inp, None, step)
+        x = StepInputs(h, labels, sel.mask, ids=b.ids, weights=b.weights, input_ids=b.input_ids,
+                       position_weights=sel.weights if self.selector.cfg.select == "positional" else None)
         if cfg.mode == "no_kd":
-            logits = head(h.reshape(-1, h.shape[-1]))
-            out["ce"] = losses.ce(logits, labels.reshape(-1))
-            out["selected"] = valid.sum()
-            return out
+            return objectives.no_kd(head, x, s), sel, torch.zeros(())
         if cfg.mode == "dense_kd":
-            logits = head(h.reshape(-1, h.shape[-1]))
-            with torch.no_grad():
-                t_logits = self.teacher(input_ids=b.input_ids).logits
-                # The cache's distribution: the teacher's logits of the V tokenizer classes
-                # (padded ones dropped); a padded student's extra classes get p = 0 (-1e9:
-                # exp underflows to 0 for any sane T, where -inf gives 0 * -inf = NaN in the KL).
-                t_logits = t_logits.reshape(-1, t_logits.shape[-1])[:, :self.cache_vocab]
-                if t_logits.shape[1] < self.vocab:
-                    t_logits = F.pad(t_logits, (0, self.vocab - t_logits.shape[1]), value=-1e9)
-            # The teacher distribution is the one the cache holds: softmax(y / T_teacher).
-            out["kd"] = losses.dense_kd(logits, t_logits, cfg.kd_temperature,
-                                        teacher_temperature=self.reader.manifest["teacher_temperature"])
-            if cfg.ce_weight:
-                out["ce"] = losses.ce(logits, labels.reshape(-1))
-            out["selected"] = valid.sum()
-            return out
-        mask = sel.mask
-        ids, w = b.ids[mask], b.weights[mask]
-        pw = sel.weights[mask] if self.sel_cfg.rule == "positional" else None
-        if cfg.ce_weight == 0 and cfg.kd_head == "fused":
-            kd_sum, cnt, per_pos = self._fused_kd(h[mask], ids, w, pw)
+            return objectives.dense_kd(head, x, s, self.teacher), sel, torch.zeros(())
+        if cfg.kd_loss == "sampled_softmax":
+            x.generator = negatives_generator(cfg.seed, self.rank, step, micro, self.device)
+            t = objectives.sampled_softmax(head, x, s)
         else:
-            if cfg.ce_weight and cfg.ce_positions != "selected":
-                # CE needs (nearly) every row's logits: run lm_head once and take the KD rows
-                # from them, instead of a second lm_head pass over the selected rows.
-                all_logits = head(h.reshape(-1, h.shape[-1]))                   # [B*T, V]
-                flat = mask.reshape(-1)
-                ce_rows = None if cfg.ce_positions == "all" else ~flat          # no row copy
-                out["ce"] = losses.ce(all_logits, labels.reshape(-1), position_weights=ce_rows)
-                logits = all_logits[flat]                                       # [n, V]
-            else:
-                logits = head(h[mask])                                          # [n, V]
-                if cfg.ce_weight:
-                    out["ce"] = losses.ce(logits, labels[mask])
-            per_pos = losses.sparse_kd_per_position(logits, ids, w, cfg.kd_temperature,
-                                                    cfg.self_normalize)
-            r = ((ids < self.vocab).any(1)).float() * (1.0 if pw is None else pw)
-            kd_sum, cnt = (per_pos * r).sum(), r.sum()
-        # positional: the estimator divides by the expected count (rule's denominator), not
-        # by the sum of the weights it happened to draw.
-        kd_cnt = sel.denominator if pw is not None else cnt
-        out["kd"] = (kd_sum, kd_cnt.detach().float())
-        out["kl_est"] = losses.sparse_kl_estimate(kd_sum, b.entropy[mask], ids, self.vocab, pw,
-                                                  cfg.kd_temperature)
-        self.selector.observe(sel, per_pos.detach())
-        out["selected"] = mask.sum()
-        return out
+            t = objectives.sparse(head, x, s)
+        pw = x.position_weights[sel.mask] if x.position_weights is not None else None
+        if pw is not None:
+            # positional: the estimator divides by the expected count (the rule's
+            # denominator), not by the sum of the weights it happened to draw.
+            t.kd_cnt = sel.denominator.detach().float()
+        kl = losses.sparse_kl_estimate(t.kd_sum, b.entropy[sel.mask], b.ids[sel.mask], self.vocab, pw,
+                                       cfg.kd_temperature)
+        self.selector.observe(sel, t.per_position)
+        return t, sel, kl
 
-    def _fused_kd(self, rows, ids, w, pw):
-        """`sparse_kd_linear` on the selected hidden rows: (sum, count, per-row losses).
-
-        The loss computes lm_head's gradients during its forward and hands them to autograd
-        in backward. Under ZeRO-3 the weight is partitioned (an empty tensor) outside its
-        module's forward and backward, so the call must run *as lm_head's forward*: ZeRO-3's
-        module hooks then gather the weight (and bias) for the forward, gather it again when
-        the gradient reaches the loss, and release it after backward, exactly as for a plain
-        `lm_head(rows)` call. (Gathering only around the forward, as this method once did,
-        worked for tied heads only: the embedding's backward happened to re-gather the
-        shared weight before its gradient was accumulated; an untied weight met its full
-        [V, H] gradient while partitioned.) Without ZeRO-3 the hooks do not exist.
-        """
-        head = self.model.get_output_embeddings()
+    def train_step(self, batches: list[CacheBatch], step: int) -> dict:
+        """One optimizer step over `grad_accum` micro-batches: the global sums and counts."""
         cfg = self.cfg
-
-        def fused(x):
-            return losses.sparse_kd_linear(x, head.weight, ids, w, pw, cfg.kd_temperature,
-                                           cfg.self_normalize, lm_bias=head.bias,
-                                           return_per_position=True)
-
-        with forward_replaced(head, fused):
-            return head(rows)
-
-    def train_step(self, batches: list[CacheBatch]) -> dict:
-        """One optimizer step over `grad_accum` micro-batches. Returns logging values."""
-        cfg = self.cfg
-        keys = ("kd_sum", "kd_cnt", "ce_sum", "ce_cnt", "kl", "selected", "positions")
-        stats = dict.fromkeys(keys, 0.0)
+        stats = dict.fromkeys(STATS, 0.0)
         threshold = None
-        for b in batches:
+        for micro, b in enumerate(batches):
             b = b.to(self.device)
-            o = self.micro_losses(b)
+            t, sel, kl = self.micro_losses(b, step, micro)
             # One all-reduce per micro-step gives the global sums and counts: each term is
             # normalised by its count over all ranks, then scaled by world because
             # DeepSpeed averages gradients over ranks.
-            local = torch.stack([o["kd"][0].detach(), o["kd"][1], o["ce"][0].detach(), o["ce"][1],
-                                 o.get("kl_est", torch.zeros(())).to(o["kd"][1]),
-                                 o["selected"].float(),
+            local = torch.stack([t.kd_sum.detach(), t.kd_cnt, t.ce_sum.detach(), t.ce_cnt,
+                                 kl.to(t.kd_cnt), sel.mask.sum().float(),
                                  torch.tensor(float(b.input_ids.numel()), device=self.device)]).float()
             self.comm.dist.all_reduce(local)
-            g = dict(zip(keys, local.tolist()))
-            loss = (cfg.kd_weight * o["kd"][0] / max(g["kd_cnt"], 1.0)
-                    + cfg.ce_weight * o["ce"][0] / max(g["ce_cnt"], 1.0)) * self.world
+            g = dict(zip(STATS, local.tolist()))
+            loss = (cfg.kd_weight * t.kd_sum / max(g["kd_cnt"], 1.0)
+                    + cfg.ce_weight * t.ce_sum / max(g["ce_cnt"], 1.0)) * self.world
             self.engine.backward(loss)
             self.engine.step()
-            for k in keys:
+            for k in STATS:
                 stats[k] += g[k]
-            threshold = o["threshold"]
+            threshold = sel.threshold
         stats["threshold"] = threshold
         return stats
 
@@ -461,88 +338,20 @@ class Trainer:
         self.comm.dist.all_gather_object(parts, keys)
         return [k for part in parts for k in part]
 
-    # -- checkpoints -------------------------------------------------------------------------
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.out / "ckpt"
+    # -- checkpoints and export ---------------------------------------------------------------
+    def save(self, pos: DataPosition) -> None:
+        meta = {"cache_identity": cache_identity(self.reader.manifest), "config": C.to_json(self.cfg)}
+        self.ckpt.save(pos, {"selector": self.selector.state_dict()}, meta,
+                       (self.model.config, self.model.generation_config, self.tok))
 
-    def save(self) -> None:
-        """Write ckpt/step{N} on every rank, then point ckpt/latest at it.
-
-        Crash safety (kill -9 at any moment): DeepSpeed's own `latest` is written by rank 0
-        before the final barrier, i.e. possibly before the other ranks' shards and before
-        our files below exist. So DeepSpeed does not write it; after a barrier that follows
-        every file of the tag, rank 0 replaces `latest` atomically (temp file + rename).
-        `latest` therefore only ever names a complete checkpoint.
-        """
-        if self.saved_step == self.step:
-            return  # already on disk (e.g. a finished run resumed): never rewrite `latest`'s tag
-        tag = f"step{self.step:08d}"
-        client = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        d = self.ckpt_dir / tag
-        np_state = np.random.get_state()
-        rank_state = {"selector": self.selector.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "numpy_rng": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
-                      "python_rng": json.dumps(random.getstate())}
-        torch.save(rank_state, d / f"rank{self.rank:04d}_state.pt")
-        if self.rank == 0:
-            (d / META).write_text(json.dumps({"step": self.step, "epoch": self.epoch,
-                                              "batch_in_epoch": self.batch_in_epoch,
-                                              "world_size": self.world,
-                                              "cache_identity": cache_identity(self.reader.manifest),
-                                              "config": C.to_json(self.cfg)}, indent=1))
-            self.model.config.save_pretrained(d / "hf_config")
-            self.model.generation_config.save_pretrained(d / "hf_config")
-            self.tok.save_pretrained(d / "hf_config")
-        self.comm.barrier()                 # every rank's files of `tag` are complete
-        if self.rank == 0:
-            tmp = self.ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.ckpt_dir / "latest")
-        self.comm.barrier()
-        self.saved_step = self.step
-        log(f"checkpoint {d}")
-
-    def try_resume(self) -> bool:
-        if not (self.ckpt_dir / "latest").exists():
-            log(f"--resume: no checkpoint in {self.ckpt_dir}; starting fresh")
-            return False
-        tag = latest_tag(self.ckpt_dir)
-        meta = json.loads((self.ckpt_dir / tag / META).read_text())
-        mine = C.to_json(self.cfg)
-        diffs = [f"--{k.replace('_', '-')}: checkpoint {meta['config'].get(k)!r}, now {v!r}"
-                 for k, v in mine.items()
-                 if k not in RESUMABLE and meta["config"].get(k) != v]
-        if meta["world_size"] != self.world:
-            diffs.append(f"world size: checkpoint {meta['world_size']}, now {self.world}")
-        # Same --cache path, other contents (re-cached, repaired, edited): other targets.
-        now = cache_identity(self.reader.manifest)
-        if meta.get("cache_identity") is None:
-            log(f"--resume: {self.ckpt_dir / tag} records no cache identity (written by an older "
-                f"version): cannot check that --cache {self.cfg.cache} is the cache it trained on")
-        elif meta["cache_identity"] != now:
-            diffs.append(f"--cache {self.cfg.cache}: the checkpoint trained on a cache with identity "
-                         f"{meta['cache_identity'][:16]}, this directory now holds {now[:16]} "
-                         "(re-cached or repaired since: its targets differ)")
-        if diffs:
-            raise ValueError(f"{self.ckpt_dir / tag} was written by another configuration:\n  "
-                             + "\n  ".join(diffs) + "\nUse a new --out, or the same settings.")
-        with refuse_unsafe(self.ckpt_dir / tag, "checkpoint"):
-            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        self.step, self.epoch, self.batch_in_epoch = client["step"], client["epoch"], client["batch_in_epoch"]
-        self.saved_step = self.step
-        rs_path = self.ckpt_dir / tag / f"rank{self.rank:04d}_state.pt"
-        with refuse_unsafe(rs_path, "rank state"):
-            rs = torch.load(rs_path, weights_only=True)
-        self.selector.load_state_dict(rs["selector"])
-        torch.set_rng_state(rs["torch_rng"])
-        name, keys, *rest = json.loads(rs["numpy_rng"])
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-        version, internal, gauss = json.loads(rs["python_rng"])
-        random.setstate((version, tuple(internal), gauss))
-        log(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
-        return True
+    def resume(self) -> DataPosition | None:
+        got = self.ckpt.resume(C.to_json(self.cfg), cache_identity(self.reader.manifest), self.cfg.cache,
+                               defaults=C.to_json(C.build(DistillConfig, {})))
+        if got is None:
+            return None
+        pos, state = got
+        self.selector.load_state_dict(state["selector"])
+        return pos
 
     def export(self) -> Path:
         """Consolidate the ZeRO-3 parameters (no-grad gather) and write OUT/export."""
@@ -560,135 +369,112 @@ class Trainer:
         return out
 
 
-def head_params(head: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """lm_head's weight and, where it has one, its bias."""
-    return [p for p in (head.weight, head.bias) if p is not None]
-
-
-def head_logits(head: torch.nn.Module):
-    """`rows -> lm_head(rows)` without the module's hooks, for no-grad student-side scores
-    inside a gather: the logits KD and CE see, lm_head's bias included."""
-    return lambda rows: F.linear(rows, head.weight, head.bias)
-
-
-@contextmanager
-def forward_replaced(module: torch.nn.Module, fn):
-    """Calls of `module(...)` run `fn(...)` inside the module's hooks (ZeRO-3's gather and
-    release), for the duration of the block. `fn` may use the module's parameters."""
-    module.forward = fn                    # an instance attribute shadows the class method
-    try:
-        yield module
-    finally:
-        del module.forward
-
-
-def batches_forever(tr: Trainer):
-    """Micro-batches from (epoch, batch_in_epoch) on, epoch after epoch."""
+def batches_forever(tr: Trainer, pos: DataPosition):
+    """Micro-batches from `pos` on, epoch after epoch; advances `pos` as it yields."""
     while True:
-        steps = tr.reader.steps_per_epoch(tr.epoch) // tr.cfg.grad_accum * tr.cfg.grad_accum
-        for b in tr.reader.batches(tr.epoch, skip=tr.batch_in_epoch):
-            if tr.batch_in_epoch >= steps:
+        steps = tr.reader.steps_per_epoch(pos.epoch) // tr.cfg.grad_accum * tr.cfg.grad_accum
+        for b in tr.reader.batches(pos.epoch, skip=pos.batch_in_epoch):
+            if pos.batch_in_epoch >= steps:
                 break
-            tr.batch_in_epoch += 1
+            pos.batch_in_epoch += 1
             yield b
-        tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
+        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records of `path` (JSONL) with `"step" <= step`; atomic rewrite."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+def metrics_record(cfg: DistillConfig, s: dict, pos: DataPosition, rank: int, lr: float,
+                   dt: float, keys: list[str], rank_keys: list[str]) -> dict:
+    """One line of metrics.jsonl from a step's global sums and counts."""
+    def mean(num, den):
+        return s[num] / max(s[den], 1)
+
+    return {"step": pos.step, "epoch": pos.epoch, "rank": rank,
+            "loss": cfg.kd_weight * mean("kd_sum", "kd_cnt") + cfg.ce_weight * mean("ce_sum", "ce_cnt"),
+            "kd_loss": mean("kd_sum", "kd_cnt"), "ce_loss": mean("ce_sum", "ce_cnt"),
+            "kl_est": mean("kl", "kd_cnt"), "selected_frac": mean("selected", "positions"),
+            "select_threshold": s["threshold"], "lr": lr, "tokens_per_s": s["positions"] / dt,
+            "step_time_s": dt, "keys": keys, "rank_keys": rank_keys}
 
 
-def run(cfg: DistillConfig) -> Path | None:
-    stop = StopFlag()                      # before the slow setup: a signal then still counts
-    tr = Trainer(cfg)
-    out = tr.out
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume:
-        tr.try_resume()
-    if tr.rank == 0:
-        (out / "config.json").write_text(json.dumps(C.to_json(cfg), indent=1))
+def train(tr: Trainer, stop: StopFlag, pos: DataPosition) -> bool:
+    """The loop from `pos` to --steps: steps, metrics, periodic checkpoints. False when a
+    signal stopped it (after a checkpoint), True at the end (final checkpoint written)."""
+    cfg, out = tr.cfg, tr.out
     paths = ([out / "metrics.jsonl"] if tr.rank == 0 else []) + (
         [out / f"metrics-rank{tr.rank}.jsonl"] if cfg.log_all_ranks else [])
     for path in paths:
         # Steps after the checkpoint were lost with the crash and will be run again: drop
         # them so the file holds one record per step, from one trajectory.
-        truncate_metrics(path, tr.step)
+        truncate_metrics(path, pos.step)
     sinks = [open(path, "a") for path in paths]
     tracker = Tracker(out, C.to_json(cfg), enabled=tr.rank == 0, tensorboard=cfg.tensorboard,
-                      wandb_project=cfg.wandb_project, resume_step=tr.step)
+                      wandb_project=cfg.wandb_project, resume_step=pos.step)
     from pipeline.progress import StageProgress
 
     prog = StageProgress("distill", cfg.steps, "tokens") if tr.rank == 0 else None
     if prog:
-        prog.update(tr.step, 0)
-    data = batches_forever(tr)
-    t_start = time.perf_counter()
-    while tr.step < cfg.steps:
-        if tr.any_rank(stop.signum is not None):
-            log(f"signal (rank 0: {stop.signum}): checkpointing at step {tr.step} and exiting for requeue")
-            tr.save()
-            for f in sinks:
-                f.close()
-            tracker.close()
-            return None
-        t0 = time.perf_counter()
-        lr = tr.sched.get_last_lr()[0]          # the rate this step uses
-        keys_before = []
-        micro = []
-        for _ in range(cfg.grad_accum):
-            b = next(data)
-            keys_before += b.keys
-            micro.append(b)
-        s = tr.train_step(micro)
-        tr.step += 1
-        dt = time.perf_counter() - t0
-        if tr.step % cfg.log_every == 0:
-            all_keys = tr.global_keys(keys_before)  # collective: every rank, same steps
-        if sinks and tr.step % cfg.log_every == 0:
-            rec = {"step": tr.step, "epoch": tr.epoch, "rank": tr.rank,
-                   "loss": cfg.kd_weight * s["kd_sum"] / max(s["kd_cnt"], 1)
-                   + cfg.ce_weight * s["ce_sum"] / max(s["ce_cnt"], 1),
-                   "kd_loss": s["kd_sum"] / max(s["kd_cnt"], 1),
-                   "ce_loss": s["ce_sum"] / max(s["ce_cnt"], 1),
-                   "kl_est": s["kl"] / max(s["kd_cnt"], 1),
-                   "selected_frac": s["selected"] / max(s["positions"], 1),
-                   "select_threshold": s["threshold"],
-                   "lr": lr, "tokens_per_s": s["positions"] / dt,
-                   "step_time_s": dt, "keys": all_keys, "rank_keys": keys_before}
-            for f in sinks:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-            tracker.log(rec, tr.step)
+        prog.update(pos.step, 0)
+    data = batches_forever(tr, pos)
+    try:
+        while pos.step < cfg.steps:
+            if tr.any_rank(stop.signum is not None):
+                log(f"signal (rank 0: {stop.signum}): checkpointing at step {pos.step} and exiting "
+                    "for requeue")
+                tr.save(pos)
+                return False
+            t0 = time.perf_counter()
+            lr = tr.sched.get_last_lr()[0]          # the rate this step uses
+            micro = [next(data) for _ in range(cfg.grad_accum)]
+            rank_keys = [k for b in micro for k in b.keys]
+            s = tr.train_step(micro, pos.step)
+            pos.step += 1
+            dt = time.perf_counter() - t0
+            if pos.step % cfg.log_every == 0:
+                keys = tr.global_keys(rank_keys)     # collective: every rank, same steps
+                rec = metrics_record(cfg, s, pos, tr.rank, lr, dt, keys, rank_keys)
+                for f in sinks:
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                tracker.log(rec, pos.step)
+            if prog:
+                prog.update(1, int(s["positions"]))
+            if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.step < cfg.steps:
+                tr.save(pos)
+    finally:
         if prog:
-            prog.update(1, int(s["positions"]))
-        if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < cfg.steps:
-            tr.save()
-    if prog:
-        prog.close()
-    for f in sinks:
-        f.close()
-    tracker.close()
-    tr.save()
+            prog.close()
+        for f in sinks:
+            f.close()
+        tracker.close()
+    tr.save(pos)
+    return True
+
+
+def run(cfg: DistillConfig, trainer_cls: type[Trainer] = Trainer) -> Path | None:
+    """Set up, resume if asked, train, export. The export's path; None when a signal
+    stopped the run (checkpointed, to be resumed). `trainer_cls`: a `Trainer` subclass
+    (tests and tools add probes or pacing)."""
+    stop = StopFlag()                      # before the slow setup: a signal then still counts
+    tr = trainer_cls(cfg)
+    tr.out.mkdir(parents=True, exist_ok=True)
+    pos = (tr.resume() if cfg.resume else None) or DataPosition()
+    if tr.rank == 0:
+        (tr.out / "config.json").write_text(json.dumps(C.to_json(cfg), indent=1))
+    t_start = time.perf_counter()
+    if not train(tr, stop, pos):
+        return None
     wall = time.perf_counter() - t_start
     result = tr.export() if cfg.export else None
     if tr.rank == 0:
-        info = {"name": Path(cfg.out).name, "mode": cfg.mode, "wall_time_s": wall,
-                "cache_bytes_per_position": tr.reader.manifest["bytes"] / max(tr.reader.manifest["positions"], 1)}
-        (out / "run_info.json").write_text(json.dumps(info, indent=1))
+        m = tr.reader.manifest
+        info = {"name": tr.out.name, "mode": cfg.mode, "wall_time_s": wall,
+                "cache_bytes_per_position": m["bytes"] / max(m["positions"], 1)}
+        (tr.out / "run_info.json").write_text(json.dumps(info, indent=1))
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) -> None:
     cfg = C.parse(DistillConfig, argv, __doc__)
-    run(cfg)
+    run(cfg, trainer_cls)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -37,16 +37,17 @@ none) unless `--max-gen-toks` is given; a task default above half the model's co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline import config as C
 from pipeline import tasks as task_registry
+from pipeline.config import opt
+from pipeline.lm_eval_quiet import env_info_once, quiet_libraries
 from pipeline.tracking import log_results
 
 log = logging.getLogger("pipeline.evaluate")
@@ -59,60 +60,62 @@ _DEEPSPEED_MARKERS = ("latest", "zero_to_fp32.py", "global_step*", "*model_state
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything one evaluation run needs (CLI flags map 1:1, `-` for `_`)."""
+    """Everything one evaluation run needs (flags and YAML keys are the field names)."""
 
-    model: str
-    """Exported HF model directory (config.json, weights, tokenizer)."""
-    out: str
-    """Output directory: results.json, results.md, tasks/, samples."""
-    tasks: tuple[str, ...] = ()
-    """Resolved task names (see `pipeline.tasks.resolve_tasks`); may be empty with `heldout`."""
-    data_dir: str | None = None
-    """Offline: read `{task}.jsonl` files from here instead of the hub."""
-    limit: int | None = None
-    """Score only the first N items of each task (smoke tests)."""
-    batch_size: int = 8
-    """lm-eval batch size (requests per forward pass)."""
-    max_gen_toks: int | None = None
-    """Generation cap for every generate_until task; None: each task's own."""
-    max_length: int | None = None
-    """Model context for lm-eval (prompt + generation); None: from the model config."""
-    num_fewshot: int | None = None
-    """Few-shot examples; None: each task's default (GSM8K 5, others 0)."""
-    apply_chat_template: bool = False
-    """Wrap prompts in the tokenizer's chat template (needs one)."""
-    fewshot_as_multiturn: bool = True
-    """With the chat template: few-shot examples as separate turns (lm-eval's default)."""
-    system_instruction: str | None = None
-    """System prompt prepended to every request."""
-    dtype: str = "auto"
-    """Model weights dtype: auto (as saved), float32, bfloat16, float16."""
-    device: str = "cpu"
-    """torch device for the model."""
-    tokenizer: str | None = None
-    """Tokenizer directory when the model directory has none."""
-    log_samples: bool = False
-    """Write every request and response to OUT/samples_{task}.jsonl."""
-    bootstrap_iters: int = 100_000
-    """Bootstrap resamples for the stderr of non-mean metrics (0: skip)."""
-    heldout: str | None = None
-    """JSONL with a `text` field: held-out perplexity (and KL with `teacher`)."""
-    teacher: str | None = None
-    """Teacher HF directory for the held-out KL(teacher || student)."""
-    seq_len: int = 512
-    """Held-out window length T (as the cache stage cut its corpus)."""
-    heldout_max_windows: int | None = None
-    """Cap on held-out windows."""
-    heldout_batch_size: int = 4
-    """Windows per held-out forward pass."""
-    model_type: str = "hf"
-    """lm-eval model registry name (tests register fakes); only `hf` gets model-dir checks."""
-    verbose: bool = False
-    """Keep lm-eval's INFO logs and progress bars."""
+    model: str | None = opt(None, "exported HF model directory (config.json, weights, tokenizer)")
+    out: str | None = opt(None, "output directory: results.json, results.md, tasks/, samples")
+    tasks: list[str] = opt([], "tasks and/or groups, comma-separated or as several values: "
+                           f"{task_registry.valid_names()}")
+    data_dir: str | None = opt(None, "offline: read {task}.jsonl files from here instead of the hub")
+    limit: int | None = opt(None, "score only the first N items of each task (smoke tests)")
+    batch_size: int = opt(8, "lm-eval batch size (requests per forward pass)")
+    max_gen_toks: int | None = opt(None, "generation cap for every generate_until task (default: "
+                                   "each task's own)")
+    max_length: int | None = opt(None, "model context for lm-eval, prompt + generation (default: "
+                                 "from the model config)")
+    num_fewshot: int | None = opt(None, "few-shot examples (default: each task's, GSM8K 5, others 0)")
+    apply_chat_template: bool = opt(False, "wrap prompts in the tokenizer's chat template (needs one)")
+    fewshot_single_turn: bool = opt(False, "with --apply-chat-template: few-shot examples in one user "
+                                    "turn (default: separate turns, as lm-eval)")
+    system_instruction: str | None = opt(None, "system prompt prepended to every request")
+    dtype: str = opt("auto", "model weights dtype: auto (as saved), float32, bfloat16, float16",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "torch device for the model: auto (cuda if available, else cpu), "
+                      "cpu, cuda, cuda:N")
+    tokenizer: str | None = opt(None, "tokenizer directory when the model directory has none")
+    log_samples: bool = opt(False, "write every request and response to OUT/samples_{task}.jsonl")
+    bootstrap_iters: int = opt(100_000, "bootstrap resamples for the stderr of non-mean metrics (0: skip)")
+    heldout: str | None = opt(None, "JSONL with a 'text' field: held-out perplexity (and KL with --teacher)")
+    teacher: str | None = opt(None, "teacher HF directory for the held-out KL(teacher || student)")
+    seq_len: int = opt(512, "held-out window length T (as the cache stage cut its corpus)")
+    heldout_max_windows: int | None = opt(None, "cap on held-out windows")
+    heldout_batch_size: int = opt(4, "windows per held-out forward pass")
+    model_type: str = opt("hf", argparse.SUPPRESS)   # lm-eval registry name; tests register fakes
+    verbose: bool = opt(False, "keep lm-eval's INFO logs and progress bars")
+
+    def __post_init__(self):
+        # Task names: groups and comma lists expanded (unknown names stay, validate() names them).
+        items = [t.strip() for spec in self.tasks for t in str(spec).split(",") if t.strip()]
+        try:
+            names = task_registry.resolve_tasks(items) if items else []
+        except ValueError:
+            names = items
+        object.__setattr__(self, "tasks", tuple(names))
+        if self.device == "auto":
+            import torch
+
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def fewshot_as_multiturn(self) -> bool:
+        return not self.fewshot_single_turn
 
     def validate(self) -> None:
         """Collect every problem with the inputs and raise one ValueError naming the flags."""
-        problems: list[str] = []
+        problems: list[str] = [f"--{name} is required" for name in ("model", "out")
+                               if not getattr(self, name)]
+        if problems:
+            raise ValueError("; ".join(problems))
         if not self.tasks and self.heldout is None:
             problems.append(f"--tasks: nothing to do; give --tasks ({task_registry.valid_names()}) "
                             "and/or --heldout FILE.jsonl")
@@ -201,63 +204,6 @@ def _matches(folder: Path, patterns: tuple[str, ...]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- running
-
-
-class _DropGenKwargsNotice(logging.Filter):
-    """simple_evaluate warns "generation_kwargs ... specified through cli" on every call that
-    sets max_gen_toks; we set it on purpose for every generation task."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("generation_kwargs:")
-
-
-class _DropCustomDatasetNotice(logging.Filter):
-    """lm-eval warns that "Custom kwargs can be passed to `--metadata`" whenever a task has a
-    `custom_dataset`; every offline task of ours has one (`pipeline/tasks/local_data.py`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed to `--metadata`" not in str(record.msg)
-
-
-def _quiet_libraries(verbose: bool) -> None:
-    """lm-eval logs every request batch at INFO; keep warnings unless --verbose."""
-    for name, cls in (("lm_eval.evaluator", _DropGenKwargsNotice),
-                      ("lm_eval.api.task", _DropCustomDatasetNotice)):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, cls) for f in logger.filters):
-            logger.addFilter(cls())
-    if verbose:
-        return
-    import datasets
-    import transformers
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-
-
-@contextlib.contextmanager
-def _env_info_once() -> Iterator[None]:
-    """Collect lm-eval's environment info once per run instead of once per task.
-
-    simple_evaluate calls `add_env_info`, which shells out (`pip list`, ...) for ~1.2 s;
-    we call simple_evaluate once per task, so reuse the first answer. Restored on exit.
-    """
-    import lm_eval.evaluator as evaluator
-
-    original = evaluator.add_env_info
-    cache: dict = {}
-
-    def cached(storage: dict) -> None:
-        if not cache:
-            original(cache)
-        storage.update(cache)
-
-    evaluator.add_env_info = cached
-    try:
-        yield
-    finally:
-        evaluator.add_env_info = original
 
 
 def make_lm(cfg: EvalConfig):
@@ -385,7 +331,7 @@ def run(cfg: EvalConfig, console=None) -> dict:
     console = console or Console(stderr=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _quiet_libraries(cfg.verbose)
+    quiet_libraries(cfg.verbose)
     results: dict | None = None
     ours: dict = {"model": cfg.model, "tasks": list(cfg.tasks), "data_dir": cfg.data_dir,
                   "gen_kwargs": {}, "wall_time_s": {}, "settings": asdict(cfg)}
@@ -433,7 +379,7 @@ def _run_tasks(cfg: EvalConfig, out: Path, ours: dict, progress, console) -> dic
     lm = make_lm(cfg)
     max_length = getattr(lm, "max_length", None)  # an lm-eval LM attribute, absent on some LMs
     results: dict | None = None
-    with _env_info_once():
+    with env_info_once():
         for task in cfg.tasks:
             progress.update(bar, description=f"evaluating {task}")
             gen = gen_kwargs_for(task, cfg, max_length)
@@ -501,43 +447,9 @@ def _print_summary(results: dict, console) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    """CLI -> EvalConfig (task names resolved and checked)."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="exported HF model directory")
-    ap.add_argument("--tasks", default=None,
-                    help=f"comma-separated tasks and/or groups: {task_registry.valid_names()}")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--data-dir", default=None, help="offline JSONL folder ({task}.jsonl)")
-    ap.add_argument("--limit", type=int, default=None, help="items per task")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-gen-toks", type=int, default=None)
-    ap.add_argument("--max-length", type=int, default=None, help="model context for lm-eval")
-    ap.add_argument("--num-fewshot", type=int, default=None)
-    ap.add_argument("--apply-chat-template", action="store_true")
-    ap.add_argument("--fewshot-single-turn", action="store_true",
-                    help="with --apply-chat-template: few-shot examples in one user turn")
-    ap.add_argument("--system-instruction", default=None)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir if --model has none")
-    ap.add_argument("--log-samples", action="store_true")
-    ap.add_argument("--bootstrap-iters", type=int, default=100_000)
-    ap.add_argument("--heldout", default=None, help="held-out JSONL (field 'text')")
-    ap.add_argument("--teacher", default=None, help="teacher dir for held-out KL")
-    ap.add_argument("--seq-len", type=int, default=512, help="held-out window length")
-    ap.add_argument("--heldout-max-windows", type=int, default=None)
-    ap.add_argument("--heldout-batch-size", type=int, default=4)
-    ap.add_argument("--model-type", default="hf", help=argparse.SUPPRESS)
-    ap.add_argument("--verbose", action="store_true", help="lm-eval's INFO logs and bars")
-    a = ap.parse_args(argv)
-    if a.device is None:
-        import torch
-
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = tuple(task_registry.resolve_tasks(a.tasks)) if a.tasks else ()
-    values = vars(a) | {"tasks": names, "fewshot_as_multiturn": not a.fewshot_single_turn}
-    return EvalConfig(**{f.name: values[f.name] for f in fields(EvalConfig)})
+    """CLI (+ optional --config FILE.yaml) -> EvalConfig (task names resolved; `validate()`
+    checks the files it names)."""
+    return C.ConfigParser(EvalConfig, __doc__, prog="python -m pipeline.evaluate").parse(argv, validate=False)
 
 
 def main(argv: list[str] | None = None) -> None:

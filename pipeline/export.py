@@ -13,17 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint import META, latest_tag
 from pipeline.safe_load import enforce_weights_only, refuse_unsafe
-
-META = "sampledkd_meta.json"      # written next to DeepSpeed's files by pipeline.distill
-
-
-def latest_tag(ckpt_dir: Path) -> str:
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no 'latest' file; not a DeepSpeed checkpoint directory "
-                                "(expected RUN_DIR/ckpt written by pipeline.distill)")
-    return latest.read_text().strip()
 
 
 EXPORT_FILE_MODE = 0o644   # rw-r--r--: other users of a shared cluster can load the export

@@ -52,3 +52,13 @@ def cluster() -> None:
     if os.environ.get("SAMPLEDKD_REQUIRE_SLURM") == "1":
         pytest.fail(f"SAMPLEDKD_REQUIRE_SLURM=1 but {problem}")
     pytest.skip(problem)
+
+
+# ---------------------------------------------------------------- shared 2-rank distill runs
+@pytest.fixture(scope="session")
+def distill_runs(tmp_path_factory) -> dict:
+    """The one torchrun launch of tests/distill_runs.py (tiny models, run A, the baselines,
+    the bad-input cases), shared by tests/test_distill.py and tests/test_export.py."""
+    from distill_runs import shared_runs
+
+    return shared_runs(tmp_path_factory)

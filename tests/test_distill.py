@@ -3,7 +3,7 @@
 Process start-ups dominate the cost on a 2-core machine, so they are shared:
 - `shared_runs()` (once per session, also used by tests/test_export.py) builds a tiny
   teacher, a student (same tokenizer, other init) and caches in-process, then makes ONE
-  `torchrun --nproc_per_node 2` launch of a test-only driver (`DRIVER`) that calls
+  `torchrun --nproc_per_node 2` launch of a test-only driver (tests/drivers/distill_jobs.py) that calls
   `pipeline.distill.run` for: run A (sampledkd, topk on teacher entropy, 20 steps, a
   checkpoint every 2, export), the baselines no_kd / dense_kd / rskd_all (2 steps each),
   and every bad-input case. The driver adds two probes the CLI cannot give: the ZeRO-3
@@ -20,254 +20,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DS_TEST = REPO / "ds_configs" / "zero3_test.json"
-STEPS, LR, WARMUP, FRAC, CKPT_EVERY = 20, 1e-3, 3, 0.25, 2   # 16 steps per epoch: A crosses one
-QWEN_V, UNTIED_STEPS = 151_936, 4
-TEXTS = [f"The quick brown fox {i} jumps over the lazy dog; knowledge distillation trains a "
-         f"small student {7 * i} times because a teacher answers." for i in range(200)]
-OTHER_TEXTS = ["zebra quartz violin mango pixel 7 8 9"] * 4   # another tokenizer
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "400", "PYTHONUNBUFFERED": "1"}
-TIMEOUT = 900
-
-DRIVER = '''
-import json, shutil, sys
-from pathlib import Path
-import torch
-import torch.distributed as dist
-import pipeline.distill as D
-from pipeline import config as C
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-facts = {}
-
-class Evil:
-    """Unpickling calls open(path, "w"): the file appears if a load runs the pickle."""
-    def __init__(self, path):
-        self.path = path
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-_init, _export = D.Trainer.__init__, D.Trainer.export
-
-def init(self, cfg):
-    _init(self, cfg)
-    facts["partition"] = [{"name": n, "ds_numel": int(p.ds_numel), "local": int(p.ds_tensor.numel()),
-                           "data": int(p.data.numel()), "status": p.ds_status.name}
-                          for n, p in self.engine.module.named_parameters()]
-
-def export(self):
-    path = _export(self)
-    probe = torch.tensor(spec["probe"], dtype=torch.long)
-    with torch.no_grad():  # collective on every rank: ZeRO-3 gathers each layer's weights
-        logits = self.engine.module(input_ids=probe).logits.float().contiguous()
-    if self.rank == 0:
-        from safetensors.torch import save_file
-        save_file({"input_ids": probe, "logits": logits}, str(Path(self.cfg.out) / "engine_logits.safetensors"))
-    return path
-
-D.Trainer.__init__, D.Trainer.export = init, export
-results = []
-for job in spec["jobs"]:
-    if "copy" in job or "replace" in job or "poison" in job:
-        if dist.get_rank() == 0 and "copy" in job:
-            shutil.copytree(*job["copy"])
-        if dist.get_rank() == 0 and "replace" in job:     # same path, other contents
-            src, dst = job["replace"]
-            shutil.rmtree(dst)
-            shutil.copytree(src, dst)
-        if dist.get_rank() == 0 and "poison" in job:      # a pickle that creates a file
-            ckpt, marker = map(Path, job["poison"])
-            from pipeline.safe_load import safe_globals
-            # every rank's optimizer file: each rank loads its own (one rank failing alone
-            # would leave the other in a collective of this one-process driver)
-            for target in (ckpt / (ckpt / "latest").read_text().strip()).glob("*_optim_states.pt"):
-                with torch.serialization.safe_globals(safe_globals()):
-                    sd = torch.load(target, weights_only=True)
-                sd["evil"] = Evil(str(marker))
-                torch.save(sd, target)
-        dist.barrier()
-        continue
-    facts.clear()
-    rec = {"name": job["name"]}
-    try:
-        D.run(C.parse(D.DistillConfig, job["argv"]))
-        rec["ok"] = True
-    except ValueError as e:
-        rec.update(ok=False, error=str(e))
-    rec["partition"] = facts.get("partition")
-    results.append(rec)
-if dist.get_rank() == 0:
-    Path(spec["result"]).write_text(json.dumps(results, indent=1))
-'''
-
-THROTTLE = '''
-import os, sys, time
-import pipeline.distill as D
-_step = D.Trainer.train_step
-def slow(self, batches):  # test-only: room to signal or kill mid-run; numerics untouched
-    time.sleep(float(os.environ["THROTTLE_S"]))
-    return _step(self, batches)
-D.Trainer.train_step = slow
-D.main(sys.argv[1:])
-'''
-
-
-def torchrun(script_and_args: list[str], nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            str(nproc), *script_and_args]
-
-
-def base_args(a: dict, out: Path, **flags) -> list[str]:
-    """The run-A settings; `flags` override or add (`select_frac=0.5` -> --select-frac 0.5)."""
-    opts = {"student": a["student"], "cache": a["cache"], "out": out, "deepspeed": DS_TEST,
-            "steps": STEPS, "lr": LR, "warmup_steps": WARMUP, "select": "topk",
-            "select_score": "teacher_entropy", "select_frac": FRAC, "checkpoint_every": CKPT_EVERY}
-    opts.update(flags)
-    argv = []
-    for k, v in opts.items():
-        if v is True or v is False:
-            argv.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
-        else:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-    return argv
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-
-
-def _steps_so_far(run: Path) -> list[int]:
-    """Steps in metrics.jsonl while a run writes it (a line may be half written)."""
-    try:
-        return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                if line.endswith("}")]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-
-
-def _build_assets(root: Path) -> dict:
-    from pipeline import cache
-    from pipeline.demo.tiny import build_tiny_model
-
-    root.mkdir(parents=True, exist_ok=True)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    kw = dict(arch="llama", hidden=32, layers=1, heads=4, texts=TEXTS)
-    teacher = build_tiny_model(root / "teacher", seed=0, **kw)
-    student = build_tiny_model(root / "student", seed=1, **kw)   # same tokenizer, other weights
-    cache.main(["--teacher", str(teacher), "--data", str(data), "--out", str(root / "cache"),
-                "--seq-len", "64", "--max-windows", "32", "--shard-samples", "4"])
-    # 3 windows in 3 shards: with 2 ranks, 1 window per rank < --micro-batch 2.
-    cache.main(["--teacher", str(teacher), "--data", str(data), "--out", str(root / "small_cache"),
-                "--seq-len", "64", "--max-windows", "3", "--shard-samples", "1"])
-    V = json.loads((root / "cache" / "manifest.json").read_text())["vocab_size"]
-    other_tok = build_tiny_model(root / "other_tok", seed=1, vocab_size=V, **{**kw, "texts": OTHER_TEXTS})
-    big_v = _fewer_logits_student(root / "big_v", V - 3, seed=1, **kw)  # V-3 logits: refused
-    bad_ds = root / "bad_ds.json"
-    bad_ds.write_text(json.dumps({**json.loads(DS_TEST.read_text()), "train_batch_size": 7}))
-    bad_json = root / "bad_json.json"
-    bad_json.write_text('{"zero_optimization": {"stage": 3,}}')
-    # Qwen-sized padded vocabulary, untied student head (as Llama-3.1-8B, Qwen3-8B).
-    qkw = dict(arch="qwen2", hidden=32, layers=1, heads=4, texts=TEXTS, vocab_size=QWEN_V)
-    q_teacher = build_tiny_model(root / "q_teacher", seed=0, **qkw)
-    q_student = build_tiny_model(root / "q_student", seed=1, tie_word_embeddings=False, **qkw)
-    small = ["--data", str(data), "--seq-len", "64", "--max-windows", "8", "--shard-samples", "2"]
-    cache.main(["--teacher", str(q_teacher), "--out", str(root / "q_cache"), *small])
-    # A teacher temperature of 2 at cache time: dense_kd must distil the same softmax(y / 2).
-    cache.main(["--teacher", str(teacher), "--out", str(root / "t2_cache"), "--teacher-temperature", "2",
-                *small])
-    # Two caches of the same corpus and teacher, other seeds: one replaces the other in place.
-    cache.main(["--teacher", str(teacher), "--out", str(root / "c_cache"), *small])
-    cache.main(["--teacher", str(teacher), "--out", str(root / "c_cache_seed1"), "--seed", "1", *small])
-    return {"root": root, "data": data, "teacher": teacher, "student": student, "V": V,
-            "cache": root / "cache", "small_cache": root / "small_cache", "other_tok": other_tok,
-            "big_v": big_v, "bad_ds": bad_ds, "bad_json": bad_json, "q_student": q_student,
-            "q_cache": root / "q_cache", "t2_cache": root / "t2_cache", "c_cache": root / "c_cache",
-            "c_cache_seed1": root / "c_cache_seed1"}
-
-
-_SHARED: dict = {}
-# Run A uses the fused KD head (no CE); these take the lm_head-logits paths.
-LOSS_PATHS = {"kd_logits": {"kd_head": "logits"},
-              "ce_all": {"ce_weight": 0.5, "ce_positions": "all"},
-              "ce_selected": {"ce_weight": 0.5, "ce_positions": "selected"},
-              "ce_unselected": {"ce_weight": 0.5, "ce_positions": "unselected"}}
-
-
-def shared_runs(tmp_path_factory) -> dict:
-    """Assets + the one driver launch (see the module docstring); built once per session."""
-    if _SHARED:
-        return _SHARED
-    a = _build_assets(tmp_path_factory.mktemp("distill"))
-    root = a["root"]
-    A = root / "A"
-    g = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, a["V"], (2, 40), generator=g).tolist()
-    jobs = [{"name": "A", "argv": base_args(a, A)}]
-    for mode, extra in (("no_kd", {"ce_weight": 1.0}), ("dense_kd", {"teacher": a["teacher"]}),
-                        ("rskd_all", {})):
-        jobs.append({"name": mode, "argv": base_args(a, root / mode, mode=mode, steps=2,
-                                                      export=False, checkpoint_every=0, **extra)})
-    for name, extra in LOSS_PATHS.items():  # sampledkd's other ways to the same losses
-        jobs.append({"name": name, "argv": base_args(a, root / name, steps=2, export=False,
-                                                      checkpoint_every=0, **extra)})
-    # The default flags (fused KD head) on an untied V = 151,936 student.
-    jobs.append({"name": "untied", "argv": base_args(a, root / "untied", student=a["q_student"],
-                                                     cache=a["q_cache"], steps=UNTIED_STEPS,
-                                                     export=False, checkpoint_every=0)})
-    jobs.append({"name": "dense_kd_t2", "argv": base_args(a, root / "dense_kd_t2", mode="dense_kd",
-                                                          teacher=a["teacher"], cache=a["t2_cache"],
-                                                          steps=1, export=False, checkpoint_every=0)})
-    jobs.append({"name": "C", "argv": base_args(a, root / "C", cache=a["c_cache"], steps=2,
-                                                export=False, checkpoint_every=0)})
-    jobs.append({"replace": [str(a["c_cache_seed1"]), str(a["c_cache"])]})
-    jobs.append({"copy": [str(A), str(root / "A_evil")]})
-    jobs.append({"poison": [str(root / "A_evil" / "ckpt"), str(root / "EVIL_MARKER")]})
-    jobs.append({"copy": [str(A), str(root / "A_copy")]})
-    bad = {"tokenizer": dict(student=a["other_tok"]), "vocab": dict(student=a["big_v"]),
-           "student_path": dict(student=root / "no_such_student"),
-           "ds_batch": dict(deepspeed=a["bad_ds"]),
-           "ds_json": dict(deepspeed=a["bad_json"]),
-           "resume_cache": dict(out=root / "C", cache=a["c_cache"], steps=3, resume=True),
-           "resume_pickle": dict(out=root / "A_evil", resume=True),
-           "small_cache": dict(cache=a["small_cache"], micro_batch=2),
-           "resume_frac": dict(out=root / "A_copy", resume=True, select_frac=0.5),
-           "resume_mode": dict(out=root / "A_copy", resume=True, mode="rskd_all")}
-    for name, flags in bad.items():
-        flags = {"out": root / f"bad_{name}", **flags}
-        if name == "resume_cache":
-            flags.update(export=False, checkpoint_every=0)
-        jobs.append({"name": f"bad_{name}", "argv": base_args(a, **flags)})
-    spec = root / "driver.json"
-    spec.write_text(json.dumps({"jobs": jobs, "probe": probe, "result": str(root / "driver_result.json")},
-                               default=str))
-    (root / "driver.py").write_text(DRIVER)
-    proc = subprocess.run(torchrun([str(root / "driver.py"), str(spec)]), cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = {r["name"]: r for r in json.loads((root / "driver_result.json").read_text())}
-    failed = {n: r["error"] for n, r in results.items() if not n.startswith("bad_") and not r["ok"]}
-    assert not failed, failed
-    _SHARED.update(a, A=A, results=results, log=proc.stderr)
-    return _SHARED
+from distill_runs import (CKPT_EVERY, DRIVERS, ENV, FRAC, LOSS_PATHS, LR, QWEN_V, REPO, STEPS,
+                          TIMEOUT, UNTIED_STEPS, WARMUP, _steps_so_far, base_args, metrics, torchrun)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    return shared_runs(tmp_path_factory)
+def runs(distill_runs) -> dict:
+    return distill_runs
 
 
 # ------------------------------------------------------------------ independent references
@@ -308,7 +76,8 @@ def reference_trajectory(a: dict, steps: int = STEPS, student: str = "student",
     """Plain torch, one process, no DeepSpeed: same init, global batches, loss, AdamW, schedule."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.distill import DistillConfig, lr_lambda
+    from pipeline.distill import DistillConfig
+    from pipeline.training_setup import lr_lambda
 
     model = AutoModelForCausalLM.from_pretrained(a[student], dtype=torch.float32)
     cfg = DistillConfig(student="s", cache="c", out="o", steps=steps, lr=LR, warmup_steps=WARMUP)
@@ -415,8 +184,7 @@ def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float 
 
 
 def _launch(a: dict, run: Path, throttle: float | None, resume: bool) -> subprocess.Popen:
-    script = run.parent / "throttle.py"
-    script.write_text(THROTTLE)
+    script = DRIVERS / "throttled_distill.py"
     args = base_args(a, run, resume=resume)
     cmd = torchrun([str(script), *args]) if throttle else torchrun(["-m", "pipeline.distill", *args])
     return subprocess.Popen(cmd, cwd=REPO, env={**ENV, "THROTTLE_S": str(throttle or 0)},
@@ -570,6 +338,19 @@ def test_kd_and_ce_paths_match_dense_step1_references(runs, name):
     assert rec["loss"] == pytest.approx(rec["kd_loss"] + 0.5 * rec["ce_loss"], abs=1e-5)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sampled_softmax_with_few_negatives_trains_near_the_exact_loss(runs):
+    """--kd-loss sampled_softmax with 16 negatives and 32 exact classes (of a few hundred):
+    two ZeRO-3 steps run; step 1's loss is the exact sparse KD's up to the estimator's
+    downward bias (log Z_hat is low on average), here within 25%."""
+    exact, sampled = metrics(runs["root"] / "ss_exact"), metrics(runs["root"] / "ss_sampled")
+    assert [r["step"] for r in sampled] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in sampled), sampled
+    assert abs(sampled[0]["kd_loss"] - exact[0]["kd_loss"]) < 0.25 * exact[0]["kd_loss"], (sampled[0], exact[0])
+    assert sampled[0]["keys"] == exact[0]["keys"]       # same windows, same selection
+
+
 # ------------------------------------------------------------------ 5. bad input
 BAD = {  # job -> words the message must contain
     "bad_tokenizer": ["tokenizer fingerprint"],
@@ -649,7 +430,7 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_resume_and_export(run
     (["--select", "percentile_band", "--select-band", "60", "40"], ["--select-band 60.0 40.0", "LO < HI"]),
     (["--select-band", "30", "30"], ["--select-band 30.0 30.0"]),
     (["--mode", "dense_kd"], ["--teacher"]),
-    (["--mode", "no_kd"], ["--ce-weight"]),
+    (["--mode", "no_kd", "--ce-weight", "0"], ["--ce-weight"]),
 ])
 def test_bad_flags_are_rejected_by_name(flags, words, tmp_path):
     from pipeline import config as C
@@ -663,7 +444,7 @@ def test_bad_flags_are_rejected_by_name(flags, words, tmp_path):
 
 def test_student_side_scores_see_lm_head_bias():
     """Student entropy from the selection's logits function == entropy of head(h), bias included."""
-    from pipeline.distill import head_logits
+    from pipeline.objectives import head_logits
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 30, bias=True)
@@ -679,31 +460,13 @@ def test_student_side_scores_see_lm_head_bias():
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
-    from pipeline.distill import truncate_metrics
+    from pipeline.checkpoint import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5)))
     truncate_metrics(path, 3)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
     truncate_metrics(tmp_path / "absent.jsonl", 0)   # no file: nothing to do
-
-
-def _fewer_logits_student(out: Path, n_logits: int, seed: int = 0, arch: str = "llama",
-                          texts=None, **kw) -> Path:
-    """A tiny student with the shared tokenizer but only `n_logits` < len(tokenizer) logits
-    (pipeline.demo.tiny refuses to build one): the config is made by hand and saved."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.demo.tiny import tiny_config, train_tokenizer
-
-    tok = train_tokenizer(texts)
-    assert n_logits < len(tok)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, n_logits, eos_token_id=tok.eos_token_id,
-                                                         **kw))
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.mark.dist

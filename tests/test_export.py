@@ -20,15 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distill import STEPS, shared_runs  # noqa: E402  (the shared 2-rank runs)
+from distill_runs import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    return shared_runs(tmp_path_factory)
+def runs(distill_runs) -> dict:
+    return distill_runs
 
 
 def _engine(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +103,8 @@ def test_export_hf_tool_from_checkpoint_equals_the_engine(runs, tmp_path, monkey
 
 
 def test_latest_tag_and_missing_meta_errors_name_the_path(tmp_path):
-    from pipeline.export import META, export_checkpoint, latest_tag
+    from pipeline.checkpoint import META, latest_tag
+    from pipeline.export import export_checkpoint
 
     with pytest.raises(FileNotFoundError, match="no 'latest' file"):
         latest_tag(tmp_path)

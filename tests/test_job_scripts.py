@@ -12,7 +12,6 @@ per script.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -293,13 +292,14 @@ def test_readme_tables_are_the_scripts_variables(stubs, tmp_path):
 def test_readme_defaults_are_the_pipeline_configs():
     """A default in backticks is the config field's default; no value means None."""
     from pipeline.cache import CacheConfig
+    from pipeline.config import leaf_fields
     from pipeline.distill import DistillConfig
     from pipeline.evaluate import EvalConfig
 
     configs = {"cache.sh": CacheConfig, "distill.sh": DistillConfig, "eval.sh": EvalConfig}
     for md in (SLURM / "README.md", REPO / "README.md"):
         for r in flag_rows(md):
-            fields = {f.name: f for f in dataclasses.fields(configs[r["script"]])}
+            fields = {n: f for n, (f, _) in leaf_fields(configs[r["script"]]).items()}
             name = r["flag"][2:].replace("-", "_")
             assert name in fields, (md.name, r)
             if "required" in r["unset"]:

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from pipeline.losses import (
     ce,
     dense_kd,
-    sampled_ce,
-    sampled_softmax_kd,
     sparse_kd,
     sparse_kd_linear,
     sparse_kd_per_position,
     sparse_kl_estimate,
 )
+from pipeline.sampled_softmax import sampled_ce, sampled_softmax_kd
 
 SENTINEL_18 = 2**18 - 1  # the codec's padding id at V = 151,936
 

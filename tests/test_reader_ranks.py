@@ -23,41 +23,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distill import DS_TEST, ENV, REPO, TEXTS, TIMEOUT, torchrun  # noqa: E402
+from distill_runs import DRIVERS, DS_TEST, ENV, REPO, TEXTS, TIMEOUT, torchrun
 
 SEQ = 32
 # name -> (windows, windows per shard, shards, world, steps, checkpoint every, rewind to step):
 # ONE has 4 steps per epoch (rewind to step 6 of 5..8), THREE 3 (rewind to step 4 of 4..6).
 CASES = {"one": (9, 16, 1, 2, 10, 3, 6), "three": (14, 5, 3, 4, 8, 4, 4)}
-
-DRIVER = '''
-import json, shutil, sys
-from pathlib import Path
-import torch.distributed as dist
-import pipeline.distill as D
-from pipeline import config as C
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-for job in spec["jobs"]:
-    if "rewind" in job:  # copy a finished run; point ckpt/latest at an earlier checkpoint
-        src, dst, tag = job["rewind"]
-        if dist.get_rank() == 0:
-            shutil.copytree(src, dst)
-            for d in (Path(dst) / "ckpt").glob("step*"):
-                if d.name > tag:
-                    shutil.rmtree(d)
-            (Path(dst) / "ckpt" / "latest").write_text(tag)
-        dist.barrier()
-        continue
-    D.run(C.parse(D.DistillConfig, job["argv"]))   # = python -m pipeline.distill ARGV
-'''
 
 
 def argv(student: Path, cache: Path, out: Path, steps: int, ckpt: int, resume: bool) -> list[str]:
@@ -96,8 +72,7 @@ def launched(request, assets) -> dict:
             {"argv": argv(assets["student"], cache, resumed, steps, ckpt, resume=True)}]
     spec = root / f"{name}_driver.json"
     spec.write_text(json.dumps({"jobs": jobs}))
-    (root / "driver.py").write_text(DRIVER)
-    proc = subprocess.run(torchrun([str(root / "driver.py"), str(spec)], nproc=world), cwd=REPO,
+    proc = subprocess.run(torchrun([str(DRIVERS / "distill_jobs.py"), str(spec)], nproc=world), cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {"name": name, "cache": cache, "windows": windows, "shards": shards, "world": world,

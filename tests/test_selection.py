@@ -143,9 +143,9 @@ def test_one_chunked_pass_and_only_needed_signals():
         raise AssertionError("lm_head must not run for this score")
     for name in ("teacher_entropy", "random"):
         compute_scores(name, inp, forbidden, 4, torch.Generator())
-    assert not Selector(SelectionConfig(score="teacher_entropy")).needs_student_logits
-    assert Selector(SelectionConfig(score="kl")).needs_student_logits
-    assert not Selector(SelectionConfig(rule="all", score="kl")).needs_student_logits
+    assert not Selector(SelectionConfig(select_score="teacher_entropy")).needs_student_logits
+    assert Selector(SelectionConfig(select_score="kl")).needs_student_logits
+    assert not Selector(SelectionConfig(select="all", select_score="kl")).needs_student_logits
 
 
 # ------------------------------------------------------------------------------- rules
@@ -258,7 +258,7 @@ def test_positional_weights_bounded_with_zero_scores(alpha, frac, floor):
     assert float(w.max()) <= (1 + floor) / (floor * frac) * (1 + 1e-6)
     assert (out.mask & (scores == 0)).any()          # the zeros are drawn (with bounded weight)
     # The knob reaches the rule through SelectionConfig / Selector (teacher_entropy scores).
-    sel = Selector(SelectionConfig(rule="positional", frac=frac, positional_alpha=alpha,
+    sel = Selector(SelectionConfig(select="positional", select_frac=frac, positional_alpha=alpha,
                                    positional_floor=floor)).select(
         SelectionInputs(valid[:400], teacher_entropy=scores[:400]), None, 0)
     assert float(sel.weights.max()) <= (1 + floor) / (floor * frac) * (1 + 1e-6)
@@ -378,7 +378,7 @@ def _run_gls(world, cfg, batches, steps_range, state=None):
 @pytest.mark.parametrize("curriculum", ["constant", "linear:0.5:0.2:6"])
 def test_gls_two_ranks_bit_identical_and_equal_reference(curriculum):
     world, B, T, Q, steps = 2, 3, 17, 200, 14
-    cfg = SelectionConfig(rule="gls", frac=0.3, gls_queue=Q, gls_warmup=120, curriculum=curriculum)
+    cfg = SelectionConfig(select="gls", select_frac=0.3, gls_queue=Q, gls_warmup=120, curriculum=curriculum)
     cfg.validate(positions_per_step=B * T * world)
     batches = _gls_batches(steps, world, B, T, seed=7)
     cur = Curriculum.parse(curriculum, 0.3)
@@ -412,7 +412,7 @@ def test_gls_ties_at_the_threshold_keep_frac_in_expectation():
     g = torch.Generator().manual_seed(3)
     scores = levels[torch.randint(0, 10, (B, T), generator=g)]
     valid = torch.ones(B, T, dtype=torch.bool)
-    sel = Selector(SelectionConfig(rule="gls", frac=frac, gls_queue=B * T, gls_warmup=0))
+    sel = Selector(SelectionConfig(select="gls", select_frac=frac, gls_queue=B * T, gls_warmup=0))
     s = sel.select(SelectionInputs(valid, teacher_entropy=scores), None, 0)
     assert s.threshold == 1.0
     assert s.mask[scores == 2.0].all() and not s.mask[scores == 0.0].any()
@@ -425,7 +425,7 @@ def test_gls_ties_at_the_threshold_keep_frac_in_expectation():
 
 
 def test_gls_no_scores_yet_falls_back():
-    sel = Selector(SelectionConfig(rule="gls", gls_queue=50, gls_warmup=0))
+    sel = Selector(SelectionConfig(select="gls", gls_queue=50, gls_warmup=0))
     empty = torch.zeros(2, 5, dtype=torch.bool)
     s = sel.select(SelectionInputs(empty, teacher_entropy=torch.rand(2, 5)), None, 0)
     assert s.threshold is None and not s.mask.any()
@@ -446,7 +446,7 @@ def test_all_gather_rows_uneven():
 @pytest.mark.parametrize("rule", ["topk", "positional", "percentile_band", "all"])
 def test_random_stream_round_trips(rule):
     inp, head = _inputs(B=2, T=12, H=8, V=19, U=4, seed=8)
-    cfg = SelectionConfig(rule=rule, score="random")
+    cfg = SelectionConfig(select=rule, select_score="random")
     a = Selector(cfg)
     a.select(inp, head, 0)
     sd = a.state_dict()
@@ -460,7 +460,7 @@ def test_random_stream_round_trips(rule):
 
 def test_selection_fields():
     inp, head = _inputs(B=2, T=12, H=8, V=19, U=4, seed=9)
-    s = Selector(SelectionConfig(rule="positional", score="kl", frac=0.5)).select(inp, head, 0)
+    s = Selector(SelectionConfig(select="positional", select_score="kl", select_frac=0.5)).select(inp, head, 0)
     assert isinstance(s, Selection) and s.mask.dtype == torch.bool and s.weights.dtype == torch.float32
     assert not (s.mask & ~inp.valid).any() and float(s.denominator) == float(inp.valid.sum())
     assert set(RULES) >= {"topk", "gls", "learned"} and "kl" in SCORES
@@ -475,33 +475,33 @@ def test_curriculum_schedules():
 
 # -------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kwargs,vkw,needle", [
-    (dict(frac=1.5), {}, "--select-frac 1.5 must be in (0, 1]"),
-    (dict(frac=0.0), {}, "--select-frac 0.0 must be in (0, 1]"),
-    (dict(rule="nope"), {}, "--select 'nope' must be one of"),
-    (dict(score="nope"), {}, "--select-score 'nope' must be one of"),
-    (dict(band_lo=60, band_hi=40), {}, "--select-band 60 40"),
-    (dict(band_lo=10, band_hi=101), {}, "--select-band 10 101"),
+    (dict(select_frac=1.5), {}, "--select-frac 1.5 must be in (0, 1]"),
+    (dict(select_frac=0.0), {}, "--select-frac 0.0 must be in (0, 1]"),
+    (dict(select="nope"), {}, "--select 'nope' must be one of"),
+    (dict(select_score="nope"), {}, "--select-score 'nope' must be one of"),
+    (dict(select_band=[60, 40]), {}, "--select-band 60 40"),
+    (dict(select_band=[10, 101]), {}, "--select-band 10 101"),
+    (dict(select_band=[10.0]), {}, "--select-band 10.0: need LO HI"),
     (dict(gls_queue=0), {}, "--gls-queue 0 must be >= 1"),
-    (dict(rule="gls", gls_queue=1000), dict(positions_per_step=2048), "smaller than one step's positions"),
+    (dict(select="gls", gls_queue=1000), dict(positions_per_step=2048), "smaller than one step's positions"),
     (dict(gls_warmup=-1), {}, "--gls-warmup -1"),
     (dict(positional_alpha=-1.0), {}, "--positional-alpha -1.0"),
     (dict(positional_floor=0.0), {}, "--positional-floor 0.0 must be in (0, 1]"),
     (dict(positional_floor=1.5), {}, "--positional-floor 1.5 must be in (0, 1]"),
     (dict(learned_kind="svm"), {}, "--learned-kind 'svm'"),
-    (dict(learned_kind="mlp", explore=1.5), {}, "--learned-explore 1.5"),
-    (dict(learned_kind="linucb", explore=-0.1), {}, "--learned-explore -0.1"),
+    (dict(learned_kind="mlp", learned_explore=1.5), {}, "--learned-explore 1.5"),
+    (dict(learned_kind="linucb", learned_explore=-0.1), {}, "--learned-explore -0.1"),
     (dict(curriculum="linear:0.5:0.1"), {}, "--curriculum 'linear:0.5:0.1'"),
     (dict(curriculum="cosine:0.5:1.2:10"), {}, "--curriculum fraction 1.2"),
     (dict(curriculum="linear:0.5:0.2:0"), {}, "--curriculum steps 0"),
     (dict(combined_weights=(0.0, 0.0, 0.0, 0.0)), {}, "--combined-weights"),
     (dict(combined_weights=(1.0, -1.0, 0.0, 0.0)), {}, "--combined-weights"),
-    (dict(chunk_size=0), {}, "--select-chunk 0"),
-    (dict(seed=-2), {}, "--select-seed -2"),
-    (dict(rule="positional", score="combined"), {}, "needs nonnegative scores"),
-    (dict(score="kl"), dict(has_targets=False), "--select-score kl needs ['kl']"),
-    (dict(score="combined"), dict(has_targets=False), "--select-score combined needs ['kl']"),
-    (dict(score="teacher_entropy"), dict(has_targets=False), "needs ['teacher_entropy']"),
-    (dict(rule="learned"), dict(has_targets=False), "--select learned needs"),
+    (dict(select_chunk=0), {}, "--select-chunk 0"),
+    (dict(select="positional", select_score="combined"), {}, "needs nonnegative scores"),
+    (dict(select_score="kl"), dict(has_targets=False), "--select-score kl needs ['kl']"),
+    (dict(select_score="combined"), dict(has_targets=False), "--select-score combined needs ['kl']"),
+    (dict(select_score="teacher_entropy"), dict(has_targets=False), "needs ['teacher_entropy']"),
+    (dict(select="learned"), dict(has_targets=False), "--select learned needs"),
 ])
 def test_validation_errors(kwargs, vkw, needle):
     with pytest.raises(ValueError) as e:
@@ -511,26 +511,8 @@ def test_validation_errors(kwargs, vkw, needle):
 
 def test_validation_collects_all_and_accepts_good():
     with pytest.raises(ValueError) as e:
-        SelectionConfig(frac=2.0, band_lo=90, band_hi=10, chunk_size=0).validate()
+        SelectionConfig(select_frac=2.0, select_band=[90.0, 10.0], select_chunk=0).validate()
     assert all(s in str(e.value) for s in ("--select-frac", "--select-band", "--select-chunk"))
-    SelectionConfig(score="student_ce").validate(has_targets=False)
-    SelectionConfig(score="combined", combined_weights=(0.0, 1.0, 1.0, 0.0)).validate(has_targets=False)
-    SelectionConfig(rule="gls", gls_queue=4096).validate(positions_per_step=4096)
-
-
-def test_cli_round_trip():
-    import argparse
-    ap = argparse.ArgumentParser()
-    SelectionConfig.add_arguments(ap)
-    assert SelectionConfig.from_args(ap.parse_args([])) == SelectionConfig()
-    ns = ap.parse_args("--select gls --select-score kl --select-frac 0.2 --select-band 10 90 "
-                       "--gls-queue 5000 --gls-warmup 100 --positional-alpha 2 --positional-floor 0.1 "
-                       "--learned-kind mlp "
-                       "--learned-explore 0.2 --curriculum linear:0.5:0.2:10 "
-                       "--combined-weights 1 0 1 0 --select-chunk 64 --select-seed 3".split())
-    c = SelectionConfig.from_args(ns)
-    assert (c.rule, c.score, c.frac, c.band_lo, c.band_hi, c.gls_queue, c.gls_warmup) == \
-        ("gls", "kl", 0.2, 10.0, 90.0, 5000, 100)
-    assert (c.learned_kind, c.explore, c.combined_weights, c.chunk_size, c.seed) == \
-        ("mlp", 0.2, (1.0, 0.0, 1.0, 0.0), 64, 3)
-    assert (c.positional_alpha, c.positional_floor) == (2.0, 0.1)
+    SelectionConfig(select_score="student_ce").validate(has_targets=False)
+    SelectionConfig(select_score="combined", combined_weights=(0.0, 1.0, 1.0, 0.0)).validate(has_targets=False)
+    SelectionConfig(select="gls", gls_queue=4096).validate(positions_per_step=4096)

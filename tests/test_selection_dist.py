@@ -25,15 +25,13 @@ import json
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distill import DS_TEST, ENV, REPO, TEXTS, TIMEOUT, torchrun  # noqa: E402
+from distill_runs import DRIVERS, DS_TEST, ENV, REPO, TEXTS, TIMEOUT, torchrun
 
 SEQ, WINDOWS, SHARD = 32, 16, 4          # 4 shards, 2 per rank: 8 windows = 8 steps per epoch
 FRAC, LR = 0.25, 1e-3
@@ -58,37 +56,6 @@ POLICIES: dict[str, dict] = {
 TEACHER_SHARPEN = 10.0
 GLS = "gls_teacher_entropy"
 RESUMED = "gls_resumed"
-
-DRIVER = '''
-import json, shutil, sys
-from pathlib import Path
-import torch.distributed as dist
-import pipeline.distill as D
-from pipeline import config as C
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-results = []
-for job in spec["jobs"]:
-    if "rewind" in job:  # copy a finished run; point ckpt/latest at an earlier checkpoint
-        src, dst, tag = job["rewind"]
-        if dist.get_rank() == 0:
-            shutil.copytree(src, dst)
-            for d in (Path(dst) / "ckpt").glob("step*"):
-                if d.name > tag:
-                    shutil.rmtree(d)
-            (Path(dst) / "ckpt" / "latest").write_text(tag)
-        dist.barrier()
-        continue
-    rec = {"name": job["name"]}
-    try:
-        D.run(C.parse(D.DistillConfig, job["argv"]))
-        rec["ok"] = True
-    except ValueError as e:
-        rec.update(ok=False, error=str(e))
-    results.append(rec)
-if dist.get_rank() == 0:
-    Path(spec["result"]).write_text(json.dumps(results, indent=1))
-'''
 
 
 def sharpen(model_dir: Path, factor: float) -> None:
@@ -143,8 +110,7 @@ def runs(tmp_path_factory) -> dict:
     jobs.append({"name": RESUMED, "argv": argv(a, root / RESUMED, **POLICIES[GLS], resume=True)})
     spec = root / "driver.json"
     spec.write_text(json.dumps({"jobs": jobs, "result": str(root / "result.json")}, default=str))
-    (root / "driver.py").write_text(DRIVER)
-    proc = subprocess.run(torchrun([str(root / "driver.py"), str(spec)]), cwd=REPO, env=ENV,
+    proc = subprocess.run(torchrun([str(DRIVERS / "distill_jobs.py"), str(spec)]), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = {r["name"]: r for r in json.loads((root / "result.json").read_text())}

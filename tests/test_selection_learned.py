@@ -100,7 +100,7 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("kind", ["linucb", "mlp"])
 def test_learned_replicas_identical_and_resume(kind):
     world, steps, cut = 2, 8, 4
-    cfg = SelectionConfig(rule="learned", learned_kind=kind, frac=0.3, chunk_size=7)
+    cfg = SelectionConfig(select="learned", learned_kind=kind, select_frac=0.3, select_chunk=7)
     cfg.validate()
     data = []
     g = torch.Generator().manual_seed(3)
@@ -138,10 +138,10 @@ def test_learned_replicas_identical_and_resume(kind):
 def test_observe_checks_shape_and_kind():
     g = torch.Generator().manual_seed(4)
     inp, head = _selector_inputs(g)
-    sel = Selector(SelectionConfig(rule="learned"))
+    sel = Selector(SelectionConfig(select="learned"))
     s = sel.select(inp, head, 0)
     with pytest.raises(ValueError, match="one loss per selected position"):
         sel.observe(s, torch.zeros(int(s.mask.sum()) + 1))
-    other = Selector(SelectionConfig(rule="learned", learned_kind="mlp"))
+    other = Selector(SelectionConfig(select="learned", learned_kind="mlp"))
     with pytest.raises(ValueError, match="--learned-kind"):
         other.load_state_dict(sel.state_dict())

@@ -51,10 +51,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.losses import (  # noqa: E402
     dense_kd,
-    sampled_softmax_kd,
     sparse_kd,
     sparse_kd_linear,
 )
+from pipeline.sampled_softmax import sampled_softmax_kd  # noqa: E402
 from pipeline.sampling import sample_classes  # noqa: E402
 
 CASES = ("dense", "sparse_linear", "sparse", "sparse_autograd", "sampled", "sampled_exact")

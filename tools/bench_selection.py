@@ -26,18 +26,18 @@ from pipeline.selection import SelectionConfig, SelectionInputs, Selector, next_
 
 CONFIGS: list[tuple[str, dict]] = [
     ("baseline (no selection)", {}),
-    ("topk / teacher_entropy", dict(rule="topk", score="teacher_entropy")),
-    ("topk / random", dict(rule="topk", score="random")),
-    ("topk / student_entropy", dict(rule="topk", score="student_entropy")),
-    ("topk / student_ce", dict(rule="topk", score="student_ce")),
-    ("topk / kl", dict(rule="topk", score="kl")),
-    ("topk / combined", dict(rule="topk", score="combined")),
-    ("percentile_band 75-100 / teacher_entropy", dict(rule="percentile_band", band_lo=75.0, band_hi=100.0)),
-    ("gls / teacher_entropy", dict(rule="gls", gls_queue=30_000, gls_warmup=0)),
-    ("positional / teacher_entropy", dict(rule="positional", score="teacher_entropy")),
-    ("learned linucb", dict(rule="learned", learned_kind="linucb")),
-    ("learned mlp", dict(rule="learned", learned_kind="mlp")),
-    ("all (every position)", dict(rule="all")),
+    ("topk / teacher_entropy", dict(select="topk", select_score="teacher_entropy")),
+    ("topk / random", dict(select="topk", select_score="random")),
+    ("topk / student_entropy", dict(select="topk", select_score="student_entropy")),
+    ("topk / student_ce", dict(select="topk", select_score="student_ce")),
+    ("topk / kl", dict(select="topk", select_score="kl")),
+    ("topk / combined", dict(select="topk", select_score="combined")),
+    ("percentile_band 75-100 / teacher_entropy", dict(select="percentile_band", band_lo=75.0, band_hi=100.0)),
+    ("gls / teacher_entropy", dict(select="gls", gls_queue=30_000, gls_warmup=0)),
+    ("positional / teacher_entropy", dict(select="positional", select_score="teacher_entropy")),
+    ("learned linucb", dict(select="learned", learned_kind="linucb")),
+    ("learned mlp", dict(select="learned", learned_kind="mlp")),
+    ("all (every position)", dict(select="all")),
 ]
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--repeats {args.repeats}: use >= 5 (medians)")
     torch.manual_seed(0)
     body, head, batch, params = build(args)
-    selectors = {name: Selector(SelectionConfig(frac=args.frac, chunk_size=args.chunk, **kw)) if kw else None
+    selectors = {name: Selector(SelectionConfig(select_frac=args.frac, select_chunk=args.chunk, **kw)) if kw else None
                  for name, kw in CONFIGS}
     gen = torch.Generator().manual_seed(1)
     for name, sel in selectors.items():                                # warm-up, untimed
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             times[name][1].append(ss)
     base = statistics.median(times[CONFIGS[0][0]][0])
     table = Table(title=(f"selection overhead: V={args.vocab:,} H={args.hidden} B={args.batch} T={args.seq} "
-                         f"frac={args.frac} chunk={args.chunk} body={args.body}, "
+                         f"select_frac={args.frac} chunk={args.chunk} body={args.body}, "
                          f"{torch.get_num_threads()} threads, median of {args.repeats}"))
     for col in ("configuration", "step ms", "select ms", "step / baseline"):
         table.add_column(col, justify="left" if col == "configuration" else "right")

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GLS = "--select gls --select-frac 0.25 --gls-queue 30000 --gls-warmup 2048"
 DEFAULT_RUNS = {
-    "no_kd (CE, all positions)": "--mode no_kd --ce-weight 1 --kd-weight 0",
+    "no_kd (CE, all positions)": "--mode no_kd",
     "KD only, GLS top-25%": f"--mode sampledkd {GLS}",
     "CE all + KD GLS top-25%, kd 0.25": f"--mode sampledkd {GLS} --ce-weight 1 --ce-positions all --kd-weight 0.25",
     "CE all + KD GLS top-25%, kd 1": f"--mode sampledkd {GLS} --ce-weight 1 --ce-positions all",
@@ -78,19 +79,22 @@ def main() -> None:
                         "--seq-len", str(args.seq_len), "--heldout-max-windows", str(args.windows)],
                        cwd=REPO, env={k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}, check=True)
         h = json.loads((ev / "results.json").read_text())["heldout"]
-        rows.append((name, seed, flags, h["perplexity"], h["kl_to_teacher"], train_s))
+        steps = [json.loads(line)["step_time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        step_s = statistics.median(steps[2:] or steps)     # the first steps pay warm-up costs
+        rows.append((name, seed, flags, h["perplexity"], h["kl_to_teacher"], train_s, step_s))
 
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{args.steps} steps x {args.micro_batch} x {args.nproc} windows, lr {args.lr}; "
                         f"held-out {args.windows} x {args.seq_len} tokens")
-    for col in ("run", "seed", "perplexity", "vs no_kd", "KL(teacher || student)", "train s", "flags"):
+    for col in ("run", "seed", "perplexity", "vs no_kd", "KL(teacher || student)", "train s",
+                "median step s", "flags"):
         table.add_column(col, justify="left" if col in ("run", "flags") else "right")
-    base = {seed: ppl for name, seed, _, ppl, _, _ in rows if "--mode no_kd" in runs[name]}
-    for name, seed, flags, ppl, kl, dt in rows:
+    base = {seed: ppl for name, seed, _, ppl, *_ in rows if "--mode no_kd" in runs[name]}
+    for name, seed, flags, ppl, kl, dt, step_s in rows:
         rel = f"{ppl / base[seed] - 1:+.1%}" if seed in base else "-"
-        table.add_row(name, str(seed), f"{ppl:.1f}", rel, f"{kl:.3f}", f"{dt:.0f}", flags)
+        table.add_row(name, str(seed), f"{ppl:.1f}", rel, f"{kl:.3f}", f"{dt:.0f}", f"{step_s:.2f}", flags)
     Console().print(table)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ class LossSettings:
     cache_vocab: int
     kd_temperature: float = 1.0
     self_normalize: bool = False
+    kd_weight: float = 1.0
     ce_weight: float = 0.0
     ce_positions: str = "selected"      # selected | all | unselected
     kd_head: str = "fused"              # fused | logits
@@ -63,6 +65,8 @@ class StepInputs:
     position_weights: Tensor | None = None  # [B, T] (positional rule) or None
     input_ids: Tensor | None = None
     generator: torch.Generator | None = None
+    kd_denominator: Tensor | None = None    # local KD count when not the rows' (positional)
+    global_counts: Callable[[Tensor], Tensor] | None = None   # local -> summed over ranks
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Terms:
     ce_sum: Tensor
     ce_cnt: Tensor
     per_position: Tensor | None = None
+    loss: Tensor | None = None    # set when already weighted and globally normalised (fused CE+KD)
 
 
 def _zero(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,16 +114,21 @@ def no_kd(head, x: StepInputs, s: LossSettings) -> Terms:
     return Terms(*_zero(x.h), *losses.ce(logits, x.labels.reshape(-1)))
 
 
-def dense_kd(head, x: StepInputs, s: LossSettings, teacher) -> Terms:
+@torch.no_grad()
+def teacher_logits(teacher, input_ids: Tensor, s: LossSettings) -> Tensor:
+    """The online teacher's [B*T, student V] logits over the cache's classes: the logits of
+    the V tokenizer classes (padded ones dropped); a padded student's extra classes get
+    p = 0 (-1e9: exp underflows to 0 for any sane T, where -inf gives 0 * -inf = NaN)."""
+    t_logits = teacher(input_ids=input_ids).logits
+    t_logits = t_logits.reshape(-1, t_logits.shape[-1])[:, :s.cache_vocab]
+    if t_logits.shape[1] < s.vocab:
+        t_logits = F.pad(t_logits, (0, s.vocab - t_logits.shape[1]), value=-1e9)
+    return t_logits
+
+
+def dense_kd(head, x: StepInputs, s: LossSettings, t_logits: Tensor) -> Terms:
+    """Full KD against `teacher_logits` at every position (and CE if weighted)."""
     logits = head(x.h.reshape(-1, x.h.shape[-1]))
-    with torch.no_grad():
-        t_logits = teacher(input_ids=x.input_ids).logits
-        # The cache's distribution: the teacher's logits of the V tokenizer classes (padded
-        # ones dropped); a padded student's extra classes get p = 0 (-1e9: exp underflows
-        # to 0 for any sane T, where -inf gives 0 * -inf = NaN in the KL).
-        t_logits = t_logits.reshape(-1, t_logits.shape[-1])[:, :s.cache_vocab]
-        if t_logits.shape[1] < s.vocab:
-            t_logits = F.pad(t_logits, (0, s.vocab - t_logits.shape[1]), value=-1e9)
     # The teacher distribution is the one the cache holds: softmax(y / T_teacher).
     kd = losses.dense_kd(logits, t_logits, s.kd_temperature, teacher_temperature=s.teacher_temperature)
     ce = losses.ce(logits, x.labels.reshape(-1)) if s.ce_weight else _zero(x.h)
@@ -134,6 +144,9 @@ def _kd_rows(x: StepInputs):
 def sparse(head, x: StepInputs, s: LossSettings) -> Terms:
     """Sparse KD on the cached classes at the selected rows (and CE where asked)."""
     ids, w, pw = _kd_rows(x)
+    if (s.ce_weight and s.kd_head == "fused" and s.ce_positions == "unselected"
+            and s.kd_temperature == 1.0 and not s.self_normalize and x.global_counts is not None):
+        return _fused_ce_and_kd(head, x, s, ids, w, pw)
     m, ce = x.mask, _zero(x.h)
     if s.ce_weight == 0 and s.kd_head == "fused":
         def fused(rows):
@@ -186,3 +199,37 @@ def sampled_softmax(head, x: StepInputs, s: LossSettings) -> Terms:
     with forward_replaced(head, fn):
         kd_sum, kd_cnt, per_pos, ce_sum, ce_cnt = head(flat_h)
     return Terms(kd_sum, kd_cnt.detach(), ce_sum, ce_cnt.detach(), per_position=per_pos)
+
+
+def _fused_ce_and_kd(head, x: StepInputs, s: LossSettings, ids, w, pw) -> Terms:
+    """CE at the unselected rows and sparse KD at the selected ones in ONE fused lm_head
+    pass over every row, with no [rows, V] logits: a CE row is a sparse-KD row whose one
+    target is its label with weight 1, so `sparse_kd_linear` computes both (at T = 1).
+    Its gradients are made during the forward, so each row's weight in the final loss,
+    `kd_weight * pw_t / global KD count` or `ce_weight / global CE count`, is needed up
+    front: the two counts are summed over ranks first (one small all-reduce)."""
+    m, labels = x.mask.reshape(-1), x.labels.reshape(-1)
+    rows, u = m.numel(), ids.shape[1]
+    kd_rows_ok = (ids < s.vocab).any(1)
+    kd_r = kd_rows_ok.float() * (1.0 if pw is None else pw.float())
+    ce_rows = ~m & (labels >= 0) & (labels < s.vocab)
+    kd_cnt = x.kd_denominator.float() if x.kd_denominator is not None else kd_r.sum()
+    local = torch.stack([kd_cnt.detach().float(), ce_rows.sum().float()])
+    kd_g, ce_g = x.global_counts(local).clamp_min(1.0).tolist()
+    all_ids = torch.full((rows, u), s.vocab, dtype=ids.dtype, device=ids.device)
+    all_w = torch.zeros(rows, u, dtype=torch.float32, device=ids.device)
+    all_ids[m], all_w[m] = ids, w.float()
+    all_ids[ce_rows, 0], all_w[ce_rows, 0] = labels[ce_rows].to(ids.dtype), 1.0
+    r = torch.zeros(rows, dtype=torch.float32, device=ids.device)
+    r[m] = kd_r * (s.kd_weight / kd_g)
+    r[ce_rows] = s.ce_weight / ce_g
+
+    def fused(hidden):
+        return losses.sparse_kd_linear(hidden, head.weight, all_ids, all_w, r, lm_bias=head.bias,
+                                       return_per_position=True)
+
+    with forward_replaced(head, fused):
+        total, _, per_row = head(x.h.reshape(-1, x.h.shape[-1]))
+    kd_per = per_row[m]
+    return Terms((kd_per * kd_r).sum(), kd_r.sum(), per_row[ce_rows].sum(),
+                 ce_rows.sum().float(), per_position=kd_per, loss=total)

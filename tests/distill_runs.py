@@ -111,7 +111,9 @@ _SHARED: dict = {}
 LOSS_PATHS = {"kd_logits": {"kd_head": "logits"},
               "ce_all": {"ce_weight": 0.5, "ce_positions": "all"},
               "ce_selected": {"ce_weight": 0.5, "ce_positions": "selected"},
-              "ce_unselected": {"ce_weight": 0.5, "ce_positions": "unselected"},
+              "ce_unselected": {"ce_weight": 0.5, "ce_positions": "unselected"},   # fused CE+KD
+              "ce_unselected_logits": {"ce_weight": 0.5, "ce_positions": "unselected",
+                                       "kd_head": "logits"},
               # sampled softmax with more negatives than classes: every logit exact, so the
               # same step-1 losses as the dense reference (KD, and the sampled CE)
               "ss_exact": {"kd_loss": "sampled_softmax", "num_negatives": 10**6},

@@ -3,12 +3,9 @@
 Documents come through HF `datasets` (local json/jsonl/parquet/txt/csv files, a folder of
 them, or a hub dataset name), are tokenized with `add_special_tokens=False`, get the
 tokenizer's EOS id appended, are concatenated in dataset order and cut into consecutive
-windows of exactly T tokens; the last incomplete window is dropped. Window w of the
-whole corpus belongs to rank `w % world` (round robin keeps ranks balanced to within
-one window whatever the corpus size).
-
-Every rank tokenizes the whole stream to find the window boundaries; with a fast
-tokenizer that is ~1M tokens/s per core, negligible next to a teacher forward pass.
+windows of exactly T tokens; the last incomplete window is dropped. The cache stage does
+this per work unit (pipeline.units), the held-out evaluation over its whole file
+(pipeline.heldout).
 """
 
 from __future__ import annotations
@@ -215,35 +212,3 @@ def windows(tokens: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
         for i in range(n):
             yield buf[i * seq_len:(i + 1) * seq_len]
         buf = buf[n * seq_len:]
-
-
-def rank_windows(spec: DataSpec, tokenizer, seq_len: int, rank: int = 0, world: int = 1,
-                 start: int = 0, max_windows: int | None = None,
-                 done: set[int] | frozenset[int] = frozenset()) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield `(global_window_index, tokens[T] uint32)` for the windows of `rank`.
-
-    `done` skips the windows (global indices) already cached, wherever they lie in the
-    rank's sequence (the cache stage's resume: after a repair the missing windows need not
-    be a suffix); `start` skips the rank's first `start` windows; `max_windows` caps the
-    number of windows of the whole corpus considered (all ranks together).
-    """
-    docs = load_documents(spec)
-    k = 0
-    for w, win in enumerate(windows(token_stream(docs, tokenizer), seq_len)):
-        if max_windows is not None and w >= max_windows:
-            return
-        if w % world != rank:
-            continue
-        if k >= start and w not in done:
-            yield w, win
-        k += 1
-
-
-def count_windows(spec: DataSpec, tokenizer, seq_len: int, max_windows: int | None = None) -> int:
-    """Number of windows of the whole corpus (one tokenization pass)."""
-    n = 0
-    for _ in windows(token_stream(load_documents(spec), tokenizer), seq_len):
-        n += 1
-        if max_windows is not None and n >= max_windows:
-            break
-    return n

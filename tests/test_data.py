@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import DataSpec, count_windows, load_documents, rank_windows
+from pipeline.data import DataSpec, load_documents, token_stream, windows
 from references import reference_windows
 
 T = 16
@@ -70,34 +70,24 @@ def write_corpus(tmp_path: Path, kind: str, docs: list[str]) -> tuple[DataSpec, 
     raise AssertionError(kind)
 
 
+def rank_windows(spec: DataSpec, tok, seq_len: int, rank: int = 0, world: int = 1):
+    """(index, window) of the corpus's windows: what heldout and the units cut, through
+    the pipeline's load_documents -> token_stream -> windows."""
+    for w, win in enumerate(windows(token_stream(load_documents(spec), tok), seq_len)):
+        if w % world == rank:
+            yield w, win
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "folder"])
-def test_windows_equal_independent_tokenization_and_split_over_ranks(tmp_path, tok, kind):
+def test_windows_equal_independent_tokenization(tmp_path, tok, kind):
     spec, docs = write_corpus(tmp_path, kind, make_docs(60, seed=1))
     ref = reference_windows(docs, tok, T)
     assert len(ref) >= 20, "corpus too small for a meaningful test"
-    assert count_windows(spec, tok, T) == len(ref)
-    for world in (1, 2, 3):
-        seen: dict[int, int] = {}
-        for rank in range(world):
-            for w, win in rank_windows(spec, tok, T, rank, world):
-                assert w % world == rank, (w, rank, world)
-                assert w not in seen, f"window {w} given to ranks {seen[w]} and {rank}"
-                seen[w] = rank
-                assert win.dtype == np.uint32 and win.shape == (T,)
-                np.testing.assert_array_equal(win, ref[w], err_msg=f"window {w}, world {world}")
-        assert sorted(seen) == list(range(len(ref))), f"world {world}: windows missing"
-
-
-def test_start_and_max_windows(tmp_path, tok):
-    spec, docs = write_corpus(tmp_path, "jsonl", make_docs(60, seed=2))
-    ref = reference_windows(docs, tok, T)
-    got = [(w, win) for w, win in rank_windows(spec, tok, T, rank=1, world=2, start=2,
-                                                 max_windows=11)]
-    # rank 1 of 2 holds windows 1, 3, 5, 7, 9 among the first 11; start=2 skips 1 and 3.
-    assert [w for w, _ in got] == [5, 7, 9]
+    got = list(rank_windows(spec, tok, T))
+    assert [w for w, _ in got] == list(range(len(ref)))
     for w, win in got:
-        np.testing.assert_array_equal(win, ref[w])
-    assert count_windows(spec, tok, T, max_windows=11) == 11
+        assert win.dtype == np.uint32 and win.shape == (T,)
+        np.testing.assert_array_equal(win, ref[w], err_msg=f"window {w}")
 
 
 def test_document_boundaries_carry_eos(tmp_path, tok):
@@ -219,7 +209,7 @@ def test_txt_file_is_one_document_blank_lines_add_no_eos(tmp_path, tok):
     ref = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     np.testing.assert_array_equal(flat, ref[:len(ref) // 2 * 2])
     assert int((np.asarray(ref) == tok.eos_token_id).sum()) == 1
-    assert count_windows(spec, tok, 2) == len(ref) // 2
+    assert len(list(rank_windows(spec, tok, 2))) == len(ref) // 2
 
 
 def test_folder_of_txt_files_is_one_document_per_file_in_sorted_order(tmp_path, tok):

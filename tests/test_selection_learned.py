@@ -10,7 +10,7 @@ import torch
 
 from pipeline.selection import SelectionConfig, SelectionInputs, Selector, next_token_labels, topk_rule
 from pipeline.selection_learned import FEATURES, LearnedSelector
-from tests.test_selection import run_ranks
+from thread_ranks import run_ranks
 
 F = len(FEATURES)
 

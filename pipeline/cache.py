@@ -50,9 +50,10 @@ from pipeline.distributed import (DistInfo, TorchComm, abort_job_on_error, init_
                                   log)
 from pipeline.ledger import Ledger
 from pipeline.manifest import LAYOUT, MANIFEST, merge_units, repair_command, write_json_atomic
+from pipeline.phases import PhaseTimer
 from pipeline.progress import StageProgress
 from pipeline.cache_launch import setup_launch, verify_done
-from pipeline.sampling import METHODS, sample_classes
+from pipeline.sampling import DEFAULT_CHUNK, METHODS, sample_classes
 from pipeline.shards import UnitWriter, encode_window, window_generators
 from pipeline.teacher import (cache_vocab_size, load_teacher, split_padded, teacher_logit_chunks,
                               teacher_weight_hashes, tokenizer_classes)
@@ -78,6 +79,9 @@ class CacheConfig:
     seed: int = C.opt(0, "seed; every window's randomness derives from (seed, unit, window)")
     batch_size: int = C.opt(1, "windows per teacher forward pass")
     chunk_positions: int = C.opt(2048, "positions per lm_head call (bounds [chunk, V] logits)")
+    sampler_chunk: int = C.opt(DEFAULT_CHUNK, "positions per sampler pass (cache-sized passes "
+                               "are faster; the draws depend on it, so it is recorded and a resume "
+                               "must use the cache's value: 2048 for caches written before it was)")
     max_windows: int | None = C.opt(None, "use only the first N windows of the corpus (in unit "
                                     "order; rank 0 tokenizes that prefix once to plan it)")
     shard_samples: int = C.opt(256, "windows per shard (256 x 2048 tokens = 21 MB)")
@@ -100,8 +104,10 @@ class CacheConfig:
             problems.append(f"--seq-len {self.seq_len} must be >= 2")
         if self.num_classes < 1:
             problems.append(f"--num-classes {self.num_classes} must be >= 1")
-        if self.batch_size < 1 or self.chunk_positions < 1 or self.shard_samples < 1:
-            problems.append("--batch-size, --chunk-positions and --shard-samples must be >= 1")
+        if (self.batch_size < 1 or self.chunk_positions < 1 or self.shard_samples < 1
+                or self.sampler_chunk < 1):
+            problems.append("--batch-size, --chunk-positions, --shard-samples and --sampler-chunk must "
+                            "be >= 1")
         if self.unit_bytes < 1 or self.lease_s <= 0:
             problems.append(f"--unit-bytes {self.unit_bytes} must be >= 1 and --lease-s "
                             f"{self.lease_s} > 0")
@@ -156,12 +162,13 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
         "sampler_args": cfg.sampler_args,
         # The lm_head chunking sets how a window's random stream is consumed: part of the records.
         "chunk_positions": cfg.chunk_positions,
+        "sampler_chunk": cfg.sampler_chunk,
         "teacher_temperature": cfg.teacher_temperature,
         "seed": cfg.seed,
         "dataset": cfg.data_spec.to_json(),
         # Sizes and mtimes of the planned files (units.json); each unit's bytes are hashed by
         # the rank that caches it (its done record), so no rank reads the whole corpus.
-        "dataset_fingerprint": None,       # set from the unit plan (resume.corpus_fingerprint)
+        "dataset_fingerprint": None,       # set from the unit plan (cache_launch.corpus_fingerprint)
         "unit_bytes": cfg.unit_bytes,
         "max_windows": cfg.max_windows,
         "shard_samples": cfg.shard_samples,
@@ -301,27 +308,35 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
     return mine
 
 
-def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog, delay: float) -> None:
+def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog, delay: float,
+           timer: PhaseTimer | None = None) -> None:
+    """Cache one batch of windows: teacher logits chunk by chunk, sampling, packing, writing.
+    `timer` (tools/bench_cache.py) times each of those phases."""
+    timer = timer or PhaseTimer()
     ids_in = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64)).to(device)
     per_window: dict[int, list] = {b: [] for b in range(len(batch))}
     gens = [window_generators(cfg.seed, unit, k, device) for k, _ in batch]
     stats: dict = {}
     for b, _, logits, dropped in teacher_logit_chunks(model, ids_in, cfg.chunk_positions,
-                                                      cfg.teacher_temperature, codec.vocab_size):
-        before = stats.get("rskd_truncated_positions", 0)
-        ids, w, h = sample_classes(logits, cfg.num_classes, cfg.sampler, gens[b][0],
-                                   sentinel=codec.sentinel, stats=stats, **cfg.sampler_args)
-        per_window[b].append((ids.cpu(), w.cpu(), h.cpu(),
-                              stats.get("rskd_truncated_positions", 0) - before, dropped.cpu()))
+                                                      cfg.teacher_temperature, codec.vocab_size, timer):
+        with timer("sample"):
+            before = stats.get("rskd_truncated_positions", 0)
+            ids, w, h = sample_classes(logits, cfg.num_classes, cfg.sampler, gens[b][0],
+                                       chunk_size=cfg.sampler_chunk, sentinel=codec.sentinel,
+                                       stats=stats, **cfg.sampler_args)
+            per_window[b].append((ids.cpu(), w.cpu(), h.cpu(),
+                                  stats.get("rskd_truncated_positions", 0) - before, dropped.cpu()))
     for b, (k, tokens) in enumerate(batch):
         parts = per_window[b]
         ids = torch.cat([p[0] for p in parts]).numpy()
         w = torch.cat([p[1] for p in parts]).numpy()
         h = torch.cat([p[2] for p in parts]).numpy()
         dm = torch.cat([p[4] for p in parts]).numpy()
-        records, ec = encode_window(codec, ids, w, h, gens[b][1])
-        n_distinct = (ids != codec.sentinel).sum(1)
-        writer.write(k, tokens, records, ec, n_distinct, sum(p[3] for p in parts), dm)
+        with timer("pack"):
+            records, ec = encode_window(codec, ids, w, h, gens[b][1])
+            n_distinct = (ids != codec.sentinel).sum(1)
+        with timer("write"):
+            writer.write(k, tokens, records, ec, n_distinct, sum(p[3] for p in parts), dm)
     prog.update(len(batch), len(batch) * cfg.seq_len)
     batch.clear()
     if delay:

@@ -36,7 +36,9 @@ HEADER_KEYS = ("format_version", "teacher", "teacher_parameters", "teacher_weigh
                "num_classes", "id_bits", "w_bits", "sampler", "sampler_args",
                "teacher_temperature", "seed", "dataset", "dataset_fingerprint", "max_windows",
                "weight_codebook", "entropy_codebook", "shard_samples", "chunk_positions",
-               "unit_bytes")
+               "unit_bytes", "sampler_chunk")
+# Header keys added after caches were first written, and the value those caches used.
+HEADER_DEFAULTS = {"sampler_chunk": 2048}
 
 # What a decoder written from scratch needs, stored in every manifest (docs/CACHE_FORMAT.md).
 LAYOUT = {
@@ -142,7 +144,7 @@ def header_diff(existing: dict, header: dict) -> list[str]:
     """Human-readable differences between two headers (only the keys that determine records)."""
     diffs = []
     for k in HEADER_KEYS:
-        a, b = existing.get(k), header.get(k)
+        a, b = existing.get(k, HEADER_DEFAULTS.get(k)), header.get(k, HEADER_DEFAULTS.get(k))
         if a != b and k == "teacher_weights":
             diffs.append(teacher_weights_diff(a, b, header.get("teacher")))
         elif a != b:

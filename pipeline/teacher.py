@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.phases import PhaseTimer
+
 from pipeline.manifest import sha256_file
 
 
@@ -120,7 +122,7 @@ def split_padded(logits: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def teacher_logit_chunks(model, input_ids: torch.Tensor, chunk: int, temperature: float,
-                         vocab: int | None = None):
+                         vocab: int | None = None, timer: PhaseTimer | None = None):
     """Yield `(b, start, logits [n, V], dropped_mass [n])` per window b and chunk of positions.
 
     `vocab`: the cache's V (`cache_vocab_size`; None: every teacher logit). The logits are
@@ -128,15 +130,20 @@ def teacher_logit_chunks(model, input_ids: torch.Tensor, chunk: int, temperature
     softmax over all of the teacher's logits (temperature applied) puts on the columns >= V
     (`split_padded`; zeros when there are none). The decoder runs once per micro-batch;
     lm_head runs on `chunk` positions at a time, so at V = 151,936 the logits never take
-    more than chunk x V floats.
+    more than chunk x V floats. `timer` (tools/bench_cache.py) times "forward" (the
+    decoder) and "lm_head" (the chunks' logits and the padded split).
     """
+    timer = timer or PhaseTimer()
     base, head = model.get_decoder(), model.get_output_embeddings()
     if model.config.get_text_config().to_dict().get("final_logit_softcapping"):
         raise ValueError("teachers with final_logit_softcapping are not supported yet")
     with torch.inference_mode():
-        hidden = base(input_ids=input_ids).last_hidden_state
+        with timer("forward"):
+            hidden = base(input_ids=input_ids).last_hidden_state
         for b in range(hidden.shape[0]):
             for s in range(0, hidden.shape[1], chunk):
-                h = hidden[b, s:s + chunk].to(head.weight.device)
-                logits = head(h).float() / temperature
-                yield b, s, *split_padded(logits, logits.shape[-1] if vocab is None else vocab)
+                with timer("lm_head"):
+                    h = hidden[b, s:s + chunk].to(head.weight.device)
+                    logits = head(h).float() / temperature
+                    out = split_padded(logits, logits.shape[-1] if vocab is None else vocab)
+                yield b, s, *out

@@ -195,7 +195,8 @@ def recompute(model, tokens: np.ndarray, unit: int, k: int, manifest: dict):
     logits = full_logits(model, tokens)[:, :V] / manifest["teacher_temperature"]
     gen, rng = window_generators(manifest["seed"], unit, k, torch.device("cpu"))
     ids, w, h = sample_classes(logits, manifest["num_classes"], manifest["sampler"], gen,
-                               sentinel=codec.sentinel, stats={}, **manifest["sampler_args"])
+                               chunk_size=manifest.get("sampler_chunk", 2048), sentinel=codec.sentinel,
+                               stats={}, **manifest["sampler_args"])
     wc = codec.weight_codebook().encode(w.numpy(), rng)
     ec = codec.entropy_codebook().encode(h.numpy())
     wl = codec.weight_codebook().levels
@@ -1195,3 +1196,13 @@ def test_storage_at_2048_tokens_is_within_3_percent_of_41_bytes(env, tmp_path):
         assert all(m.offset_data - m.offset == 512 for m in tf.getmembers())
     print(f"storage: {on_disk} B for {positions} positions = {per_position:.4f} B/position "
           f"({per_position / 41 - 1:+.2%} over 41)")
+
+
+def test_a_cache_written_before_sampler_chunk_was_recorded_resumes_only_with_its_value():
+    """The sampler's draws depend on its chunk; old headers lack the key and used 2048."""
+    from pipeline.manifest import header_diff
+
+    old = {"sampler": "priority", "seed": 0}                       # no sampler_chunk
+    assert header_diff(old, {**old, "sampler_chunk": 2048}) == []
+    diff = header_diff(old, {**old, "sampler_chunk": 64})
+    assert len(diff) == 1 and "sampler_chunk: cache has 2048, this run has 64" in diff[0], diff

@@ -1,0 +1,160 @@
+"""Stage 1 against its floor: the real cache stage vs a bare teacher forward on the same windows.
+
+    python tools/bench_cache.py [--seq-lens 256 1024] [--positions 8192] [--batch-size 4] \
+        [--repeats 3] [--threads 2] [--work DIR] [--json FILE]
+
+Per T, `--repeats` interleaved rounds of two processes with the same threads and batch:
+  (b) stage  `python -m pipeline.cache` on the demo corpus's first documents holding the
+             windows (`corpus_for`), one rank, --max-windows positions / T; its time is
+             the caching loop's own wall time (claims, reading,
+             tokenizing, forward, sampling, packing, hashing and writing; the manifest's
+             `this_launch[0].wall_time_s`), model loading excluded;
+  (a) floor  the same windows (read back from (b)'s cache) in batches of --batch-size
+             through `pipeline.teacher.teacher_logit_chunks`: the decoder once per batch,
+             lm_head chunk by chunk (--chunk-positions rows), logits discarded; then, in the
+             same process, the stage's own per-batch function (`pipeline.cache._flush`) on
+             the same batches into a scratch directory, with its phases timed: forward,
+             lm_head, sample (entropy + priority sampling), pack (codec), write (tar,
+             sha256). The rest of (b)'s time is reading, tokenizing and the ledger.
+Printed per T: medians of (a), (b), (b)/(a), and of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("SAMPLEDKD_ASSETS", REPO / "assets_cache"))
+PHASES = ("forward", "lm_head", "sample", "pack", "write")
+
+
+class _NoProgress:
+    def update(self, *args) -> None:
+        pass
+
+
+def floor_and_phases(cache: Path, teacher: Path, batch_size: int, chunk: int, result: Path) -> None:
+    """(a) in this process: the bare forward, then the stage's per-batch path with timers."""
+    import numpy as np
+    import torch
+
+    from pipeline import cache as stage
+    from pipeline.codec import RecordCodec
+    from pipeline.manifest import load_manifest
+    from pipeline.phases import PhaseTimer
+    from pipeline.reader import CacheReader
+    from pipeline.shards import UnitWriter
+    from pipeline.teacher import teacher_logit_chunks
+
+    m = load_manifest(cache)
+    reader = CacheReader(cache, 0, 1, micro_batch=batch_size, seed=0, shuffle_buffer=1)
+    batches = [b.input_ids for b in reader.batches(0)]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    V = int(m["vocab_size"])
+    t0 = time.perf_counter()
+    for ids in batches:
+        for _ in teacher_logit_chunks(model, ids, chunk, 1.0, V):
+            pass
+    bare = time.perf_counter() - t0
+
+    cfg = stage.CacheConfig(teacher=str(teacher), data="-", out=str(result.parent / "scratch"),
+                            seq_len=int(m["seq_len"]), batch_size=batch_size, chunk_positions=chunk)
+    codec = RecordCodec(V, cfg.num_classes)
+    header = dict(m)
+    out = Path(cfg.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    writer = UnitWriter(out, 0, 1, header)
+    timer = PhaseTimer(enabled=True)
+    t0 = time.perf_counter()
+    for i, ids in enumerate(batches):
+        batch = [(i * batch_size + j, ids[j].numpy().astype(np.int32)) for j in range(ids.shape[0])]
+        stage._flush(cfg, model, codec, torch.device("cpu"), 0, batch, writer, _NoProgress(), 0.0, timer)
+    writer.close()
+    flush = time.perf_counter() - t0
+    result.write_text(json.dumps({"bare_s": bare, "flush_s": flush, **timer.pop()}))
+
+
+def corpus_for(path: Path, teacher: Path, tokens: int) -> Path:
+    """The demo corpus's first documents holding at least `tokens` tokens: the stage then
+    tokenizes what it caches and no more (with the whole corpus, --max-windows would stop
+    the stage inside a 256-document tokenizer batch, work a full run spreads over all of its
+    windows: at full scale tokenizing costs ~0.1% of the teacher's forward)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    lines, n = [], 0
+    for line in (ASSETS / "corpus" / "train.jsonl").read_text().splitlines():
+        lines.append(line)
+        n += len(tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]) + 1
+        if n >= tokens:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--positions", type=int, default=8192, help="positions per run (windows = this / T)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--chunk-positions", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_cache")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--floor", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    teacher = ASSETS / "teacher"
+    if args.floor:
+        cache, result, t = args.floor
+        return floor_and_phases(Path(cache), teacher, args.batch_size, args.chunk_positions, Path(result))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    rows = {}
+    for T in args.seq_lens:
+        corpus = corpus_for(args.work / f"T{T}" / "corpus.jsonl", teacher, args.positions + T)
+        runs = []
+        for r in range(args.repeats):
+            out = args.work / f"T{T}" / f"round{r}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            subprocess.run([sys.executable, "-m", "pipeline.cache", "--teacher", str(teacher), "--data",
+                            str(corpus), "--out", str(out / "cache"),
+                            "--seq-len", str(T), "--max-windows", str(args.positions // T),
+                            "--batch-size", str(args.batch_size), "--chunk-positions",
+                            str(args.chunk_positions)], cwd=REPO, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            stage_s = json.loads((out / "cache" / "manifest.json").read_text())["this_launch"][0]["wall_time_s"]
+            subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size),
+                            "--chunk-positions", str(args.chunk_positions),
+                            "--floor", str(out / "cache"), str(out / "floor.json"), str(T)],
+                           cwd=REPO, env=env, check=True)
+            runs.append({"stage_s": stage_s, **json.loads((out / "floor.json").read_text())})
+        med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in
+               ("stage_s", "bare_s", "flush_s", *PHASES)}
+        rows[T] = med
+        print(f"\n### T = {T}: {args.positions // T} windows, batch {args.batch_size}, "
+              f"{args.threads} threads, medians of {args.repeats} interleaved rounds\n")
+        print("| (a) bare forward s | (b) cache stage s | (b) / (a) | stage per-batch path s | "
+              + " | ".join(PHASES) + " |")
+        print("|---:" * (4 + len(PHASES)) + "|")
+        print(f"| {med['bare_s']:.2f} | {med['stage_s']:.2f} | {med['stage_s'] / med['bare_s']:.2f}x | "
+              f"{med['flush_s']:.2f} | " + " | ".join(f"{med[p]:.2f}" for p in PHASES) + " |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

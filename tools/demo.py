@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -197,10 +198,18 @@ def main() -> None:
         t.add_row(name, f"{h['perplexity']:.2f}", "-" if kl is None else f"{kl:.4f}", str(h["tokens"]))
     con = Console()
     con.print(t)
+    # Training throughput, median over the steps after warm-up (tools/bench_step.py measures
+    # the same ratio step by step, BENCHMARKS.md "Training step overhead").
+    tps = {}
+    for name in ("sampledkd", "no_kd"):
+        recs = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+        tps[name] = statistics.median(r["tokens_per_s"] for r in recs[2:] or recs)
+    con.print(f"training: SampledKD {tps['sampledkd']:.0f} tokens/s, no-KD {tps['no_kd']:.0f} tokens/s "
+              f"(median per step; time per step {tps['no_kd'] / tps['sampledkd']:.2f}x no-KD's)")
     verdict = "lower" if ppl["sampledkd"] < ppl["no_kd"] else "NOT lower"
     con.print(f"SampledKD student perplexity {ppl['sampledkd']:.2f} is {verdict} than no-KD's "
               f"{ppl['no_kd']:.2f} (same windows, same steps); teacher {ppl['teacher']:.2f}.")
-    summary = {"perplexity": ppl, "stage_seconds": times,
+    summary = {"perplexity": ppl, "tokens_per_s": tps, "stage_seconds": times,
                "total_seconds": time.perf_counter() - t_all, "plots": sorted(str(p) for p in plots.glob("*.png"))}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     con.print(f"plots: {', '.join(summary['plots'])}\nsummary: {out / 'summary.json'} "

@@ -80,6 +80,7 @@ class ConfigParser:
 
         self.cls = cls
         self.fields = leaf_fields(cls)
+        self.sections: set[str] = set()      # names of nested sections (YAML may nest them)
         self.parser = HfArgumentParser([], prog=prog, description=description,
                                        formatter_class=_HelpFormatter)
         self.parser.add_argument("--config", type=Path, default=None,
@@ -93,6 +94,7 @@ class ConfigParser:
                 continue
             if f.name in nested:
                 sub = nested[f.name]
+                self.sections.add(f.name)
                 title = (sub.__doc__ or "").strip().split(".")[0]
                 self._add(sub, self.parser.add_argument_group(f"{f.name}: {title}"))
                 continue
@@ -134,10 +136,9 @@ class ConfigParser:
             raise ValueError(f"--config {path}: expected a mapping of option names to values, "
                              f"got {type(data).__name__}")
         flat: dict[str, Any] = {}
-        sections = _all_sections(self.cls)
         for key, value in data.items():
             key = str(key).replace("-", "_")
-            if key in sections and isinstance(value, dict):
+            if key in self.sections and isinstance(value, dict):
                 flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
             else:
                 flat[key] = value
@@ -148,13 +149,6 @@ class ConfigParser:
             raise ValueError(f"--config {path}: unknown key(s) {unknown}; valid keys: "
                              f"{sorted(self.fields)}{hint}")
         return {k: _coerce(k, self.fields[k][1], v, path) for k, v in flat.items()}
-
-
-def _all_sections(cls) -> set[str]:
-    out = set()
-    for name, sub in _sections(cls).items():
-        out |= {name} | _all_sections(sub)
-    return out
 
 
 def _coerce(key: str, tp: Any, value: Any, path: Path) -> Any:
@@ -173,8 +167,9 @@ def _coerce(key: str, tp: Any, value: Any, path: Path) -> Any:
         return float(value)
     elif base in (int, str, bool) and type(value) is base:
         return value
-    raise ValueError(f"--config {path}: {key}: {value!r} is not a valid "
-                     f"{getattr(base, '__name__', base)} (the type of --{key.replace('_', '-')})")
+    name = base.__name__ if isinstance(base, type) else str(base)
+    raise ValueError(f"--config {path}: {key}: {value!r} is not a valid {name} "
+                     f"(the type of --{key.replace('_', '-')})")
 
 
 def build(cls, values: dict[str, Any]):
@@ -199,13 +194,16 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
 def to_json(cfg) -> dict[str, Any]:
     """The resolved config as flat JSON values (checkpoints, run directories); a valid
     `--config` file for the same entry point."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update(to_json(v))
+    return _flatten(dataclasses.asdict(cfg), type(cfg))
+
+
+def _flatten(values: dict[str, Any], cls) -> dict[str, Any]:
+    nested, out = _sections(cls), {}
+    for k, v in values.items():
+        if k in nested:
+            out.update(_flatten(v, nested[k]))
         else:
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
 

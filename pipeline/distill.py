@@ -144,7 +144,7 @@ class Trainer:
             first = (b for _, b in zip(range(EXACT_CLASS_WINDOWS // cfg.micro_batch + 1),
                                        self.reader.batches(0)))
             exact = frequent_classes(first, cfg.exact_classes, self.cache_vocab,
-                                     all_reduce=self._sum_over_ranks).to(self.device)
+                                     sum_over_ranks=self._summed).to(self.device)
         return LossSettings(vocab=self.vocab, cache_vocab=self.cache_vocab,
                             kd_temperature=cfg.kd_temperature, self_normalize=cfg.self_normalize,
                             kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, ce_positions=cfg.ce_positions,
@@ -153,14 +153,10 @@ class Trainer:
                             num_negatives=cfg.num_negatives, exact_ids=exact)
 
     def _summed(self, t: torch.Tensor) -> torch.Tensor:
-        out = t.clone()
+        """`t` summed over ranks (a copy, all-reduced on this rank's device; on t's device)."""
+        out = t.to(self.device, copy=True)
         self.comm.dist.all_reduce(out)
-        return out
-
-    def _sum_over_ranks(self, t: torch.Tensor) -> None:
-        buf = t.to(self.device)
-        self.comm.dist.all_reduce(buf)
-        t.copy_(buf.to(t.device))
+        return out.to(t.device)
 
     # -- one micro-batch --------------------------------------------------------------------
     def micro_losses(self, b: CacheBatch, step: int, micro: int) -> tuple[Terms, Selection, torch.Tensor]:
@@ -192,7 +188,7 @@ class Trainer:
         x = StepInputs(h, labels, sel.mask, ids=b.ids, weights=b.weights, input_ids=b.input_ids,
                        position_weights=sel.weights if positional else None,
                        kd_denominator=sel.denominator if positional else None,
-                       global_counts=self._summed)
+                       sum_over_ranks=self._summed)
         if cfg.mode == "no_kd":
             with timer("head_loss"):
                 return objectives.no_kd(head, x, s), sel, torch.zeros(())
@@ -207,11 +203,7 @@ class Trainer:
                 t = objectives.sampled_softmax(head, x, s)
             else:
                 t = objectives.sparse(head, x, s)
-        pw = x.position_weights[sel.mask] if x.position_weights is not None else None
-        if pw is not None:
-            # positional: the estimator divides by the expected count (the rule's
-            # denominator), not by the sum of the weights it happened to draw.
-            t.kd_cnt = sel.denominator.detach().float()
+        pw = x.position_weights[sel.mask] if positional else None
         kl = losses.sparse_kl_estimate(t.kd_sum, b.entropy[sel.mask], b.ids[sel.mask], self.vocab, pw,
                                        cfg.kd_temperature)
         self.selector.observe(sel, t.per_position)

@@ -112,8 +112,8 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Collect every problem with the inputs and raise one ValueError naming the flags."""
-        problems: list[str] = [f"--{name} is required" for name in ("model", "out")
-                               if not getattr(self, name)]
+        problems: list[str] = [f"--{name} is required"
+                               for name, value in (("model", self.model), ("out", self.out)) if not value]
         if problems:
             raise ValueError("; ".join(problems))
         if not self.tasks and self.heldout is None:

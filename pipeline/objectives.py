@@ -66,7 +66,7 @@ class StepInputs:
     input_ids: Tensor | None = None
     generator: torch.Generator | None = None
     kd_denominator: Tensor | None = None    # local KD count when not the rows' (positional)
-    global_counts: Callable[[Tensor], Tensor] | None = None   # local -> summed over ranks
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None  # a tensor summed over ranks
 
 
 @dataclass
@@ -135,6 +135,12 @@ def dense_kd(head, x: StepInputs, s: LossSettings, t_logits: Tensor) -> Terms:
     return Terms(*kd, *ce)
 
 
+def _kd_count(x: StepInputs, rows_count: Tensor) -> Tensor:
+    """The KD term's local count: the selected rows' (weighted) count, or for `positional`
+    the rule's expected count (the estimator divides by it, not by the weights it drew)."""
+    return (x.kd_denominator if x.kd_denominator is not None else rows_count).detach().float()
+
+
 def _kd_rows(x: StepInputs):
     m = x.mask
     pw = x.position_weights[m] if x.position_weights is not None else None
@@ -145,7 +151,7 @@ def sparse(head, x: StepInputs, s: LossSettings) -> Terms:
     """Sparse KD on the cached classes at the selected rows (and CE where asked)."""
     ids, w, pw = _kd_rows(x)
     if (s.ce_weight and s.kd_head == "fused" and s.ce_positions == "unselected"
-            and s.kd_temperature == 1.0 and not s.self_normalize and x.global_counts is not None):
+            and s.kd_temperature == 1.0 and not s.self_normalize and x.sum_over_ranks is not None):
         return _fused_ce_and_kd(head, x, s, ids, w, pw)
     m, ce = x.mask, _zero(x.h)
     if s.ce_weight == 0 and s.kd_head == "fused":
@@ -156,7 +162,7 @@ def sparse(head, x: StepInputs, s: LossSettings) -> Terms:
 
         with forward_replaced(head, fused):
             kd_sum, cnt, per_pos = head(x.h[m])
-        return Terms(kd_sum, cnt.detach(), *ce, per_position=per_pos)
+        return Terms(kd_sum, _kd_count(x, cnt), *ce, per_position=per_pos)
     if s.ce_weight and s.ce_positions != "selected":
         # CE needs (nearly) every row's logits: run lm_head once and take the KD rows from
         # them, instead of a second lm_head pass over the selected rows.
@@ -171,7 +177,7 @@ def sparse(head, x: StepInputs, s: LossSettings) -> Terms:
             ce = losses.ce(logits, x.labels[m])
     per_pos = losses.sparse_kd_per_position(logits, ids, w, s.kd_temperature, s.self_normalize)
     r = ((ids < s.vocab).any(1)).float() * (1.0 if pw is None else pw)
-    return Terms((per_pos * r).sum(), r.sum().detach(), *ce, per_position=per_pos.detach())
+    return Terms((per_pos * r).sum(), _kd_count(x, r.sum()), *ce, per_position=per_pos.detach())
 
 
 def sampled_softmax(head, x: StepInputs, s: LossSettings) -> Terms:
@@ -198,7 +204,7 @@ def sampled_softmax(head, x: StepInputs, s: LossSettings) -> Terms:
 
     with forward_replaced(head, fn):
         kd_sum, kd_cnt, per_pos, ce_sum, ce_cnt = head(flat_h)
-    return Terms(kd_sum, kd_cnt.detach(), ce_sum, ce_cnt.detach(), per_position=per_pos)
+    return Terms(kd_sum, _kd_count(x, kd_cnt), ce_sum, ce_cnt.detach(), per_position=per_pos)
 
 
 def _fused_ce_and_kd(head, x: StepInputs, s: LossSettings, ids, w, pw) -> Terms:
@@ -213,9 +219,9 @@ def _fused_ce_and_kd(head, x: StepInputs, s: LossSettings, ids, w, pw) -> Terms:
     kd_rows_ok = (ids < s.vocab).any(1)
     kd_r = kd_rows_ok.float() * (1.0 if pw is None else pw.float())
     ce_rows = ~m & (labels >= 0) & (labels < s.vocab)
-    kd_cnt = x.kd_denominator.float() if x.kd_denominator is not None else kd_r.sum()
-    local = torch.stack([kd_cnt.detach().float(), ce_rows.sum().float()])
-    kd_g, ce_g = x.global_counts(local).clamp_min(1.0).tolist()
+    kd_cnt = _kd_count(x, kd_r.sum())
+    local = torch.stack([kd_cnt, ce_rows.sum().float()])
+    kd_g, ce_g = x.sum_over_ranks(local).clamp_min(1.0).tolist()
     all_ids = torch.full((rows, u), s.vocab, dtype=ids.dtype, device=ids.device)
     all_w = torch.zeros(rows, u, dtype=torch.float32, device=ids.device)
     all_ids[m], all_w[m] = ids, w.float()
@@ -231,5 +237,5 @@ def _fused_ce_and_kd(head, x: StepInputs, s: LossSettings, ids, w, pw) -> Terms:
     with forward_replaced(head, fused):
         total, _, per_row = head(x.h.reshape(-1, x.h.shape[-1]))
     kd_per = per_row[m]
-    return Terms((kd_per * kd_r).sum(), kd_r.sum(), per_row[ce_rows].sum(),
+    return Terms((kd_per * kd_r).sum(), kd_cnt, per_row[ce_rows].sum(),
                  ce_rows.sum().float(), per_position=kd_per, loss=total)

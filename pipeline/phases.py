@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -29,11 +29,11 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    @contextmanager
     def __call__(self, name: str):
-        if not self.enabled:
-            yield
-            return
+        return self._phase(name) if self.enabled else nullcontext()
+
+    @contextmanager
+    def _phase(self, name: str):
         self._sync()
         t0 = time.perf_counter()
         try:

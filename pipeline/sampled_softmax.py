@@ -13,6 +13,8 @@ Conventions (shapes, padding ids >= V, position weights, temperature): `pipeline
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -29,18 +31,19 @@ def negatives_generator(seed: int, rank: int, step: int, micro: int,
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def frequent_classes(batches, k: int, vocab: int, all_reduce=None) -> Tensor:
+def frequent_classes(batches, k: int, vocab: int,
+                     sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The `k` classes with the most cached teacher mass (sum of `p_hat` over the records
     of `batches`, iterable of objects with `.ids` [B, T, U] and `.weights`), summed over
-    ranks by `all_reduce(tensor)` when given, so every rank gets the same set. Ties go to
-    the smaller id. Returns a sorted [min(k, vocab)] int64 tensor."""
+    ranks by `sum_over_ranks(tensor) -> tensor` when given, so every rank gets the same
+    set. Ties go to the smaller id. Returns a sorted [min(k, vocab)] int64 tensor."""
     mass = torch.zeros(vocab, dtype=torch.float64)
     for b in batches:
         ids, w = b.ids.reshape(-1).long(), b.weights.reshape(-1).double()
         ok = ids < vocab
         mass.index_add_(0, ids[ok], w[ok])
-    if all_reduce is not None:
-        all_reduce(mass)
+    if sum_over_ranks is not None:
+        mass = sum_over_ranks(mass)
     top = torch.argsort(-mass, stable=True)[:min(k, vocab)]   # stable: ties by id
     return torch.sort(top).values
 

@@ -40,7 +40,7 @@ def test_fused_ce_and_kd_equals_the_dense_terms(positional, bias):
     kd_w, ce_w = 0.75, 0.5
     x = StepInputs(h, labels, mask, ids=ids, weights=w, position_weights=pw,
                    kd_denominator=torch.tensor(float(B * T)) if positional else None,
-                   global_counts=lambda t: t)                # one process: the sums are local
+                   sum_over_ranks=lambda t: t)               # one process: the sums are local
     t = sparse(head, x, LossSettings(vocab=V, cache_vocab=V, kd_weight=kd_w, ce_weight=ce_w,
                                      ce_positions="unselected"))
     assert t.loss is not None, "the fused CE+KD path did not run"

@@ -24,10 +24,10 @@ def test_frequent_classes_sums_over_ranks_through_all_reduce():
     b = SimpleNamespace(ids=torch.tensor([[[0, 1]]]), weights=torch.tensor([[[0.4, 0.6]]]))
     other_rank = torch.tensor([0.0, 0.0, 5.0])          # another rank's mass on class 2
 
-    def all_reduce(t):
-        t += other_rank.to(t.dtype)
+    def sum_over_ranks(t):
+        return t + other_rank.to(t.dtype)
 
-    assert frequent_classes([b], 1, 3, all_reduce=all_reduce).tolist() == [2]
+    assert frequent_classes([b], 1, 3, sum_over_ranks=sum_over_ranks).tolist() == [2]
 
 
 def test_negatives_depend_on_seed_rank_step_micro_only():

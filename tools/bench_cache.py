@@ -114,11 +114,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_cache")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--floor", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--floor", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     teacher = ASSETS / "teacher"
     if args.floor:
-        cache, result, t = args.floor
+        cache, result = args.floor
         return floor_and_phases(Path(cache), teacher, args.batch_size, args.chunk_positions, Path(result))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
@@ -139,7 +139,7 @@ def main() -> None:
             stage_s = json.loads((out / "cache" / "manifest.json").read_text())["this_launch"][0]["wall_time_s"]
             subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size),
                             "--chunk-positions", str(args.chunk_positions),
-                            "--floor", str(out / "cache"), str(out / "floor.json"), str(T)],
+                            "--floor", str(out / "cache"), str(out / "floor.json")],
                            cwd=REPO, env=env, check=True)
             runs.append({"stage_s": stage_s, **json.loads((out / "floor.json").read_text())})
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in

@@ -146,6 +146,12 @@ def shared_runs(tmp_path_factory) -> dict:
     jobs.append({"name": "untied", "argv": base_args(a, root / "untied", student=a["q_student"],
                                                      cache=a["q_cache"], steps=UNTIED_STEPS,
                                                      export=False, checkpoint_every=0)})
+    # The fused CE+KD pass on the untied, padded student, and the materialized path it replaces.
+    for name, head in (("untied_ce_unselected", "fused"), ("untied_ce_unselected_logits", "logits")):
+        jobs.append({"name": name, "argv": base_args(a, root / name, student=a["q_student"],
+                                                     cache=a["q_cache"], steps=1, export=False,
+                                                     checkpoint_every=0, ce_weight=0.5,
+                                                     ce_positions="unselected", kd_head=head)})
     jobs.append({"name": "dense_kd_t2", "argv": base_args(a, root / "dense_kd_t2", mode="dense_kd",
                                                           teacher=a["teacher"], cache=a["t2_cache"],
                                                           steps=1, export=False, checkpoint_every=0)})

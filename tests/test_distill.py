@@ -141,6 +141,20 @@ def test_untied_qwen_sized_student_with_default_flags_matches_plain_torch(runs):
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_fused_ce_and_kd_on_the_untied_padded_student_equals_the_materialized_path(runs):
+    """CE at the unselected rows + KD at the selected ones, V = 151,936 (a padded vocabulary:
+    the cache's V is the tokenizer's), untied head, 2-rank ZeRO-3: the one fused pass gives
+    the step-1 terms of lm_head logits + separate CE and sparse KD."""
+    fused = metrics(runs["root"] / "untied_ce_unselected")[0]
+    dense = metrics(runs["root"] / "untied_ce_unselected_logits")[0]
+    assert fused["keys"] == dense["keys"]
+    for key in ("kd_loss", "ce_loss", "loss"):
+        assert abs(fused[key] - dense[key]) < 1e-4 * max(1.0, abs(dense[key])), (key, fused, dense)
+    assert fused["ce_loss"] > 0 and fused["kd_loss"] > 0
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 def test_tensorboard_events_hold_every_metrics_field(runs):
     """Read run A's event files with tensorboard's own reader: every numeric metrics.jsonl
     field is a scalar train/<field> with the same value at every step, the keys are text."""

@@ -306,7 +306,7 @@ def markdown(results: dict) -> str:
     if "heldout" in results:
         lines += ["## Held-out language modeling", "", "| Metric | Value |", "|---|---:|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in results["heldout"].items()]
+                  for k, v in results["heldout"].items() if not isinstance(v, list)]  # bins: JSON only
         lines.append("")
     if results.get("results"):
         lines += ["## lm-eval", "", make_table(results)]
@@ -439,6 +439,8 @@ def _print_summary(results: dict, console) -> None:
         mean = sum(v for _, v, _ in heads.values()) / len(heads)
         table.add_row(f"mean of {len(heads)}", "", f"{mean:.4f}", "", "", style="bold")
     for key, value in results.get("heldout", {}).items():
+        if isinstance(value, list):        # the calibration bins: results.json only
+            continue
         table.add_row("heldout", key, f"{value:.6g}" if isinstance(value, float) else str(value), "", "")
     console.print(table)
 

@@ -10,7 +10,12 @@ student trained on. In each window the T-1 positions 0..T-2 predict tokens 1..T-
     kl_to_teacher = (1/N) * sum_{w,t} sum_v p_t(v) (log p_t(v) - log s_t(v))   = KL(p || s)
 
 with `s` the student's and `p` the teacher's softmax (KL only when both share the
-tokenizer and the output vocabulary size). Memory stays bounded whatever V: each model
+tokenizer and the output vocabulary size). Calibration of the next-token prediction is the
+expected calibration error over M = 15 equal-width bins of top-1 confidence c_t = max_v s_t(v)
+(Guo et al. 2017; bin m holds (m-1)/M < c <= m/M):
+
+    ece = sum_m (n_m / N) * |acc_m - conf_m|    acc_m: fraction of argmax_v s_t(v) == x_{t+1}
+                                                conf_m: mean c_t, both over the n_m rows in bin m Memory stays bounded whatever V: each model
 runs its base network on a [B,T] batch for hidden states [B,T,H], and the output head runs
 on `chunk_positions` rows at a time, so at most a few [chunk, V] fp32 arrays exist at
 once (never [B,T,V]). Sums accumulate in float64.
@@ -72,6 +77,43 @@ def teacher_mismatch(student, s_tok, teacher, t_tok) -> str | None:
     return None
 
 
+class Calibration:
+    """Top-1 confidence bins for the expected calibration error (module docstring).
+
+    Bin m (1-based) of M holds (m-1)/M < c <= m/M; c = 0 (impossible for a softmax) joins bin 1.
+    Counts and sums accumulate in float64, so rows can come chunk by chunk.
+    """
+
+    def __init__(self, bins: int = 15):
+        if bins < 1:
+            raise ValueError(f"ece bins {bins} must be >= 1")
+        self.n = np.zeros(bins, np.float64)
+        self.conf = np.zeros(bins, np.float64)
+        self.correct = np.zeros(bins, np.float64)
+
+    def add(self, confidence: torch.Tensor, correct: torch.Tensor) -> None:
+        """confidence [N] in [0, 1], correct [N] bool."""
+        M = len(self.n)
+        c = confidence.detach().double().cpu()
+        m = (torch.ceil(c * M).long() - 1).clamp_(0, M - 1).numpy()
+        np.add.at(self.n, m, 1.0)
+        np.add.at(self.conf, m, c.numpy())
+        np.add.at(self.correct, m, correct.detach().cpu().double().numpy())
+
+    def ece(self) -> float:
+        total = self.n.sum()
+        if total == 0:
+            raise ValueError("ece of no predictions")
+        return float(np.abs(self.correct - self.conf).sum() / total)
+
+    def bins(self) -> list[dict]:
+        """Per bin: upper edge, rows, mean confidence, accuracy (None for an empty bin)."""
+        M = len(self.n)
+        return [{"upper": (m + 1) / M, "n": int(n),
+                 "confidence": float(c / n) if n else None, "accuracy": float(a / n) if n else None}
+                for m, (n, c, a) in enumerate(zip(self.n, self.conf, self.correct))]
+
+
 def _batches(wins, batch_size: int, max_windows: int | None):
     """Group an iterator of [T] uint32 windows into int64 arrays [B,T] (last batch may be short)."""
     batch: list[np.ndarray] = []
@@ -90,14 +132,18 @@ def _batches(wins, batch_size: int, max_windows: int | None):
 def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int,
                     teacher_dir: str | Path | None = None, max_windows: int | None = None,
                     batch_size: int = 4, chunk_positions: int = 512, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, progress=None) -> dict:
+                    dtype: torch.dtype = torch.float32, progress=None,
+                    teacher_cache: dict | None = None, ece_bins: int = 15) -> dict:
     """Perplexity of `model_dir` on `texts_jsonl` (field `text`), and KL to `teacher_dir`.
 
     Returns `{"perplexity", "nll_per_token", "tokens", "windows", "seq_len"}` plus
     `"kl_to_teacher"` (mean per-token KL(teacher || student), nats) when a teacher is given
     and shares the student's tokenizer and vocabulary; otherwise a warning says why not.
-    `tokens` = windows * (seq_len - 1) predicted tokens. `progress`: an optional
-    `rich.progress.Progress` to report windows on.
+    `tokens` = windows * (seq_len - 1) predicted tokens; `ece` the calibration error over
+    `ece_bins` bins (`calibration` holds the bins). `progress`: an optional
+    `rich.progress.Progress` to report windows on. `teacher_cache`: a dict kept by the caller
+    across calls with the same teacher, text and windows (e.g. a study evaluating many
+    students): the teacher's log-probabilities are computed once and read from it after.
     """
     if batch_size < 1 or chunk_positions < 1:
         raise ValueError(f"batch_size={batch_size} and chunk_positions={chunk_positions} must be >= 1")
@@ -126,20 +172,29 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
     kl_sum = 0.0
     n_tokens = 0
     n_windows = 0
-    for batch in _batches(wins, batch_size, max_windows):
+    calib = Calibration(ece_bins)
+    for b, batch in enumerate(_batches(wins, batch_size, max_windows)):
         x = torch.from_numpy(batch).to(device)                           # [B,T]
         h = s_base(input_ids=x).last_hidden_state[:, :-1]                # [B,T-1,H]
         h = h.reshape(-1, h.shape[-1])                                   # [N_b,H]
         y = x[:, 1:].reshape(-1)                                         # [N_b]
-        if teacher is not None:
-            ht = t_base(input_ids=x).last_hidden_state[:, :-1]
-            ht = ht.reshape(-1, ht.shape[-1])
+        ht = None
         for s in range(0, y.numel(), chunk_positions):
             e = min(s + chunk_positions, y.numel())
             ls = torch.log_softmax(s_head(h[s:e]).float(), dim=-1)       # [C,V]
             nll_sum -= ls.gather(1, y[s:e, None]).double().sum().item()
+            conf, pred = ls.max(dim=-1)
+            calib.add(conf.exp(), pred == y[s:e])
             if teacher is not None:
-                lt = torch.log_softmax(t_head(ht[s:e]).float(), dim=-1)  # [C,V]
+                key = (str(teacher_dir), str(texts), seq_len, batch_size, chunk_positions, b, s)
+                lt = None if teacher_cache is None else teacher_cache.get(key)
+                if lt is None:
+                    if ht is None:
+                        ht = t_base(input_ids=x).last_hidden_state[:, :-1]
+                        ht = ht.reshape(-1, ht.shape[-1])
+                    lt = torch.log_softmax(t_head(ht[s:e]).float(), dim=-1)  # [C,V]
+                    if teacher_cache is not None:
+                        teacher_cache[key] = lt
                 p = lt.exp()
                 # p*(log p - log s), with 0*log 0 = 0 where the teacher gives a class no mass
                 kl = torch.where(p > 0, p * (lt - ls), torch.zeros_like(p))
@@ -152,7 +207,8 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
         raise ValueError(f"--heldout {texts}: the text gives no complete window of --seq-len "
                          f"{seq_len} tokens; use a shorter --seq-len or more text")
     out = {"perplexity": math.exp(nll_sum / n_tokens), "nll_per_token": nll_sum / n_tokens,
-           "tokens": n_tokens, "windows": n_windows, "seq_len": seq_len}
+           "tokens": n_tokens, "windows": n_windows, "seq_len": seq_len, "ece": calib.ece(),
+           "calibration": calib.bins()}
     if teacher is not None:
         out["kl_to_teacher"] = kl_sum / n_tokens
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heldout import heldout_metrics
+from pipeline.heldout import Calibration, heldout_metrics
 from pipeline.demo.tiny import build_tiny_model
 
 DOCS = [
@@ -49,8 +49,8 @@ def models(tmp_path_factory):
     return student, teacher, texts
 
 
-def reference(student_dir, teacher_dir, texts, seq_len, max_windows=None):
-    """(nll_per_token, kl, windows) in float64 from full logits."""
+def reference(student_dir, teacher_dir, texts, seq_len, max_windows=None, with_ece=False):
+    """(nll_per_token, kl, windows) in float64 from full logits (+ ECE over 15 bins)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(student_dir)
@@ -73,6 +73,18 @@ def reference(student_dir, teacher_dir, texts, seq_len, max_windows=None):
     if teacher_dir is not None:
         lt = logprobs(teacher_dir)
         kl = (lt.exp() * (lt - ls)).sum(-1).mean().item()
+    if with_ece:
+        # Bins by a Python loop over rows: bin m (1..15) holds (m-1)/15 < c <= m/15.
+        conf, pred = ls.exp().max(-1)
+        hit = (pred == x[:, 1:]).double()
+        ece = 0.0
+        for m in range(1, 16):
+            rows = [i for i, c in enumerate(conf.flatten().tolist()) if (m - 1) / 15 < c <= m / 15]
+            if rows:
+                c = conf.flatten()[rows].mean().item()
+                a = hit.flatten()[rows].mean().item()
+                ece += len(rows) / conf.numel() * abs(a - c)
+        return nll, kl, n, ece
     return nll, kl, n
 
 
@@ -121,3 +133,48 @@ def test_bad_input(models, tmp_path):
         heldout_metrics(student, texts, 100_000)
     with pytest.raises(FileNotFoundError, match="config.json"):
         heldout_metrics(tmp_path, texts, T)
+
+
+def test_calibration_hand_example():
+    """Four predictions, 15 bins, computed by hand:
+    c = 0.95, 0.95 -> bin 15 (14/15, 1]: accuracy 1/2, confidence 0.95 -> 2/4 * 0.45 = 0.225
+    c = 0.5        -> bin 8 (7/15, 8/15]: accuracy 1, confidence 0.5  -> 1/4 * 0.5  = 0.125
+    c = 0.3        -> bin 5 (4/15, 5/15]: accuracy 0, confidence 0.3  -> 1/4 * 0.3  = 0.075
+    ECE = 0.425; a perfectly calibrated set (c = 1, all right) has ECE 0, and c = 1.0 is in
+    the last bin."""
+    cal = Calibration(15)
+    cal.add(torch.tensor([0.95, 0.5], dtype=torch.float64), torch.tensor([True, True]))   # rows may come in chunks
+    cal.add(torch.tensor([0.95, 0.3], dtype=torch.float64), torch.tensor([False, False]))
+    assert cal.ece() == pytest.approx(0.425, abs=1e-12)
+    bins = cal.bins()
+    assert [b["n"] for b in bins] == [0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2]
+    assert bins[14]["accuracy"] == 0.5 and bins[14]["confidence"] == pytest.approx(0.95)
+    assert bins[0]["accuracy"] is None
+    ok = Calibration(15)
+    ok.add(torch.ones(3), torch.ones(3, dtype=torch.bool))
+    assert ok.ece() == 0.0 and ok.bins()[14]["n"] == 3
+    with pytest.raises(ValueError, match="no predictions"):
+        Calibration(15).ece()
+
+
+def test_ece_and_teacher_cache_match_reference(models):
+    """ECE of the tiny student against a loop-over-rows reference; a teacher cache filled by
+    one call gives the second call the same numbers without the teacher's forward."""
+    student, teacher, texts = models
+    nll, kl, n, ece = reference(student, teacher, texts, T, with_ece=True)
+    cache: dict = {}
+    first = heldout_metrics(student, texts, T, teacher_dir=teacher, batch_size=3, chunk_positions=7,
+                            teacher_cache=cache)
+    assert first["ece"] == pytest.approx(ece, abs=1e-6)
+    assert sum(b["n"] for b in first["calibration"]) == n * (T - 1)
+    assert len(cache) == sum(-(-(min(3, n - i) * (T - 1)) // 7) for i in range(0, n, 3))
+    # The second call reads the cache (same numbers); a poisoned entry (a uniform teacher)
+    # then changes the KL, which proves the entries are what the KL is computed from.
+    second = heldout_metrics(student, texts, T, teacher_dir=teacher, batch_size=3, chunk_positions=7,
+                             teacher_cache=cache)
+    assert second["kl_to_teacher"] == pytest.approx(kl, rel=1e-4) and second == first
+    key = next(iter(cache))
+    cache[key] = torch.full_like(cache[key], -math.log(cache[key].shape[1]))   # uniform teacher
+    third = heldout_metrics(student, texts, T, teacher_dir=teacher, batch_size=3, chunk_positions=7,
+                            teacher_cache=cache)
+    assert third["kl_to_teacher"] != pytest.approx(first["kl_to_teacher"], rel=1e-6)

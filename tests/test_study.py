@@ -1,0 +1,130 @@
+"""tools/study.py end to end on tiny models: two cache formats, one seed, the table, the JSON
+and the plots; a rerun skips finished runs; the refusals (another teacher, held-out text from
+the training corpus, results of other settings)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/study.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study_assets")
+    paras = list(dict.fromkeys(p for f in sorted((REPO / "pipeline").glob("*.py"))
+                               for p in f.read_text().split("\n\n") if p.strip()))   # unique
+    for name, lines in (("train.jsonl", paras[40:]), ("heldout.jsonl", paras[:40])):
+        (d / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    teacher = build_tiny_model(d / "teacher", "llama", hidden=48, layers=2, seed=0)
+    student = build_tiny_model(d / "student", "llama", hidden=48, layers=1, seed=1)
+    other = build_tiny_model(d / "other_teacher", "llama", hidden=48, layers=2, seed=5)
+    return {"teacher": teacher, "student": student, "other": other, "train": d / "train.jsonl",
+            "heldout": d / "heldout.jsonl"}
+
+
+def _args(assets, out, *more):
+    return ["--out", str(out), "--teacher", str(assets["teacher"]), "--student", str(assets["student"]),
+            "--train", str(assets["train"]), "--heldout", str(assets["heldout"]), "--steps", "3",
+            "--seq-len", "32", "--train-windows", "12", "--heldout-windows", "4", "--warmup-steps", "1",
+            "--seeds", "0", "--extra-seeds", "--rows", "priority_U12", "topk_12", *more]
+
+
+@pytest.fixture(scope="module")
+def study(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    proc = _study(_args(assets, out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_table_json_and_plots(study):
+    out, proc = study
+    summary = json.loads((out / "study.json").read_text())
+    assert [r["row"] for r in summary["rows"]] == ["priority_U12", "topk_12"]
+    for r in summary["rows"]:
+        assert r["seeds"] == [0]
+        assert r["cache_bytes_per_position"] == r["bytes_per_position"]
+        assert math.isfinite(r["kl"][0]) and r["kl"][0] > 0
+        assert r["perplexity"][0] > 1 and 0 <= r["ece"][0] <= 1
+        assert r["paired_dkl_vs_dense"] is None           # no dense_kd row in this grid
+    # 12 records of a 1-byte id + weight code ... the codec sets the bytes; both formats equal
+    assert summary["rows"][0]["bytes_per_position"] == summary["rows"][1]["bytes_per_position"]
+    assert set(summary["references"]) == {"teacher", "student_init"}
+    assert summary["references"]["teacher"]["kl"] == 0.0
+    md = (out / "study.md").read_text()
+    assert "priority cache U=12" in md and "top-k cache k=12" in md and "| student_init" in md
+    for png in ("kl_vs_bytes.png", "rows.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    for row in ("priority_U12", "topk_12"):
+        res = json.loads((out / "runs" / row / "seed0" / "result.json").read_text())
+        assert res["settings"]["steps"] == 3 and res["row_settings"]["cache"] in ("priority_U12", "topk_U12")
+        assert sum(b["n"] for b in res["calibration"]) == res["heldout_tokens"]
+
+
+def test_rerun_skips_finished_runs(study, assets):
+    out, _ = study
+    result = out / "runs" / "priority_U12" / "seed0" / "result.json"
+    before = result.stat().st_mtime_ns
+    proc = _study(_args(assets, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done before, skipped") == 2
+    assert result.stat().st_mtime_ns == before
+
+
+def test_refuses_results_of_other_settings(study, assets):
+    out, _ = study
+    proc = _study(_args(assets, out, "--lr", "0.002"))
+    assert proc.returncode != 0
+    assert "made with other settings" in proc.stderr and "lr: 0.001 vs now 0.002" in proc.stderr
+
+
+def test_refuses_caches_of_another_teacher(study, assets):
+    out, _ = study
+    args = _args(assets, out)
+    args[args.index("--teacher") + 1] = str(assets["other"])
+    proc = _study(args)
+    assert proc.returncode != 0
+    assert "was not built for this study" in proc.stderr and "teacher:" in proc.stderr
+
+
+def test_refuses_heldout_from_the_training_corpus(assets, tmp_path):
+    args = _args(assets, tmp_path / "out")
+    args[args.index("--heldout") + 1] = str(assets["train"])
+    proc = _study(args)
+    assert proc.returncode != 0 and "shares" in proc.stderr and "document(s)" in proc.stderr
+    assert not (tmp_path / "out" / "caches").exists()       # refused before any work
+
+
+def test_summarize_refuses_mixed_settings():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import study as tool
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    base = {"row": "no_kd", "seed": 0, "settings": {"steps": 3}, "row_settings": {"flags": "x"},
+            "kl": 1.0, "perplexity": 2.0, "ece": 0.1, "step_s": 1.0, "cache_bytes_per_position": 37,
+            "bytes_per_position": None}
+    other = dict(base, seed=1, settings={"steps": 4})
+    with pytest.raises(SystemExit, match="different settings"):
+        tool.summarize([base, other], {"settings": {}})
+    # Paired differences: dense 1.0/2.0 vs a row 1.5/2.1 -> +0.5 and +0.1, mean 0.3, sd 0.2828
+    rows = [dict(base, row="dense_kd", seed=s, kl=k) for s, k in ((0, 1.0), (1, 2.0))]
+    rows += [dict(base, row="priority_U12", seed=s, kl=k) for s, k in ((0, 1.5), (1, 2.1))]
+    got = {r["row"]: r for r in tool.summarize(rows, {"settings": {}})["rows"]}
+    m, sd = got["priority_U12"]["paired_dkl_vs_dense"]
+    assert m == pytest.approx(0.3) and sd == pytest.approx(math.sqrt(0.08))

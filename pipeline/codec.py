@@ -19,6 +19,8 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +32,21 @@ MAX_VOCAB = 2 ** (RECORD_BITS - MIN_WEIGHT_BITS) - 1  # 524,287
 DEFAULT_WEIGHT_MIN = 2.0 ** -20  # smallest nonzero weight level (~9.5e-7)
 # Priority-sampling weights max(p_i, tau) exceed 1 when tau does: that needs U+1 classes with
 # u_i < p_i, a Poisson-binomial tail with mean sum(p) = 1 (~6e-11 per position at U = 12);
-# tau > 2 needs them with u_i < p_i / 2 (~1e-14). The top level is therefore 2.
+# tau > x needs U+1 of them with u_i < p_i / x, probability <= x**-(U+1) / (U+1)! (the union
+# bound over (U+1)-subsets, sum(p) = 1): 2e-14 for x = 2 at U = 12, so the top level is 2 there,
+# but 2.6e-4 at U = 4 (a 32k-position cache drew tau = 2.72 and stopped). `weight_max(U)` is the
+# smallest power of two >= 2 with that bound <= WEIGHT_TAIL.
 DEFAULT_WEIGHT_MAX = 2.0
+WEIGHT_TAIL = 1e-13
+
+
+def weight_max(num_classes: int) -> float:
+    """Top weight level for U = `num_classes`: P(tau > it) <= WEIGHT_TAIL per position."""
+    k = int(num_classes) + 1
+    x = DEFAULT_WEIGHT_MAX
+    while -k * math.log(x) - math.lgamma(k + 1) > math.log(WEIGHT_TAIL):
+        x *= 2
+    return x
 
 
 def _as_int64(name: str, a, ndim: int) -> np.ndarray:
@@ -67,7 +82,8 @@ def stochastic_round(values: np.ndarray, levels: np.ndarray, rng: np.random.Gene
 
 @dataclass(frozen=True)
 class WeightCodebook:
-    """2**w_bits float32 levels: 0, then log-spaced from `w_min` to `w_max` (2).
+    """2**w_bits float32 levels: 0, then log-spaced from `w_min` to `w_max` (2; a cache
+    uses `weight_max(U)`, 2 for U >= 12, and records the levels in its header).
 
     Log spacing gives a constant relative step: (w_max/w_min)**(1/(2**w_bits - 2)), e.g.
     1.26x at 6 bits, 1.06x at 8 bits.
@@ -201,7 +217,7 @@ class RecordCodec:
         return ids, wc, a[:, 3 * U].astype(np.int64)
 
     def weight_codebook(self) -> WeightCodebook:
-        return WeightCodebook(self.w_bits)
+        return WeightCodebook(self.w_bits, w_max=weight_max(self.num_classes))
 
     def entropy_codebook(self) -> EntropyCodebook:
         return EntropyCodebook(self.vocab_size)

@@ -129,3 +129,45 @@ def test_entropy_byte_round_trip_within_stated_bound(V):
     assert cb.max_error < 0.05
     with pytest.raises(ValueError):
         cb.encode(np.array([np.log(V) + 1]))
+
+
+def test_weight_max_covers_the_priority_threshold_tail():
+    """The top weight level bounds tau with tail <= WEIGHT_TAIL. Independent check: for p
+    uniform over n classes, P(tau > x) = P(Binomial(n, 1/(n x)) >= U+1) (exact, log-space sum),
+    which is below the union bound; the chosen level passes and half of it (when > 2) fails."""
+    import math
+
+    from pipeline.codec import WEIGHT_TAIL, weight_max
+
+    def tail(U, x, n=100_000):
+        q = 1.0 / (n * x)
+        terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                 + j * math.log(q) + (n - j) * math.log1p(-q) for j in range(U + 1, U + 60)]
+        m = max(terms)
+        return math.exp(m) * sum(math.exp(t - m) for t in terms)
+
+    assert weight_max(12) == 2.0 and weight_max(48) == 2.0     # the U = 12 format is unchanged
+    for U in (2, 4, 8):
+        x = weight_max(U)
+        assert x > 2 and tail(U, x) <= WEIGHT_TAIL
+        assert tail(U, x / 2) > WEIGHT_TAIL / 40    # not needlessly coarse (bound vs exact slack)
+    assert RecordCodec(49152, 4).weight_codebook().levels[-1] == np.float32(weight_max(4))
+    assert RecordCodec(49152, 12).weight_codebook().levels[-1] == np.float32(2.0)
+
+
+def test_priority_u4_weights_encode():
+    """Regression: a U = 4 priority cache drew tau = 2.72 on real text and the codebook (top 2)
+    refused it. Flat rows over 1,000 classes: P(tau > 2) ~ P(Poisson(1/2) >= 5) = 1.7e-4, so
+    30,000 rows hold some; all of them encode with the codec's U = 4 codebook."""
+    import torch
+
+    from pipeline.sampling import sample_classes
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.zeros(30_000, 1_000)
+    _, w, _ = sample_classes(logits, 4, "priority", gen)
+    w = w.numpy()
+    assert (w > 2).any(), "the fixture must reach the old top level"
+    codec = RecordCodec(1_000, 4)
+    codes = codec.weight_codebook().encode(w, np.random.default_rng(0))
+    assert codes.max() < 1 << codec.w_bits

@@ -84,7 +84,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.codec import RECORD_BITS, WeightCodebook  # noqa: E402
+from pipeline.codec import RECORD_BITS, WeightCodebook, weight_max  # noqa: E402
 
 
 def _load_bench_estimators():
@@ -132,9 +132,10 @@ def parse_format(spec: str) -> Format:
     return Format(fam, n)
 
 
-def weight_codebook(V: int) -> WeightCodebook:
-    """The cache's weight codebook for vocabulary V (w_bits = 24 - bit_length(V)); any U."""
-    return WeightCodebook(RECORD_BITS - int(V).bit_length())
+def weight_codebook(V: int, U: int = 12) -> WeightCodebook:
+    """The cache's weight codebook for vocabulary V (w_bits = 24 - bit_length(V)) and U
+    records (its top level is `pipeline.codec.weight_max(U)`: 256 at U = 4, 2 from U = 12)."""
+    return WeightCodebook(RECORD_BITS - int(V).bit_length(), w_max=weight_max(U))
 
 
 def format_bytes(fmt: Format, V: int, mean_distinct: float | None = None) -> float:
@@ -257,7 +258,7 @@ def run_format(z: torch.Tensor, student_logits: torch.Tensor, fmt: Format, draws
     with U = N so that every distinct drawn class is kept); topk and topk+bucket through
     `sparse_bucket_stats` (any k <= V)."""
     P, V = z.shape
-    cb = weight_codebook(V)
+    cb = weight_codebook(V, min(fmt.param, V - 1))
     tag = zlib.crc32(fmt.name.encode())
     gen = torch.Generator().manual_seed(seed * 1_000_003 + tag)
     rng = np.random.default_rng([seed, tag])

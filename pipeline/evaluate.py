@@ -90,6 +90,11 @@ class EvalConfig:
     seq_len: int = opt(512, "held-out window length T (as the cache stage cut its corpus)")
     heldout_max_windows: int | None = opt(None, "cap on held-out windows")
     heldout_batch_size: int = opt(4, "windows per held-out forward pass")
+    heldout_format: str = opt("text", "'chat': --heldout rows are conversations (messages or "
+                              "prompt/response) and only assistant tokens are scored",
+                              choices=("text", "chat"))
+    chat_template: str | None = opt(None, "chat template file (.jinja) for --heldout-format chat "
+                                    "(default: the model tokenizer's)")
     model_type: str = opt("hf", argparse.SUPPRESS)   # lm-eval registry name; tests register fakes
     verbose: bool = opt(False, "keep lm-eval's INFO logs and progress bars")
 
@@ -158,6 +163,10 @@ class EvalConfig:
             problems += [p.replace("--model", "--teacher") for p in model_dir_problems(self.teacher, None)]
         if self.heldout is not None and not Path(self.heldout).is_file():
             problems.append(f"--heldout {self.heldout}: no such file (JSONL with a 'text' field)")
+        if self.heldout_format == "chat" and self.heldout is None:
+            problems.append("--heldout-format chat needs --heldout FILE.jsonl of conversations")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            problems.append(f"--chat-template {self.chat_template}: no such file (a Jinja chat template)")
         if not problems and self.apply_chat_template and self.model_type == "hf":
             from transformers import AutoTokenizer
 
@@ -341,13 +350,16 @@ def run(cfg: EvalConfig, console=None) -> dict:
         if cfg.tasks:
             results = _run_tasks(cfg, out, ours, progress, console)
         if cfg.heldout is not None:
+            from pipeline.chat import read_chat_template
             from pipeline.heldout import heldout_metrics
 
+            template = read_chat_template(cfg.chat_template) if cfg.chat_template else None
             t0 = time.perf_counter()
             held = heldout_metrics(cfg.model, cfg.heldout, cfg.seq_len, teacher_dir=cfg.teacher,
                                    max_windows=cfg.heldout_max_windows,
                                    batch_size=cfg.heldout_batch_size, device=cfg.device,
-                                   progress=progress)
+                                   progress=progress, data_format=cfg.heldout_format,
+                                   chat_template=template)
             ours["wall_time_s"]["heldout"] = time.perf_counter() - t0
             results = results or _no_task_results(cfg)
             results["heldout"] = held

@@ -115,17 +115,35 @@ class Calibration:
 
 
 def _batches(wins, batch_size: int, max_windows: int | None):
-    """Group an iterator of [T] uint32 windows into int64 arrays [B,T] (last batch may be short)."""
-    batch: list[np.ndarray] = []
-    for i, w in enumerate(wins):
+    """Group an iterator of ([T] uint32 window, [T-1] bool scored targets) into int64 arrays
+    [B,T] and bool [B,T-1] (the last batch may be short)."""
+    batch: list[tuple[np.ndarray, np.ndarray]] = []
+    for i, (w, m) in enumerate(wins):
         if max_windows is not None and i >= max_windows:
             break
-        batch.append(w.astype(np.int64))
+        batch.append((w.astype(np.int64), m))
         if len(batch) == batch_size:
-            yield np.stack(batch)
+            yield np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
             batch = []
     if batch:
-        yield np.stack(batch)
+        yield np.stack([b[0] for b in batch]), np.stack([b[1] for b in batch])
+
+
+def _text_windows(texts: Path, tok, seq_len: int):
+    docs = load_documents(DataSpec(path=str(texts), text_field="text"))
+    every = np.ones(seq_len - 1, dtype=bool)
+    return ((w, every) for w in windows(token_stream(docs, tok), seq_len))
+
+
+def _chat_windows(texts: Path, tok, seq_len: int, chat_template: str | None):
+    """Conversations packed as the cache packs them; scored targets = assistant tokens."""
+    import datasets
+
+    from pipeline.chat import chat_windows, encode_rows, target_mask
+
+    rows = datasets.load_dataset("json", data_files=str(texts), split="train")
+    convs = encode_rows(rows, tok, str(texts), chat_template=chat_template)
+    return ((w, target_mask(m)) for w, m in chat_windows(convs, seq_len))
 
 
 @torch.no_grad()
@@ -133,7 +151,8 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
                     teacher_dir: str | Path | None = None, max_windows: int | None = None,
                     batch_size: int = 4, chunk_positions: int = 512, device: str = "cpu",
                     dtype: torch.dtype = torch.float32, progress=None,
-                    teacher_cache: dict | None = None, ece_bins: int = 15) -> dict:
+                    teacher_cache: dict | None = None, ece_bins: int = 15,
+                    data_format: str = "text", chat_template: str | None = None) -> dict:
     """Perplexity of `model_dir` on `texts_jsonl` (field `text`), and KL to `teacher_dir`.
 
     Returns `{"perplexity", "nll_per_token", "tokens", "windows", "seq_len"}` plus
@@ -144,7 +163,13 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
     `rich.progress.Progress` to report windows on. `teacher_cache`: a dict kept by the caller
     across calls with the same teacher, text and windows (e.g. a study evaluating many
     students): the teacher's log-probabilities are computed once and read from it after.
+    `data_format="chat"`: rows of conversations (`messages` or `prompt`/`response`, as the
+    cache stage reads them), rendered with the student tokenizer's chat template (or the
+    `chat_template` text) and packed as the cache packs them; every metric is then taken
+    over the assistant tokens only (pipeline.chat's trainable tokens), `tokens` counts them.
     """
+    if data_format not in ("text", "chat"):
+        raise ValueError(f"--heldout-format {data_format!r}: expected 'text' or 'chat'")
     if batch_size < 1 or chunk_positions < 1:
         raise ValueError(f"batch_size={batch_size} and chunk_positions={chunk_positions} must be >= 1")
     if max_windows is not None and max_windows < 1:
@@ -164,8 +189,8 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
     s_base, s_head = _head_parts(student)
     t_base, t_head = _head_parts(teacher) if teacher is not None else (None, None)
 
-    docs = load_documents(DataSpec(path=str(texts), text_field="text"))
-    wins = windows(token_stream(docs, tok), seq_len)
+    wins = (_chat_windows(texts, tok, seq_len, chat_template) if data_format == "chat"
+            else _text_windows(texts, tok, seq_len))
     task = progress.add_task("held-out windows", total=max_windows) if progress is not None else None
 
     nll_sum = 0.0  # float64 accumulators: N can reach 1e8 tokens
@@ -173,11 +198,12 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
     n_tokens = 0
     n_windows = 0
     calib = Calibration(ece_bins)
-    for b, batch in enumerate(_batches(wins, batch_size, max_windows)):
+    for b, (batch, scored) in enumerate(_batches(wins, batch_size, max_windows)):
         x = torch.from_numpy(batch).to(device)                           # [B,T]
+        keep = torch.from_numpy(scored).reshape(-1).to(device)           # [N_b] scored targets
         h = s_base(input_ids=x).last_hidden_state[:, :-1]                # [B,T-1,H]
-        h = h.reshape(-1, h.shape[-1])                                   # [N_b,H]
-        y = x[:, 1:].reshape(-1)                                         # [N_b]
+        h = h.reshape(-1, h.shape[-1])[keep]                             # [N_b,H]
+        y = x[:, 1:].reshape(-1)[keep]                                   # [N_b]
         ht = None
         for s in range(0, y.numel(), chunk_positions):
             e = min(s + chunk_positions, y.numel())
@@ -191,7 +217,7 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
                 if lt is None:
                     if ht is None:
                         ht = t_base(input_ids=x).last_hidden_state[:, :-1]
-                        ht = ht.reshape(-1, ht.shape[-1])
+                        ht = ht.reshape(-1, ht.shape[-1])[keep]
                     lt = torch.log_softmax(t_head(ht[s:e]).float(), dim=-1)  # [C,V]
                     if teacher_cache is not None:
                         teacher_cache[key] = lt
@@ -206,6 +232,9 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
     if n_windows == 0:
         raise ValueError(f"--heldout {texts}: the text gives no complete window of --seq-len "
                          f"{seq_len} tokens; use a shorter --seq-len or more text")
+    if n_tokens == 0:
+        raise ValueError(f"--heldout {texts}: no assistant token in {n_windows} window(s) of "
+                         f"--seq-len {seq_len}; nothing to score")
     out = {"perplexity": math.exp(nll_sum / n_tokens), "nll_per_token": nll_sum / n_tokens,
            "tokens": n_tokens, "windows": n_windows, "seq_len": seq_len, "ece": calib.ece(),
            "calibration": calib.bins()}

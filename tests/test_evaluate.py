@@ -461,3 +461,22 @@ def _samples(path: Path) -> list:
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return sorted((r["doc_id"], json.dumps(r["doc"], sort_keys=True), norm(r["filtered_resps"])) for r in rows)
+
+
+def test_heldout_chat_format_through_evaluate(tiny, tmp_path):
+    """--heldout-format chat reaches heldout_metrics: the assistant tokens only are scored."""
+    from pipeline.heldout import heldout_metrics
+
+    conv = [{"role": "user", "content": "Why does the fox jump over the lazy dog?"},
+            {"role": "assistant", "content": "Because the dog sleeps and the fox is quick."}]
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text((json.dumps({"messages": conv}) + "\n") * 6)
+    evaluate.main(["--model", str(tiny), "--out", str(tmp_path / "o"), "--heldout", str(rows),
+                   "--heldout-format", "chat", "--seq-len", "16", "--device", "cpu"])
+    got = json.loads((tmp_path / "o" / "results.json").read_text())["heldout"]
+    want = heldout_metrics(tiny, rows, 16, data_format="chat")
+    assert got["tokens"] == want["tokens"] < got["windows"] * 15
+    assert got["perplexity"] == pytest.approx(want["perplexity"])
+    with pytest.raises(SystemExit, match="--heldout-format chat needs --heldout"):
+        evaluate.main(["--model", str(tiny), "--out", str(tmp_path / "p"), "--tasks", "gsm8k",
+                       "--heldout-format", "chat"])

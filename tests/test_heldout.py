@@ -178,3 +178,68 @@ def test_ece_and_teacher_cache_match_reference(models):
     third = heldout_metrics(student, texts, T, teacher_dir=teacher, batch_size=3, chunk_positions=7,
                             teacher_cache=cache)
     assert third["kl_to_teacher"] != pytest.approx(first["kl_to_teacher"], rel=1e-6)
+
+
+CONVS = [
+    [{"role": "user", "content": "Why does the fox jump?"},
+     {"role": "assistant", "content": "Because the lazy dog sleeps."},
+     {"role": "user", "content": "And then?"},
+     {"role": "assistant", "content": "The student learns from the teacher."}],
+    [{"role": "system", "content": "Answer with numbers."},
+     {"role": "user", "content": "What is 42?"},
+     {"role": "assistant", "content": "0 1 2 3 4 5 6 7 8 9 10 42 100"}],
+    [{"role": "user", "content": "A question with no answer."}],          # skipped: no assistant
+] * 3
+
+
+def test_chat_heldout_scores_assistant_tokens_only(models, tmp_path):
+    """data_format="chat": NLL and KL over the assistant tokens only, against a float64
+    reference that renders the tiny template by hand ('<|role|>\\n' + content + '\\n' per
+    message), marks the characters of assistant contents, maps them to tokens by offsets,
+    packs conversations without separators and scores target t+1 where token t+1 is marked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student, teacher, _ = models
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVS))
+    tok = AutoTokenizer.from_pretrained(student)
+    ids: list[int] = []
+    marks: list[bool] = []
+    for conv in CONVS:
+        if not any(m["role"] == "assistant" for m in conv):
+            continue
+        text, spans = "", []
+        for m in conv:
+            text += f"<|{m['role']}|>\n"
+            if m["role"] == "assistant":
+                spans.append((len(text), len(text) + len(m["content"])))
+            text += m["content"] + "\n"
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        marks += [any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
+    n = len(ids) // T
+    x = torch.tensor(ids[:n * T]).reshape(n, T)
+    scored = torch.tensor(marks[:n * T]).reshape(n, T)[:, 1:]
+    assert n >= 3 and 0 < scored.sum() < scored.numel()
+
+    def logprobs(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), dim=-1)
+
+    ls, lt = logprobs(student), logprobs(teacher)
+    nll = -ls.gather(-1, x[:, 1:, None])[..., 0][scored].mean().item()
+    kl = (lt.exp() * (lt - ls)).sum(-1)[scored].mean().item()
+    got = heldout_metrics(student, rows, T, teacher_dir=teacher, batch_size=2, chunk_positions=5,
+                          data_format="chat")
+    assert got["windows"] == n and got["tokens"] == int(scored.sum())
+    assert got["nll_per_token"] == pytest.approx(nll, rel=1e-5)
+    assert got["kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+    k = next(k for k in range(1, n + 1) if scored[:k].sum() > 0)
+    first = heldout_metrics(student, rows, T, data_format="chat", max_windows=k)
+    assert first["tokens"] == int(scored[:k].sum())
+    if k > 1:      # windows of only user text: nothing to score is an error, not a 0/0
+        with pytest.raises(ValueError, match="no assistant token"):
+            heldout_metrics(student, rows, T, data_format="chat", max_windows=1)
+    with pytest.raises(ValueError, match="heldout-format"):
+        heldout_metrics(student, rows, T, data_format="conversation")

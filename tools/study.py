@@ -242,6 +242,10 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
           *teacher, *shlex.split(row.flags)], d.parent / f"seed{seed}.log")
     train_s = time.perf_counter() - t0
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    if not recs or recs[-1]["step"] != args.steps or not (d / "export" / "config.json").exists():
+        # A signal stops pipeline.distill with a checkpoint and exit 0: not a result.
+        raise StudyError(f"{d}: the run stopped at step {recs[-1]['step'] if recs else 0} of "
+                         f"{args.steps} (a signal?); rerun the study to resume it")
     steps = [r["step_time_s"] for r in recs]
     held = heldout_metrics(d / "export", args.heldout, args.seq_len, teacher_dir=args.teacher,
                            max_windows=args.heldout_windows, teacher_cache=teacher_cache)
@@ -450,9 +454,11 @@ def parse(argv: list[str] | None = None):
 
 
 def plan(args) -> list[tuple[Row, int]]:
+    """The main rows seed by seed, then the extra rows seed by seed: an interrupted grid has
+    whole seeds of the main table first."""
     rows = [BY_NAME[n] for n in BY_NAME if n in args.rows]
-    return [(r, s) for s in sorted(set(args.seeds) | set(args.extra_seeds)) for r in rows
-            if s in (args.extra_seeds if r.extra else args.seeds)]
+    return ([(r, s) for s in args.seeds for r in rows if not r.extra]
+            + [(r, s) for s in args.extra_seeds for r in rows if r.extra])
 
 
 def main(argv: list[str] | None = None) -> dict:

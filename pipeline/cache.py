@@ -15,6 +15,13 @@ sample_classes -> codebooks -> RecordCodec.pack -> one WebDataset sample per win
 `__key__` = u{unit:07d}-w{window:07d}, `tokens.u32` (T x uint32 LE), `kd.bin` (T x 37 B).
 docs/CACHE_FORMAT.md has the byte layout.
 
+Instruction data (--data-format chat): rows of conversations (--messages-field, or
+--prompt-field/--response-field with an optional --system-field) are rendered with the
+teacher's chat template (or --chat-template FILE.jinja), tokenized and packed into windows
+(pipeline.chat, pipeline.packing); only positions whose next token belongs to an assistant
+turn are trainable. The teacher sees every window whole, but masked positions hold no class
+records, and each sample gains `trainable.bits` (format version 3; text caches stay version 2).
+
 Crash safety and elasticity: a unit's shards are written as `*.tar.tmp`, fsynced, hashed and
 renamed; the unit counts as cached only once its done record (listing them) is in the
 ledger. A restart, with any number of ranks, verifies the done units' shards (spread over
@@ -44,12 +51,14 @@ import numpy as np
 import torch
 
 from pipeline import config as C
+from pipeline.chat import ChatStats
 from pipeline.codec import FORMAT_VERSION, RecordCodec
-from pipeline.data import DataSpec, tokenizer_fingerprint
+from pipeline.data import ChatDataSpec, DataSpec, tokenizer_fingerprint
 from pipeline.distributed import (DistInfo, TorchComm, abort_job_on_error, init_distributed,
                                   log)
 from pipeline.ledger import Ledger
-from pipeline.manifest import LAYOUT, MANIFEST, merge_units, repair_command, write_json_atomic
+from pipeline.manifest import (MASKED_FORMAT_VERSION, MANIFEST, layout, merge_units,
+                               repair_command, write_json_atomic)
 from pipeline.phases import PhaseTimer
 from pipeline.progress import StageProgress
 from pipeline.cache_launch import setup_launch, verify_done
@@ -57,7 +66,9 @@ from pipeline.sampling import DEFAULT_CHUNK, METHODS, sample_classes
 from pipeline.shards import UnitWriter, encode_window, window_generators
 from pipeline.teacher import (cache_vocab_size, load_teacher, split_padded, teacher_logit_chunks,
                               teacher_weight_hashes, tokenizer_classes)
-from pipeline.units import UnitReader, UnitStats, unit_windows
+from pipeline.packing import (chat_unit_windows, resolve_chat_template, template_sha256,
+                              unit_windows)
+from pipeline.units import UnitReader, UnitStats
 
 # Names tests and tools import from this module, wherever they are defined.
 __all__ = ["CacheConfig", "UnitWriter", "build_header", "cache_vocab_size", "load_teacher",
@@ -70,6 +81,15 @@ class CacheConfig:
     data: str = C.opt(None, "corpus: a local jsonl/json/parquet/txt file or folder (work units need local files)")
     out: str = C.opt(None, "output cache directory")
     text_field: str = C.opt("text", "column holding the document text")
+    data_format: str = C.opt("text", "text: documents; chat: rows of conversations (assistant "
+                             "turns trainable, the cache's other positions masked)",
+                             choices=("text", "chat"))
+    messages_field: str = C.opt("messages", "chat: field holding a list of {role, content}")
+    prompt_field: str = C.opt("prompt", "chat: field of the user prompt (with --response-field)")
+    response_field: str = C.opt("response", "chat: field of the assistant response")
+    system_field: str = C.opt("system", "chat: optional system prompt of a prompt/response row")
+    chat_template: str | None = C.opt(None, "chat: a Jinja chat template FILE.jinja to render "
+                                      "with (default: the teacher tokenizer's)")
     seq_len: int = C.opt(2048, "window length T in tokens")
     num_classes: int = C.opt(12, "U: sampled classes stored per position")
     sampler: str = C.opt("priority", "class sampler", choices=METHODS)
@@ -113,6 +133,8 @@ class CacheConfig:
                             f"{self.lease_s} > 0")
         if self.max_windows is not None and self.max_windows < 1:
             problems.append(f"--max-windows {self.max_windows} must be >= 1")
+        if self.data_format == "text" and self.chat_template is not None:
+            problems.append(f"--chat-template {self.chat_template} applies to --data-format chat")
         if self.teacher_temperature <= 0:
             problems.append(f"--teacher-temperature {self.teacher_temperature} must be > 0")
         if self.sampler == "rskd" and self.rskd_tau != 1.0:
@@ -125,6 +147,10 @@ class CacheConfig:
     @property
     def data_spec(self) -> DataSpec:
         # Work units read local files directly: no split, hub configuration or streaming.
+        if self.data_format == "chat":
+            return ChatDataSpec(self.data, messages_field=self.messages_field,
+                                prompt_field=self.prompt_field, response_field=self.response_field,
+                                system_field=self.system_field)
         return DataSpec(self.data, self.text_field)
 
     @property
@@ -141,9 +167,18 @@ def _pick_device(cfg: CacheConfig, info: DistInfo) -> torch.device:
 
 
 def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
-                 teacher_weights: dict[str, str] | None = None) -> dict:
+                 teacher_weights: dict[str, str] | None = None,
+                 chat_template: str | None = None) -> dict:
+    """The header; a chat cache's `dataset` also records the sha256 of the chat template
+    text used (`chat_template`, resolved from cfg and tok when not given): masks depend on it."""
+    chat = cfg.data_format == "chat"
+    dataset = cfg.data_spec.to_json()
+    if chat:
+        text = chat_template if chat_template is not None else resolve_chat_template(
+            tok, cfg.chat_template)
+        dataset["chat_template_sha256"] = template_sha256(text)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": MASKED_FORMAT_VERSION if chat else FORMAT_VERSION,
         "teacher": cfg.teacher,
         "teacher_parameters": sum(p.numel() for p in model.parameters()),
         "teacher_weights": teacher_weights,
@@ -165,7 +200,7 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
         "sampler_chunk": cfg.sampler_chunk,
         "teacher_temperature": cfg.teacher_temperature,
         "seed": cfg.seed,
-        "dataset": cfg.data_spec.to_json(),
+        "dataset": dataset,
         # Sizes and mtimes of the planned files (units.json); each unit's bytes are hashed by
         # the rank that caches it (its done record), so no rank reads the whole corpus.
         "dataset_fingerprint": None,       # set from the unit plan (cache_launch.corpus_fingerprint)
@@ -175,7 +210,7 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
         "weight_codebook": codec.weight_codebook().levels.tolist(),
         "entropy_codebook": codec.entropy_codebook().levels.tolist(),
         "entropy_max_error": codec.entropy_codebook().max_error,
-        "layout": LAYOUT,
+        "layout": layout(masked=chat),
     }
 
 
@@ -207,11 +242,13 @@ def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
     if max_pos is not None and cfg.seq_len > max_pos:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the teacher's context "
                          f"(max_position_embeddings={max_pos}); use --seq-len <= {max_pos}")
+    # Chat: the template text (file or tokenizer) is fixed once, before anything is written.
+    template = resolve_chat_template(tok, cfg.chat_template) if cfg.data_format == "chat" else None
     setup, launch = None, None
     try:
         if info.rank == 0:
-            setup, launch = _rank0_setup(cfg, out, tok, model, codec, info)
-        return _work(cfg, info, comm, out, setup, launch, tok, model, codec, V, device)
+            setup, launch = _rank0_setup(cfg, out, tok, model, codec, info, template)
+        return _work(cfg, info, comm, out, setup, launch, tok, model, codec, V, device, template)
     except BaseException as e:
         # One process: end the launch here (its heartbeat thread would otherwise outlive the
         # error in this process). Several ranks: the job is aborted (MPI) or torn down
@@ -222,19 +259,20 @@ def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
         raise
 
 
-def _rank0_setup(cfg: CacheConfig, out: Path, tok, model, codec: RecordCodec, info: DistInfo):
+def _rank0_setup(cfg: CacheConfig, out: Path, tok, model, codec: RecordCodec, info: DistInfo,
+                 template: str | None):
     """Rank 0 alone hashes the teacher's weights and plans; the others receive the result."""
     t_hash = time.perf_counter()
     weights = teacher_weight_hashes(cfg.teacher)
     log(f"teacher identity: sha256 of {len(weights or {})} weight file(s) in "
         f"{time.perf_counter() - t_hash:.1f} s", info)
-    header = build_header(cfg, tok, model, codec, teacher_weights=weights)
-    header, plan, launch = setup_launch(cfg, out, header, tok, info)
+    header = build_header(cfg, tok, model, codec, teacher_weights=weights, chat_template=template)
+    header, plan, launch = setup_launch(cfg, out, header, tok, info, _windows_of(cfg, tok, template))
     return (header, plan, launch.number), launch
 
 
 def _work(cfg: CacheConfig, info: DistInfo, comm, out: Path, setup, launch, tok, model,
-          codec: RecordCodec, V: int, device) -> dict | None:
+          codec: RecordCodec, V: int, device, template: str | None) -> dict | None:
     # The broadcast is also the barrier the ledger needs: no rank claims before rank 0 has
     # taken over the units of dead launches.
     header, plan, launch_no = comm.bcast_object(setup)
@@ -246,7 +284,8 @@ def _work(cfg: CacheConfig, info: DistInfo, comm, out: Path, setup, launch, tok,
                          + "; ".join(problems[:5]) + f". Run `{repair_command(out)}` (it moves "
                          f"damaged units' shards into {out}/quarantine/ and drops their done "
                          "records), then rerun this command: those units are recomputed")
-    mine = _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device)
+    mine = _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device,
+                        template)
     everyone = comm.gather_object(mine)       # every rank has finished claiming and writing
     if info.rank != 0:
         return None
@@ -265,7 +304,18 @@ def _work(cfg: CacheConfig, info: DistInfo, comm, out: Path, setup, launch, tok,
     return manifest
 
 
-def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device) -> dict:
+def _windows_of(cfg: CacheConfig, tok, template: str | None):
+    """(reader, counts, chat_stats) -> the unit's (tokens [T], trainable [T] or None)
+    windows; chat: conversations counted into `chat_stats` (a pipeline.chat.ChatStats)."""
+    def windows_of(reader: UnitReader, counts: UnitStats | None = None, chat_stats=None):
+        if cfg.data_format == "chat":
+            return chat_unit_windows(reader, tok, cfg.seq_len, template, counts, chat_stats)
+        return ((t, None) for t in unit_windows(reader.documents(), tok, cfg.seq_len, counts))
+    return windows_of
+
+
+def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device,
+                 template) -> dict:
     """Claim units until none is left; cache each. Returns this rank's reading counts."""
     prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ")
     delay = _test_delay(info.rank)
@@ -276,19 +326,21 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
     mine = {"rank": info.rank, "launch": ledger.launch, "node": info.node, "units": [],
             "documents": 0, "tokens": 0, "bytes": 0, "windows": 0}
     t0 = time.perf_counter()
+    windows_of = _windows_of(cfg, tok, template)
     while (u := ledger.claim_next(only)) is not None:
         unit = plan["units"][u]
         reader = UnitReader(cfg.data_spec, plan, u)
         counts = UnitStats()
         writer = UnitWriter(out, u, ledger.launch, header)
         cap = unit.get("max_windows")
-        batch: list[tuple[int, np.ndarray]] = []
-        for k, tokens in enumerate(unit_windows(reader.documents(), tok, cfg.seq_len, counts)):
+        batch: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        cstats = ChatStats() if cfg.data_format == "chat" else None
+        for k, (tokens, trainable) in enumerate(windows_of(reader, counts, cstats)):
             if cap is not None and k >= cap:
                 break
             if int(tokens.max()) >= V:
                 raise ValueError(f"unit {u}, window {k}: token id {int(tokens.max())} >= teacher V={V}")
-            batch.append((k, tokens))
+            batch.append((k, tokens, trainable))
             if len(batch) == cfg.batch_size:
                 _flush(cfg, model, codec, device, u, batch, writer, prog, delay)
         if batch:
@@ -296,7 +348,11 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
         shards = writer.close()
         # sha256 of the unit's bytes: complete once its documents were read to the end (a
         # --max-windows cap may stop the last unit early: then None).
-        rec = {"shards": shards, "stats": writer.stats, "windows": sum(s["samples"] for s in shards),
+        stats = writer.stats
+        if cstats is not None:     # rows read (up to a --max-windows cap), per unit
+            stats = {**stats, "conversations": cstats.conversations,
+                     "skipped_no_assistant": cstats.skipped_no_assistant}
+        rec = {"shards": shards, "stats": stats, "windows": sum(s["samples"] for s in shards),
                "documents": reader.n_documents, "tokens": counts.tokens, "bytes": reader.n_bytes,
                "sha256": reader.sha256, "node": info.node}
         ledger.mark_done(u, rec)
@@ -313,9 +369,11 @@ def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog
     """Cache one batch of windows: teacher logits chunk by chunk, sampling, packing, writing.
     `timer` (tools/bench_cache.py) times each of those phases."""
     timer = timer or PhaseTimer()
-    ids_in = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64)).to(device)
+    # (k, tokens, trainable or None); (k, tokens) for text (tools/bench_cache.py)
+    items = [(x[0], x[1], x[2] if len(x) > 2 else None) for x in batch]
+    ids_in = torch.from_numpy(np.stack([t for _, t, _ in items]).astype(np.int64)).to(device)
     per_window: dict[int, list] = {b: [] for b in range(len(batch))}
-    gens = [window_generators(cfg.seed, unit, k, device) for k, _ in batch]
+    gens = [window_generators(cfg.seed, unit, k, device) for k, _, _ in items]
     stats: dict = {}
     for b, _, logits, dropped in teacher_logit_chunks(model, ids_in, cfg.chunk_positions,
                                                       cfg.teacher_temperature, codec.vocab_size, timer):
@@ -326,17 +384,17 @@ def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog
                                        stats=stats, **cfg.sampler_args)
             per_window[b].append((ids.cpu(), w.cpu(), h.cpu(),
                                   stats.get("rskd_truncated_positions", 0) - before, dropped.cpu()))
-    for b, (k, tokens) in enumerate(batch):
+    for b, (k, tokens, trainable) in enumerate(items):
         parts = per_window[b]
         ids = torch.cat([p[0] for p in parts]).numpy()
         w = torch.cat([p[1] for p in parts]).numpy()
         h = torch.cat([p[2] for p in parts]).numpy()
         dm = torch.cat([p[4] for p in parts]).numpy()
         with timer("pack"):
-            records, ec = encode_window(codec, ids, w, h, gens[b][1])
-            n_distinct = (ids != codec.sentinel).sum(1)
+            records, ec, n_distinct = encode_window(codec, ids, w, h, gens[b][1], trainable)
         with timer("write"):
-            writer.write(k, tokens, records, ec, n_distinct, sum(p[3] for p in parts), dm)
+            writer.write(k, tokens, records, ec, n_distinct, sum(p[3] for p in parts), dm,
+                         trainable)
     prog.update(len(batch), len(batch) * cfg.seq_len)
     batch.clear()
     if delay:

@@ -23,18 +23,24 @@ from pipeline.manifest import (HEADER, UNITS, check_compatible, read_json, sha25
 from pipeline.units import UnitReader, check_plan, plan_units, unit_windows
 
 
-def plan_with_cap(spec: DataSpec, unit_bytes: int, tok, seq_len: int, max_windows: int | None) -> dict:
+def plan_with_cap(spec: DataSpec, unit_bytes: int, tok, seq_len: int, max_windows: int | None,
+                  windows_of=None) -> dict:
     """The unit plan; with --max-windows N, cut to the first N windows in plan order.
 
     Window counts are known only after tokenizing, so for a cap rank 0 tokenizes units in
     order until N windows are reached (reading only that prefix: a cap is for tests, demos
-    and slices of a corpus) and records the last unit's `max_windows`."""
+    and slices of a corpus) and records the last unit's `max_windows`. `windows_of(reader)`
+    gives a unit's windows (default: its documents' text windows; the stage passes its own,
+    which packs conversations for --data-format chat)."""
     plan = plan_units(spec, unit_bytes)
     if max_windows is None:
         return plan
+    if windows_of is None:
+        def windows_of(reader):
+            return unit_windows(reader.documents(), tok, seq_len)
     total = 0
     for i, u in enumerate(plan["units"]):
-        n = sum(1 for _ in unit_windows(UnitReader(spec, plan, u["unit"]).documents(), tok, seq_len))
+        n = sum(1 for _ in windows_of(UnitReader(spec, plan, u["unit"])))
         if total + n >= max_windows:
             plan["units"] = plan["units"][:i + 1]
             plan["units"][i]["max_windows"] = max_windows - total
@@ -50,7 +56,7 @@ def corpus_fingerprint(plan: dict) -> str:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
-def setup_launch(cfg, out: Path, header: dict, tok, info: DistInfo):
+def setup_launch(cfg, out: Path, header: dict, tok, info: DistInfo, windows_of=None):
     """Rank 0: begin this launch, then refuse a changed corpus or a different cache, plan the
     units (first launch) and take over the units of dead launches. Returns (header, plan,
     launch). The checks run before the launch begins (a refused run leaves the directory
@@ -59,7 +65,7 @@ def setup_launch(cfg, out: Path, header: dict, tok, info: DistInfo):
     _check_existing(cfg, out, header)
     launch = Ledger.begin_launch(out, info.world_size, cfg.lease_s, log=lambda m: log(m, info))
     try:
-        header, plan = _plan_and_take_over(cfg, out, header, tok, info, launch.number)
+        header, plan = _plan_and_take_over(cfg, out, header, tok, info, launch.number, windows_of)
     except BaseException as e:
         if info.world_size == 1:    # several ranks: the job is aborted, the heartbeat dies with it
             launch.stop("failed", reason=f"{type(e).__name__}: {e}"[:500])
@@ -80,10 +86,11 @@ def _check_existing(cfg, out: Path, header: dict) -> tuple[dict, dict | None]:
 
 
 def _plan_and_take_over(cfg, out: Path, header: dict, tok, info: DistInfo,
-                        launch: int) -> tuple[dict, dict]:
+                        launch: int, windows_of=None) -> tuple[dict, dict]:
     header, plan = _check_existing(cfg, out, header)      # again, now under the lease
     if plan is None:
-        plan = plan_with_cap(cfg.data_spec, cfg.unit_bytes, tok, cfg.seq_len, cfg.max_windows)
+        plan = plan_with_cap(cfg.data_spec, cfg.unit_bytes, tok, cfg.seq_len, cfg.max_windows,
+                             windows_of)
         if not plan["units"]:
             raise ValueError(f"--data {cfg.data}: no documents to cache (the corpus is empty)")
         write_json_atomic(out / UNITS, plan)

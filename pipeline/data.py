@@ -40,6 +40,40 @@ class DataSpec:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The row fields a work unit reads (the text field)."""
+        return (self.text_field,)
+
+    @property
+    def is_chat(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class ChatDataSpec(DataSpec):
+    """A corpus of conversations (`--data-format chat`, pipeline.chat): rows hold
+    `messages_field` (a list of {role, content}) or `prompt_field`/`response_field` (and
+    optionally `system_field`). `text_field` is unused."""
+
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    system_field: str = "system"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        del d["text_field"]
+        return {"format": "chat", **d}
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.messages_field, self.prompt_field, self.response_field, self.system_field)
+
+    @property
+    def is_chat(self) -> bool:
+        return True
+
 
 def _local_files(path: Path) -> tuple[str, list[str]]:
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]

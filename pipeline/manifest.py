@@ -1,6 +1,7 @@
 """The cache directory's manifest: header, unit plan, merge, layout and checks.
 
-Layout of a cache directory (format version 2; docs/CACHE_FORMAT.md is the full reference):
+Layout of a cache directory (format version 2, or 3 for a chat cache whose samples carry
+`trainable.bits`; docs/CACHE_FORMAT.md is the full reference):
     header.json          what determines the records (teacher, tokenizer, data, T, U, sampler,
                          codebooks, seed), written by the first launch, compared by every restart
     units.json           the unit plan: the corpus files (size, mtime) and their work units
@@ -27,7 +28,10 @@ from typing import Any
 MANIFEST = "manifest.json"
 HEADER = "header.json"
 UNITS = "units.json"
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+# Format 3 = format 2 + a `trainable.bits` member in every sample (chat caches, issue 15).
+# Text caches are still written as version 2, byte for byte as before.
+MASKED_FORMAT_VERSION = 3
 # teacher_parameters and teacher_weights (sha256 of every weight file) identify the teacher
 # by its weights: the same path holding another model is refused, not mixed into the cache.
 HEADER_KEYS = ("format_version", "teacher", "teacher_parameters", "teacher_weights",
@@ -59,6 +63,23 @@ LAYOUT = {
                "teacher_logits - vocab_size padded logits are dropped before sampling, and "
                "their probability mass is reported in stats.dropped_mass_sum / _max",
 }
+MASKED_LAYOUT = {
+    **LAYOUT,
+    "container": "POSIX tar files (WebDataset shards); one sample per window, members "
+                 "'{key}.tokens.u32', '{key}.kd.bin' and '{key}.trainable.bits'; key = "
+                 "'u{unit:07d}-w{window:07d}'",
+    "trainable.bits": "ceil(seq_len / 8) bytes: numpy.packbits of seq_len flags, "
+                      "bitorder='little' (position p = bit p % 8 of byte p // 8, unused high "
+                      "bits 0); flag p: kd.bin position p (the prediction of token p+1) is a "
+                      "training target (its next token belongs to an assistant turn). A "
+                      "position whose flag is 0 holds num_classes sentinel records of weight "
+                      "code 0 (its entropy byte is the teacher's entropy as usual)",
+}
+
+
+def layout(masked: bool = False) -> dict:
+    """The `layout` a header stores: version 2's, or version 3's (with trainable.bits)."""
+    return MASKED_LAYOUT if masked else LAYOUT
 
 
 def unit_shard_name(unit: int, launch: int, n: int) -> str:
@@ -149,7 +170,12 @@ def header_diff(existing: dict, header: dict) -> list[str]:
             diffs.append(teacher_weights_diff(a, b, header.get("teacher")))
         elif a != b:
             sa, sb = json.dumps(a)[:120], json.dumps(b)[:120]
-            diffs.append(f"{k}: cache has {sa}, this run has {sb}")
+            line = f"{k}: cache has {sa}, this run has {sb}"
+            if isinstance(a, dict) and isinstance(b, dict):   # e.g. dataset: name the field
+                subs = [f"{j}: {json.dumps(a.get(j))[:70]} -> {json.dumps(b.get(j))[:70]}"
+                        for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+                line += f" (differs in {'; '.join(subs)})"
+            diffs.append(line)
     return diffs
 
 

@@ -4,7 +4,8 @@
     reader.check_student(tokenizer, vocab_size)         # fingerprint and V must match
     for batch in reader.batches(epoch=0):               # exactly reader.steps_per_epoch(0)
         batch.input_ids [B,T] int64, batch.ids [B,T,U] int64 (sentinel >= V = unused slot),
-        batch.weights [B,T,U] float32 (p_hat), batch.entropy [B,T] float32, batch.keys
+        batch.weights [B,T,U] float32 (p_hat), batch.entropy [B,T] float32, batch.keys,
+        batch.trainable [B,T] bool (a chat cache's training targets; all True otherwise)
 
 Epoch plan (any number of ranks up to the number of windows N, not of shards). A window is
 (shard, sample index in the shard's tar); the manifest gives every shard's `samples`, so
@@ -33,6 +34,13 @@ flipped shard raises an error naming the file instead of yielding wrong data. Sh
 are checked at construction (plain `cache-*.tar` shard names inside the cache directory: a
 manifest never makes the reader open a file elsewhere). Samples are decoded from raw bytes
 (no pickle) and dequantized by codebook lookup; record ids and tokens must be < V.
+
+`trainable` (format version 3, chat caches): position p is a training target iff bit p of
+the sample's `trainable.bits` is set (np.packbits, bitorder little). Masked positions hold
+only sentinel records, but the reader does not rely on it: a consumer must AND `trainable`
+into every position that gets a loss or enters a statistic. Versions 1 and 2 (text caches)
+have no such member: every position is trainable. A version-3 sample without the member,
+or with one of another size or nonzero padding bits, is a ShardError.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import numpy as np
 import torch
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import load_manifest, shard_path
+from pipeline.manifest import MASKED_FORMAT_VERSION, load_manifest, shard_path
 
 
 @dataclass
@@ -58,10 +66,16 @@ class CacheBatch:
     weights: torch.Tensor       # [B, T, U] float32
     entropy: torch.Tensor       # [B, T] float32
     keys: list[str]
+    trainable: torch.Tensor | None = None   # [B, T] bool; None given -> all True
+
+    def __post_init__(self):
+        if self.trainable is None:
+            self.trainable = torch.ones(self.input_ids.shape, dtype=torch.bool,
+                                        device=self.input_ids.device)
 
     def to(self, device) -> "CacheBatch":
         return CacheBatch(self.input_ids.to(device), self.ids.to(device), self.weights.to(device),
-                          self.entropy.to(device), self.keys)
+                          self.entropy.to(device), self.keys, self.trainable.to(device))
 
 
 class ShardError(ValueError):
@@ -82,6 +96,7 @@ class CacheReader:
         self.weight_levels = np.asarray(m["weight_codebook"], dtype=np.float32)
         self.entropy_levels = np.asarray(m["entropy_codebook"], dtype=np.float32)
         self.seq_len = m["seq_len"]
+        self.masked = m["format_version"] >= MASKED_FORMAT_VERSION   # samples carry trainable.bits
         self.shards = m["shards"]
         # Every shard entry names a file inside the cache directory (manifest.shard_path),
         # checked before anything is opened: a bad manifest fails at setup, not mid-epoch.
@@ -213,8 +228,26 @@ class CacheReader:
         if bad.any() or (wc[ids == self.codec.sentinel] != 0).any():
             raise ShardError(f"shard {url}, sample {key}: records with ids outside V="
                              f"{self.codec.vocab_size} or weighted padding; the shard is damaged")
-        return {"key": key, "tokens": tokens, "ids": ids,
-                "weights": self.weight_levels[wc], "entropy": self.entropy_levels[ec]}
+        return {"key": key, "tokens": tokens, "ids": ids, "weights": self.weight_levels[wc],
+                "entropy": self.entropy_levels[ec], "trainable": self._trainable(sample)}
+
+    def _trainable(self, sample: dict) -> np.ndarray:
+        """[T] bool: from `trainable.bits` (version 3), else all True."""
+        T = self.seq_len
+        if not self.masked:
+            return np.ones(T, dtype=bool)
+        bits, n = sample.get("trainable.bits"), (T + 7) // 8
+        where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+        if bits is None or len(bits) != n:
+            raise ShardError(f"{where}: format version {self.manifest['format_version']} needs a "
+                             f"trainable.bits member of {n} B, got "
+                             f"{'none' if bits is None else f'{len(bits)} B'}; the shard is "
+                             "damaged: re-cache it or restore it")
+        flags = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")
+        if flags[T:].any():
+            raise ShardError(f"{where}: trainable.bits has padding bits set beyond T={T}; the "
+                             "shard is damaged: re-cache it or restore it")
+        return flags[:T].astype(bool)
 
     @staticmethod
     def _collate(samples: list[dict]) -> CacheBatch:
@@ -223,7 +256,8 @@ class CacheReader:
             ids=torch.from_numpy(np.stack([s["ids"] for s in samples])),
             weights=torch.from_numpy(np.stack([s["weights"] for s in samples])),
             entropy=torch.from_numpy(np.stack([s["entropy"] for s in samples])),
-            keys=[s["key"] for s in samples])
+            keys=[s["key"] for s in samples],
+            trainable=torch.from_numpy(np.stack([s["trainable"] for s in samples])))
 
     def pipeline(self, epoch: int, skip: int = 0):
         """This rank's batches of `epoch` (webdataset stages), the first `skip` neither

@@ -4,6 +4,12 @@
 renamed) and returns the entries its done record lists; `encode_window` rounds and packs a
 window's sampled classes into records; `window_generators` gives window k of a unit its
 random streams; `empty_stats` / `add_stats` keep the per-unit statistics the manifest sums.
+
+Chat caches (format version 3) pass each window's `trainable` flags [T]: masked positions
+(False) are packed as U sentinel records of weight code 0 (their entropy byte is kept), the
+sample gains `trainable.bits` (np.packbits of the flags, bitorder little), and the entropy
+and distinct-class histograms count trainable positions only (`trainable_positions` counts
+them). Text caches (trainable None) are written exactly as before.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import sha256_file, unit_shard_name, window_key
+from pipeline.manifest import MASKED_FORMAT_VERSION, sha256_file, unit_shard_name, window_key
 
 
 class UnitWriter:
@@ -32,7 +38,8 @@ class UnitWriter:
         self.out, self.unit, self.launch, self.header = out, unit, launch, header
         self.entries: list[dict] = []
         self.writer = None
-        self.stats = empty_stats(header["num_classes"])
+        self.stats = empty_stats(header["num_classes"],
+                                 masked=header.get("format_version", 0) >= MASKED_FORMAT_VERSION)
         self.shard = self._fresh()
 
     def _fresh(self) -> dict:
@@ -49,7 +56,8 @@ class UnitWriter:
         self.shard = self._fresh()
 
     def write(self, k: int, tokens: np.ndarray, records: np.ndarray, ecodes, n_distinct,
-              truncated: int, dropped_mass: np.ndarray | None = None) -> None:
+              truncated: int, dropped_mass: np.ndarray | None = None,
+              trainable: np.ndarray | None = None) -> None:
         import webdataset as wds
 
         if self.writer is None:
@@ -61,13 +69,16 @@ class UnitWriter:
             self.writer = wds.ShardWriter(pattern, maxcount=self.header["shard_samples"],
                                           post=self._finish_shard, verbose=0, encoder=False,
                                           mtime=0)
-        self.writer.write({"__key__": window_key(self.unit, k),
-                           "tokens.u32": tokens.astype("<u4").tobytes(),
-                           "kd.bin": records.tobytes()})
+        sample = {"__key__": window_key(self.unit, k),
+                  "tokens.u32": tokens.astype("<u4").tobytes(),
+                  "kd.bin": records.tobytes()}
+        if trainable is not None:
+            sample["trainable.bits"] = trainable_bits(trainable)
+        self.writer.write(sample)
         self.shard["samples"] += 1
         self.shard["positions"] += len(tokens)
         self.shard["windows"].append(k)
-        add_stats(self.stats, ecodes, n_distinct, truncated, len(tokens), dropped_mass)
+        add_stats(self.stats, ecodes, n_distinct, truncated, len(tokens), dropped_mass, trainable)
         if self.writer.count >= self.writer.maxcount:
             # Finish (hash, rename) a full shard now, not when the next window arrives.
             self.writer.finish()
@@ -78,17 +89,25 @@ class UnitWriter:
         return self.entries
 
 
-def empty_stats(num_classes: int) -> dict:
-    # distinct_hist[k] = positions with k distinct classes, k = 0..U
-    return {"entropy_code_hist": [0] * 256, "distinct_hist": [0] * (num_classes + 1),
-            "positions": 0, "samples": 0, "rskd_truncated_positions": 0,
-            "dropped_mass_sum": 0.0, "dropped_mass_max": 0.0}
+def empty_stats(num_classes: int, masked: bool = False) -> dict:
+    # distinct_hist[k] = positions with k distinct classes, k = 0..U (masked: trainable ones)
+    st = {"entropy_code_hist": [0] * 256, "distinct_hist": [0] * (num_classes + 1),
+          "positions": 0, "samples": 0, "rskd_truncated_positions": 0,
+          "dropped_mass_sum": 0.0, "dropped_mass_max": 0.0}
+    return st | {"trainable_positions": 0} if masked else st
 
 
 def add_stats(st: dict, ecodes, n_distinct, truncated: int, positions: int,
-              dropped_mass: np.ndarray | None) -> None:
+              dropped_mass: np.ndarray | None, trainable: np.ndarray | None = None) -> None:
+    """Add one window. With `trainable` [T], the entropy and distinct-class histograms count
+    its trainable positions only; the teacher-side counts (rskd truncations, dropped mass)
+    stay over every position the teacher saw."""
     st["samples"] += 1
     st["positions"] += positions
+    if trainable is not None:
+        trainable = np.asarray(trainable, dtype=bool)
+        st["trainable_positions"] += int(trainable.sum())
+        ecodes, n_distinct = np.asarray(ecodes)[trainable], np.asarray(n_distinct)[trainable]
     st["entropy_code_hist"] = (np.asarray(st["entropy_code_hist"])
                                + np.bincount(ecodes, minlength=256)).tolist()
     st["distinct_hist"] = (np.asarray(st["distinct_hist"])
@@ -99,10 +118,25 @@ def add_stats(st: dict, ecodes, n_distinct, truncated: int, positions: int,
         st["dropped_mass_max"] = max(st["dropped_mass_max"], float(np.max(dropped_mass)))
 
 
-def encode_window(codec: RecordCodec, ids, w, h, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def encode_window(codec: RecordCodec, ids, w, h, rng: np.random.Generator,
+                  trainable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(records, entropy codes [T], distinct classes per position [T]). Every position is
+    rounded (the rounding stream is consumed as for a text window, so a trainable position's
+    record equals the text path's); then positions with `trainable` False get U sentinel
+    slots of weight code 0."""
     wc = codec.weight_codebook().encode(w, rng)
     ec = codec.entropy_codebook().encode(h)
-    return codec.pack(ids, wc, ec), ec
+    if trainable is not None:
+        masked = ~np.asarray(trainable, dtype=bool)
+        ids = np.where(masked[:, None], codec.sentinel, ids)
+        wc = np.where(masked[:, None], 0, wc)
+    return codec.pack(ids, wc, ec), ec, (ids != codec.sentinel).sum(1)
+
+
+def trainable_bits(trainable: np.ndarray) -> bytes:
+    """The `trainable.bits` member: np.packbits of the T flags, bitorder little (position p
+    is bit p % 8 of byte p // 8; the last byte's unused high bits are 0)."""
+    return np.packbits(np.asarray(trainable, dtype=bool), bitorder="little").tobytes()
 
 
 def window_generators(seed: int, unit: int, k: int, device: torch.device):

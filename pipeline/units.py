@@ -24,7 +24,9 @@ file `j` to position `b` of file `k` (`k >= j`; files in between whole; when `k 
 `a == 0` and `b` is file k's end). Unit indices are global, 0..N-1 in file order.
 
 A unit is tokenized and windowed on its own (`unit_windows`): its documents each followed by
-EOS, concatenated, cut into windows of T tokens, the last partial window dropped.
+EOS, concatenated, cut into windows of T tokens, the last partial window dropped. A chat
+corpus (`data.ChatDataSpec`, `--data-format chat`) is read as rows (`UnitReader.rows()`) and
+packed by `pipeline.packing.chat_unit_windows` (conversations, no EOS; .txt refused).
 
 Tokens lost to the dropped partial windows: `tokens_u mod T` per unit, on average T/2 (at
 most T-1). At the default 64 MiB per unit and ~4 bytes/token (English BPE text), a unit
@@ -54,13 +56,12 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.data import _BUILDERS, DataSpec, _local_files, _not_utf8, token_stream, windows
+from pipeline.data import _BUILDERS, DataSpec, _local_files, _not_utf8
+# A unit's documents -> windows; defined in pipeline.packing, imported from here too.
+from pipeline.packing import UnitStats, unit_windows  # noqa: F401
 
 PLAN_VERSION = 1
 DEFAULT_UNIT_BYTES = 64 << 20
@@ -100,6 +101,11 @@ def _list(spec: DataSpec) -> tuple[Path, list[tuple[str, Path, str]]]:
             raise ValueError(
                 f"--data {spec.path}: work units read {sorted(_KINDS)} files, not {f.suffix} "
                 f"({f}); convert it to .jsonl or .parquet")
+        if kind == "txt" and spec.is_chat:
+            raise ValueError(
+                f"--data {spec.path}: {f} is a .txt file (one plain-text document); "
+                "--data-format chat reads rows of conversations from .jsonl, .json or .parquet "
+                "files: convert it, or cache it with --data-format text")
         rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
         out.append((rel, f, kind))
     return root, out
@@ -115,10 +121,26 @@ def _parquet_meta(spec: DataSpec, f: Path):
 
     md = pq.ParquetFile(f).metadata
     names = [md.schema.column(i).path for i in range(md.num_columns)]
-    if spec.text_field not in names:
-        raise ValueError(f"--text-field {spec.text_field!r} is not a column of {f}; columns: "
-                         f"{names}")
+    _parquet_columns(spec, f, names)
     return md
+
+
+def _parquet_columns(spec: DataSpec, f: Path, names: list[str]) -> list[str]:
+    """The columns of `spec.columns` a parquet file holds (the text column, or the
+    conversation columns present); refuses a file that holds none of what is needed.
+    `names`: the file's leaf column paths (a list column's leaves are `name.list.element...`)."""
+    top = {n.split(".")[0]: n for n in reversed(names)}
+    if not spec.is_chat:
+        if spec.text_field not in names:
+            raise ValueError(f"--text-field {spec.text_field!r} is not a column of {f}; columns: "
+                             f"{names}")
+        return [spec.text_field]
+    if spec.messages_field not in top and not (spec.prompt_field in top and spec.response_field in top):
+        raise ValueError(f"--data {spec.path}: {f} has neither a column {spec.messages_field!r} "
+                         f"nor columns {spec.prompt_field!r} and {spec.response_field!r} "
+                         f"(columns: {sorted(top)}); name them with --messages-field, "
+                         "--prompt-field and --response-field")
+    return [c for c in spec.columns if c in top]
 
 
 def plan_units(spec: DataSpec, unit_bytes: int = DEFAULT_UNIT_BYTES) -> dict:
@@ -245,13 +267,14 @@ def check_plan(spec: DataSpec, plan: dict) -> None:
 class UnitReader:
     """The documents of one unit of a plan, reading only that unit's bytes (plus, for a
     .jsonl range that starts inside a line, the rest of that line, to find the first line
-    it owns).
+    it owns). For a chat spec (`data.ChatDataSpec`), `rows()` gives the unit's rows instead.
 
-    After `documents()` is exhausted: `sha256` (hex) of the bytes the unit covers, in
-    order: for .jsonl the exact bytes of the lines it owns (blank lines included; the
-    units' owned ranges partition each file), for .txt/.json the whole file, for .parquet
-    the text column's column chunks (dictionary and data pages, as stored in the file) of
-    the unit's row groups; `n_bytes` the number of bytes hashed; `n_documents`.
+    After `documents()` (or `rows()`) is exhausted: `sha256` (hex) of the bytes the unit
+    covers, in order: for .jsonl the exact bytes of the lines it owns (blank lines included;
+    the units' owned ranges partition each file), for .txt/.json the whole file, for
+    .parquet the column chunks (dictionary and data pages, as stored in the file) of the
+    unit's row groups of the text column (chat: of the conversation columns present, in the
+    file's column order); `n_bytes` the number of bytes hashed; `n_documents` (rows).
     """
 
     def __init__(self, spec: DataSpec, plan: dict, unit: int):
@@ -267,6 +290,19 @@ class UnitReader:
 
     def documents(self) -> Iterator[str]:
         """The unit's documents, in corpus order."""
+        if self.spec.is_chat:
+            raise ValueError("a chat corpus has rows of conversations, not documents: rows()")
+        return self._records(False)
+
+    def rows(self) -> Iterator[tuple[dict, dict]]:
+        """Chat spec: the unit's rows in corpus order, each with where it lies:
+        `{"path", "offset"}` (a JSON line starting at byte `offset`), `{"path", "element"}`
+        (element of a JSON array) or `{"path", "row", "group"}` (parquet: row of the file)."""
+        if not self.spec.is_chat:
+            raise ValueError("rows() reads a chat corpus (data.ChatDataSpec)")
+        return self._records(True)
+
+    def _records(self, chat: bool) -> Iterator:
         u = self.entry
         h = hashlib.sha256()
         self.sha256, self.n_documents, self.n_bytes = None, 0, 0
@@ -286,7 +322,7 @@ class UnitReader:
             b = u["end"] if j == u["last_file"] else _end(finfo)
             read = {"jsonl": self._jsonl, "json": self._json, "txt": self._txt,
                     "parquet": self._parquet}[finfo["kind"]]
-            for doc in read(path, a, b, h):
+            for doc in read(path, a, b, h, chat):
                 self.n_documents += 1
                 yield doc
         self.sha256 = h.hexdigest()
@@ -319,9 +355,9 @@ class UnitReader:
             raise ValueError(f"{err} (first bad byte at byte {offset + e.start} of the "
                              "file)") from e
 
-    def _lines(self, path: Path, f, pos: int, b: int, h) -> Iterator[str]:
-        """Documents of the JSON lines of `f` that start at `pos` .. < b (pos is a line
-        start); hashes every byte of those lines."""
+    def _lines(self, path: Path, f, pos: int, b: int, h, chat: bool) -> Iterator:
+        """Documents (chat: (row, where)) of the JSON lines of `f` that start at `pos` .. < b
+        (pos is a line start); hashes every byte of those lines."""
         start = pos
         while pos < b:
             line = f.readline()
@@ -342,17 +378,18 @@ class UnitReader:
                     f"{self._where(path)}: {where} is not valid JSON ({e.msg}, column {e.colno}); "
                     f"fix or remove that line ({show}). A .jsonl file holds one JSON object per "
                     "line (a JSON array belongs in a .json file)") from None
-            yield self._row_text(path, row, where, show)
+            yield (row, {"path": path, "offset": off}) if chat else self._row_text(
+                path, row, where, show)
         self.n_bytes += pos - start
 
-    def _jsonl(self, path: Path, a: int, b: int, h) -> Iterator[str]:
+    def _jsonl(self, path: Path, a: int, b: int, h, chat: bool) -> Iterator:
         with open(path, "rb") as f:
             pos = a
             if a > 0:
                 f.seek(a - 1)
                 if f.read(1) != b"\n":           # a line that started before a: not ours
                     pos = _skip_line(f)
-            yield from self._lines(path, f, pos, b, h)
+            yield from self._lines(path, f, pos, b, h, chat)
 
     def _read_whole(self, path: Path, h) -> bytes:
         raw = path.read_bytes()
@@ -360,18 +397,18 @@ class UnitReader:
         self.n_bytes += len(raw)
         return raw
 
-    def _txt(self, path: Path, a: int, b: int, h) -> Iterator[str]:
+    def _txt(self, path: Path, a: int, b: int, h, chat: bool) -> Iterator[str]:
         raw = self._read_whole(path, h)
         body = raw[3:] if raw.startswith(_BOM) else raw
         yield self._decode(path, body, len(raw) - len(body))
 
-    def _json(self, path: Path, a: int, b: int, h) -> Iterator[str]:
+    def _json(self, path: Path, a: int, b: int, h, chat: bool) -> Iterator:
         raw = self._read_whole(path, h)
         body = raw[3:] if raw.startswith(_BOM) else raw
         if not body.lstrip().startswith(b"["):      # JSON lines with a .json suffix
             n_bytes = self.n_bytes                  # _read_whole hashed and counted them
             with io.BytesIO(raw) as f:
-                yield from self._lines(path, f, 0, len(raw), hashlib.sha256())
+                yield from self._lines(path, f, 0, len(raw), hashlib.sha256(), chat)
             self.n_bytes = n_bytes
             return
         text = self._decode(path, body, len(raw) - len(body))
@@ -382,7 +419,9 @@ class UnitReader:
                              f"column {e.colno}); a .json file holds a JSON array of objects "
                              "(or of strings) or one JSON object per line") from None
         for i, row in enumerate(rows):
-            if isinstance(row, str):              # datasets names an array of strings 'text'
+            if chat:
+                yield row, {"path": path, "element": i}
+            elif isinstance(row, str):              # datasets names an array of strings 'text'
                 if self.spec.text_field != "text":
                     raise ValueError(f"{self._where(path)}: an array of strings has one column, "
                                      f"'text'; --text-field is {self.spec.text_field!r}")
@@ -391,36 +430,47 @@ class UnitReader:
                 yield self._row_text(path, row, f"element {i} of the array",
                                      "elements are numbered from 0")
 
-    def _parquet(self, path: Path, a: int, b: int, h) -> Iterator[str]:
+    def _parquet(self, path: Path, a: int, b: int, h, chat: bool) -> Iterator:
         import pyarrow.parquet as pq
 
         field = self.spec.text_field
         pf = pq.ParquetFile(path)
         md = pf.metadata
         names = [md.schema.column(i).path for i in range(md.num_columns)]
-        if field not in names:
-            raise ValueError(f"--text-field {field!r} is not a column of {path}; columns: {names}")
-        ci = names.index(field)
+        cols = _parquet_columns(self.spec, path, names)
+        chunks = [i for i, n in enumerate(names) if n.split(".")[0] in cols] if chat else \
+            [names.index(field)]
+        first = sum(md.row_group(g).num_rows for g in range(a))     # the file's row index
         with open(path, "rb") as raw:
             for g in range(a, b):
-                cc = md.row_group(g).column(ci)
-                lo = (cc.dictionary_page_offset if cc.has_dictionary_page
-                      and cc.dictionary_page_offset else cc.data_page_offset)
-                raw.seek(lo)
-                left = cc.total_compressed_size
-                while left > 0:
-                    block = raw.read(min(left, 1 << 20))
-                    if not block:
-                        break
-                    h.update(block)
-                    left -= len(block)
-                    self.n_bytes += len(block)
+                for ci in chunks:
+                    self._hash_chunk(raw, md.row_group(g).column(ci), h)
+                if chat:
+                    for i, row in enumerate(pf.read_row_group(g, columns=cols).to_pylist()):
+                        yield row, {"path": path, "row": first + i, "group": g}
+                    first += md.row_group(g).num_rows
+                    continue
                 col = pf.read_row_group(g, columns=[field]).column(0)
                 for i, doc in enumerate(col.to_pylist()):
                     if not isinstance(doc, str):
                         raise ValueError(f"{self._where(path)}: row {i} of row group {g}: column "
                                          f"{field!r} is {type(doc).__name__}, expected a string")
                     yield doc
+
+
+    def _hash_chunk(self, raw, cc, h) -> None:
+        """Hash a column chunk's bytes (dictionary and data pages) as stored in the file."""
+        lo = (cc.dictionary_page_offset if cc.has_dictionary_page
+              and cc.dictionary_page_offset else cc.data_page_offset)
+        raw.seek(lo)
+        left = cc.total_compressed_size
+        while left > 0:
+            block = raw.read(min(left, 1 << 20))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+            self.n_bytes += len(block)
 
 
 def _skip_line(f) -> int:
@@ -434,41 +484,3 @@ def _skip_line(f) -> int:
             pos = f.tell() - len(chunk) + i + 1
             f.seek(pos)
             return pos
-
-
-# ---------------------------------------------------------------- windows
-
-@dataclass
-class UnitStats:
-    """Counts of one `unit_windows` pass (final once the iterator is exhausted)."""
-
-    documents: int = 0
-    tokens: int = 0
-    """Tokens of the unit's documents, EOS included (what was tokenized)."""
-    windows: int = 0
-    dropped_tokens: int = 0
-    """Tokens of the last partial window (tokens - windows * seq_len)."""
-
-
-def unit_windows(docs: Iterable[str], tokenizer, seq_len: int,
-                 stats: UnitStats | None = None) -> Iterator[np.ndarray]:
-    """The unit's windows of `seq_len` tokens: each document followed by EOS, concatenated,
-    the last partial window dropped (`data.token_stream` + `data.windows`). Counts go into
-    `stats` (pass a `UnitStats` to read them after the iterator is exhausted)."""
-    stats = stats if stats is not None else UnitStats()
-    stats.documents = stats.tokens = stats.windows = stats.dropped_tokens = 0
-
-    def counted_docs():
-        for d in docs:
-            stats.documents += 1
-            yield d
-
-    def counted_tokens():
-        for piece in token_stream(counted_docs(), tokenizer):
-            stats.tokens += len(piece)
-            yield piece
-
-    for win in windows(counted_tokens(), seq_len):
-        stats.windows += 1
-        yield win
-    stats.dropped_tokens = stats.tokens - stats.windows * seq_len

@@ -11,10 +11,19 @@ Numbers (DESIGN.md sections 2 and 9), with N positions = samples x T:
     bytes_per_position        bytes_on_disk / N (records + 4 B of tokens + tar headers)
     reduction_vs_bf16 / fp32  2V / bytes_per_position, 4V / bytes_per_position
     reduction_vs_top128       128 x (2 B fp16 value + 4 B int32 id) / bytes_per_position
-    tar_overhead_fraction     (bytes_on_disk - N x (3U+1+4)) / (N x (3U+1+4))
+    tar_overhead_fraction     (bytes_on_disk - N x (3U+1+4)) / (N x (3U+1+4)); a chat cache's
+                              payload also counts trainable.bits (ceil(T/8) B per sample)
 Entropy statistics come from the manifest's histogram over the 256 entropy codebook
 levels (exact for the quantized entropies); distinct-class statistics from its histogram
 of non-sentinel ids per position.
+
+Chat caches (format version 3, `--data-format chat`): only positions whose next token
+belongs to an assistant turn are trainable (each sample's `trainable.bits`). The report
+shows the trainable fraction (manifest stats `trainable_positions / positions`, with the
+conversations cached and those skipped for having no assistant turn), and the entropy and
+distinct-class histograms are over trainable positions only (the stage counts only those);
+`--verify` counts the trainable positions from the shards and compares. Text caches: every
+position is trainable (fraction 1).
 
 `--verify` first checks that every shard `file` is a plain shard name inside CACHE_DIR
 (no `../`, no absolute path: such a shard is reported bad and never opened), then re-hashes
@@ -24,8 +33,10 @@ with pipeline.codec: ids < V or the sentinel, weight code 0 in sentinel slots, n
 id within a position, tokens < V, keys unique and of the shard's unit (version 2:
 `u{unit:07d}-w{window:07d}` in `cache-u{unit:07d}-l{launch:06d}-{n:04d}.tar`, and the windows
 its entry records) or rank (version 1: `{rank:04d}-{window:09d}`), sample/position counts as
-recorded; when every shard passes it also recomputes the entropy and distinct-class
-histograms and compares them with the manifest's.
+recorded; version 3: a `trainable.bits` member of ceil(T/8) bytes with zero padding bits,
+only sentinel records at masked positions and at least one class at trainable ones; when
+every shard passes it also recomputes the entropy and distinct-class histograms (and the
+trainable count) and compares them with the manifest's.
 
 `--verify --quarantine` repairs a version-2 cache, finished or not: it verifies every shard
 of every cached unit (the ledger's done records), and for each unit with a bad or missing
@@ -57,8 +68,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import (HEADER, MANIFEST, QUARANTINE, load_manifest, read_json,
-                               shard_path)
+from pipeline.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE,
+                               load_manifest, read_json, shard_path)
 
 TOP_K_BASELINE = 128            # a top-k logit cache as DistillKit-style pipelines store it
 TOP_K_BYTES_PER_CLASS = 2 + 4   # fp16 value + int32 id
@@ -144,6 +155,8 @@ def storage_stats(cache_dir: Path, m: dict) -> dict:
     positions = sum(s["positions"] for s in m["shards"])
     record_bpp = 3 * U + 1
     payload = positions * (record_bpp + TOKEN_BYTES)
+    if _masked(m):                     # + trainable.bits: ceil(T/8) bytes per sample
+        payload += samples * ((T + 7) // 8)
     if not positions:
         raise ValueError(f"{cache_dir}/manifest.json lists no positions (an empty cache)")
     bpp = on_disk / positions
@@ -164,6 +177,24 @@ def storage_stats(cache_dir: Path, m: dict) -> dict:
         "record_reduction_vs_fp32": 4 * V / record_bpp,
         "record_reduction_vs_top128": TOP_K_BASELINE * TOP_K_BYTES_PER_CLASS / record_bpp,
     }
+
+
+def _masked(m: dict) -> bool:
+    """A cache whose samples carry trainable.bits (format version 3)."""
+    return (m.get("format_version") or 0) >= MASKED_FORMAT_VERSION
+
+
+def trainable_stats(m: dict) -> dict:
+    """Trainable positions from the manifest's stats (chat caches; every position otherwise)."""
+    st, positions = m["stats"], m["positions"]
+    if not _masked(m):
+        return {"masked": False, "positions": positions, "trainable_positions": positions,
+                "fraction": 1.0}
+    n = int(st.get("trainable_positions", 0))
+    return {"masked": True, "positions": positions, "trainable_positions": n,
+            "fraction": n / positions if positions else 0.0,
+            "conversations": st.get("conversations"),
+            "skipped_no_assistant": st.get("skipped_no_assistant")}
 
 
 def settings(m: dict) -> dict:
@@ -207,11 +238,14 @@ def tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def check_sample(codec: RecordCodec, T: int, key: str, group: dict[str, bytes],
-                 owner: tuple[str, int] | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
-    """Problems of one sample; its entropy codes [T] and distinct counts [T] when decodable.
+                 owner: tuple[str, int] | None, masked: bool = False
+                 ) -> tuple[list[str], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Problems of one sample; its entropy codes [T], distinct counts [T] and trainable
+    flags [T] (all True unless `masked`) when decodable.
 
-    `owner`: ("unit", u) for a version-2 shard (keys u{unit:07d}-w{window:07d}), ("rank", r)
-    for a version-1 shard (keys {rank:04d}-{window:09d}), None when the name says neither."""
+    `owner`: ("unit", u) for a version-2/3 shard (keys u{unit:07d}-w{window:07d}), ("rank", r)
+    for a version-1 shard (keys {rank:04d}-{window:09d}), None when the name says neither.
+    `masked`: a version-3 cache (members tokens.u32, kd.bin and trainable.bits)."""
     problems = []
     if owner is not None and owner[0] == "unit":
         km = UNIT_KEY_RE.match(key)
@@ -225,14 +259,26 @@ def check_sample(codec: RecordCodec, T: int, key: str, group: dict[str, bytes],
             problems.append(f"key {key!r} is not rank-window ({{rank:04d}}-{{window:09d}})")
         elif owner is not None and int(km.group(1)) != owner[1]:
             problems.append(f"key {key} belongs to rank {int(km.group(1))}, shard is rank {owner[1]}")
-    if set(group) != {"tokens.u32", "kd.bin"}:
-        problems.append(f"sample {key}: members {sorted(group)}, expected ['kd.bin', 'tokens.u32']")
+    members = {"tokens.u32", "kd.bin"} | ({"trainable.bits"} if masked else set())
+    if set(group) != members:
+        problems.append(f"sample {key}: members {sorted(group)}, expected {sorted(members)}")
     tok, kd = group.get("tokens.u32", b""), group.get("kd.bin", b"")
     B = codec.bytes_per_position
     if len(tok) != TOKEN_BYTES * T or len(kd) != B * T:
         problems.append(f"sample {key}: tokens.u32 {len(tok)} B (want {TOKEN_BYTES * T}), "
                         f"kd.bin {len(kd)} B (want {B} x T={T} = {B * T})")
-        return problems, None, None
+        return problems, None, None, None
+    trainable = np.ones(T, dtype=bool)
+    if masked:
+        bits = group.get("trainable.bits", b"")
+        if len(bits) != (T + 7) // 8:
+            problems.append(f"sample {key}: trainable.bits {len(bits)} B (want ceil(T/8) = "
+                            f"{(T + 7) // 8})")
+            return problems, None, None, None
+        flags = np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")
+        if flags[T:].any():
+            problems.append(f"sample {key}: trainable.bits has padding bits set beyond T={T}")
+        trainable = flags[:T].astype(bool)
     tokens = np.frombuffer(tok, dtype="<u4")
     if int(tokens.max()) >= codec.vocab_size:
         problems.append(f"sample {key}: token id {int(tokens.max())} >= V={codec.vocab_size}")
@@ -249,12 +295,20 @@ def check_sample(codec: RecordCodec, T: int, key: str, group: dict[str, bytes],
     dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] != codec.sentinel)
     if dup.any():
         problems.append(f"sample {key}: {int(dup.any(1).sum())} position(s) repeat a class id")
-    return problems, ec, (~pad).sum(1)
+    nd = (~pad).sum(1)
+    if masked and (nd[~trainable] != 0).any():
+        problems.append(f"sample {key}: {int((nd[~trainable] != 0).sum())} masked position(s) "
+                        "hold class records (trainable bit 0 means sentinel slots only)")
+    if masked and (nd[trainable] == 0).any():
+        problems.append(f"sample {key}: {int((nd[trainable] == 0).sum())} trainable position(s) "
+                        "hold no class record")
+    return problems, ec, nd, trainable
 
 
 def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
-                 seen_keys: set[str], acc: dict) -> list[str]:
-    """Problems of one shard (empty = good); adds its histograms into `acc`.
+                 seen_keys: set[str], acc: dict, masked: bool = False) -> list[str]:
+    """Problems of one shard (empty = good); adds its histograms into `acc` (`masked`, a
+    version-3 cache: over trainable positions, whose count goes to acc["trainable"]).
 
     A `file` entry that is not a plain shard name inside `cache_dir` (manifest.shard_path:
     `../x.tar`, an absolute path) is a problem of that shard, and nothing is opened."""
@@ -278,7 +332,7 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
     try:
         for key, group in tar_samples(data):
             samples += 1
-            p, ec, nd = check_sample(codec, T, key, group, owner)
+            p, ec, nd, tr = check_sample(codec, T, key, group, owner, masked)
             if (km := UNIT_KEY_RE.match(key)) is not None:
                 windows.append(int(km.group(2)))
             if key in seen_keys:
@@ -287,6 +341,8 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
             problems += p
             if ec is not None:
                 positions += len(ec)
+                acc["trainable"] = acc.get("trainable", 0) + int(tr.sum())
+                ec, nd = (ec[tr], nd[tr]) if masked else (ec, nd)
                 acc["entropy"] += np.bincount(ec, minlength=256)
                 acc["distinct"] += np.bincount(nd, minlength=len(acc["distinct"]))[: len(acc["distinct"])]
     except (tarfile.TarError, EOFError, ValueError) as e:
@@ -312,8 +368,9 @@ def verify_cache(cache_dir: Path, m: dict) -> dict:
            "distinct": np.zeros(len(m["stats"]["distinct_hist"]), np.int64)}
     seen: set[str] = set()
     results = []
+    acc["trainable"] = 0
     for s in m["shards"]:
-        p = verify_shard(cache_dir, s, codec, m["seq_len"], seen, acc)
+        p = verify_shard(cache_dir, s, codec, m["seq_len"], seen, acc, _masked(m))
         results.append({"file": s["file"], "ok": not p, "problems": p})
     bad = [r["file"] for r in results if not r["ok"]]
     stats_match = None
@@ -323,8 +380,14 @@ def verify_cache(cache_dir: Path, m: dict) -> dict:
         if not stats_match:
             problems_cache.append("entropy/distinct histograms recomputed from the records "
                                   "differ from manifest.json's stats")
+        if _masked(m) and acc["trainable"] != m["stats"].get("trainable_positions"):
+            stats_match = False
+            problems_cache.append(f"{acc['trainable']} trainable positions counted in the "
+                                  "shards, manifest.json's stats say "
+                                  f"{m['stats'].get('trainable_positions')}")
     return {"ok": not bad and not problems_cache, "bad_shards": bad, "cache_problems": problems_cache,
-            "stats_match": stats_match, "shards": results}
+            "stats_match": stats_match, "shards": results,
+            "trainable_positions": acc["trainable"] if not bad else None}
 
 
 # -- quarantine -------------------------------------------------------------------------------
@@ -370,7 +433,7 @@ def quarantine_damaged(cache_dir: Path) -> dict:
             checked += 1
             acc = {"entropy": np.zeros(256, np.int64),
                    "distinct": np.zeros(h["num_classes"] + 1, np.int64)}
-            p = verify_shard(cache_dir, s, codec, T, seen, acc)
+            p = verify_shard(cache_dir, s, codec, T, seen, acc, _masked(h))
             problems += [f"{s.get('file')}: {x}" for x in p]
         if not problems:
             continue
@@ -423,7 +486,8 @@ def render_quarantine(res: dict, cache_dir: Path, console: Console) -> None:
 def build_report(cache_dir: Path, verify: bool) -> tuple[dict, dict]:
     m = load_manifest(cache_dir)
     rep = storage_stats(cache_dir, m)
-    rep |= {"entropy": entropy_stats(m), "distinct": distinct_stats(m), "settings": settings(m)}
+    rep |= {"entropy": entropy_stats(m), "distinct": distinct_stats(m), "settings": settings(m),
+            "trainable": trainable_stats(m)}
     if verify:
         rep["verify"] = verify_cache(cache_dir, m)
     return rep, m
@@ -480,12 +544,24 @@ def render(rep: dict, cache_dir: Path, console: Console) -> None:
     for r in rows:
         t.add_row(*r)
     t.add_section()
+    tr = rep["trainable"]
+    over = " (trainable)" if tr["masked"] else ""   # histograms: trainable positions only
+    if tr["masked"]:      # positions whose next token is in an assistant turn
+        t.add_row("trainable positions", f"{100 * tr['fraction']:.2f}%",
+                  f"{tr['trainable_positions']:,} of {tr['positions']:,} positions")
+        counted = rep.get("verify", {}).get("trainable_positions")
+        if counted is not None:
+            t.add_row("trainable, counted in shards", f"{counted:,}", "--verify")
+        t.add_row("conversations", f"{tr['conversations'] or 0:,}",
+                  f"{tr['skipped_no_assistant'] or 0:,} skipped (no assistant turn)")
+    else:
+        t.add_row("trainable positions", "100.00%", "text cache: every position")
     if "mean" in e:
         q = e["quantiles"]
-        t.add_row("entropy mean", f"{e['mean']:.3f} nats", f"quantization error <= "
+        t.add_row("entropy mean" + over, f"{e['mean']:.3f} nats", f"quantization error <= "
                   f"{e['max_quantization_error'] or float('nan'):.4f}")
         t.add_row("entropy p5/p25/p50/p75/p95", " / ".join(f"{v:.2f}" for v in q.values()), "nats")
-        t.add_row("entropy histogram", sparkline(np.asarray(e["hist_counts"])),
+        t.add_row("entropy histogram" + over, sparkline(np.asarray(e["hist_counts"])),
                   f"0 .. ln V = {e['max_nats']:.2f} nats, {len(e['hist_counts'])} bins")
     if "mean" in d:
         t.add_row("distinct classes mean", f"{d['mean']:.3f}", f"min {d['min']}, max {d['max']}, U={U}")
@@ -545,7 +621,8 @@ def plot(rep: dict, m: dict, cache_dir: Path, out: Path) -> None:
     edges = np.asarray(e["hist_edges_nats"])
     a1.bar(edges[:-1], e["hist_counts"], width=np.diff(edges), align="edge", color="tab:blue")
     a1.set(xlabel="teacher entropy (nats)", ylabel="positions",
-           title=f"entropy histogram, {rep['positions']:,} positions "
+           title=f"entropy histogram, {e['positions']:,} "
+                 f"{'trainable ' if rep['trainable']['masked'] else ''}positions "
                  f"(mean {e.get('mean', float('nan')):.2f} nats, ln V = {e['max_nats']:.2f})")
     a2.plot(np.arange(len(h)), h, lw=0.8, color="tab:blue")
     a2.set(xlabel="position", ylabel="entropy (nats)", title=f"sample {key}: per-position entropy")

@@ -24,7 +24,8 @@ Batch arithmetic (asserted): global batch = micro_batch x grad_accum x world win
 tokens per step = global batch x T, e.g. 4 x 1 x 8 x 2048 = 65,536.
 
 OUT/metrics.jsonl (rank 0), one record per step: step, epoch, loss, kd_loss, ce_loss,
-kl_est, selected_frac, select_threshold, lr (the rate the step used), tokens_per_s,
+kl_est, selected_frac (of the trainable positions), trainable_frac (1 but for a chat cache's
+masked positions), select_threshold, lr (the rate the step used), tokens_per_s,
 step_time_s, keys (the global batch's window keys, rank order), rank_keys. Checkpoints and
 resume: pipeline.checkpoint. SIGUSR1/SIGTERM on any rank -> every rank checkpoints, exit 0.
 """
@@ -63,7 +64,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 # Windows per rank read at setup to find the --exact-classes of the sampled softmax.
 EXACT_CLASS_WINDOWS = 64
-STATS = ("kd_sum", "kd_cnt", "ce_sum", "ce_cnt", "kl", "selected", "positions")
+STATS = ("kd_sum", "kd_cnt", "ce_sum", "ce_cnt", "kl", "selected", "positions", "trainable")
 
 
 class StopFlag:
@@ -173,8 +174,10 @@ class Trainer:
         timer = self.timer
         with timer("body_fwd"):
             h = self.model.get_decoder()(input_ids=b.input_ids).last_hidden_state  # [B,T,H]
-        labels = next_token_labels(b.input_ids)
-        valid = torch.ones_like(b.input_ids, dtype=torch.bool)
+        # Trainable positions (a chat cache's assistant targets; every position of a text
+        # cache): the others get no CE, no KD, are never selected and enter no statistic.
+        valid = b.trainable
+        labels = next_token_labels(b.input_ids).masked_fill(~valid, -100)
         inp = SelectionInputs(valid, hidden=h, labels=labels, teacher_entropy=b.entropy,
                               ids=b.ids, weights=b.weights)
         with timer("select"):
@@ -222,7 +225,8 @@ class Trainer:
             # DeepSpeed averages gradients over ranks.
             local = torch.stack([t.kd_sum.detach(), t.kd_cnt, t.ce_sum.detach(), t.ce_cnt,
                                  kl.to(t.kd_cnt), sel.mask.sum().float(),
-                                 torch.tensor(float(b.input_ids.numel()), device=self.device)]).float()
+                                 torch.tensor(float(b.input_ids.numel()), device=self.device),
+                                 b.trainable.sum().float()]).float()
             with self.timer("stats"):
                 self.comm.dist.all_reduce(local)
                 g = dict(zip(STATS, local.tolist()))
@@ -305,7 +309,8 @@ def metrics_record(cfg: DistillConfig, s: dict, pos: DataPosition, rank: int, lr
     return {"step": pos.step, "epoch": pos.epoch, "rank": rank,
             "loss": cfg.kd_weight * mean("kd_sum", "kd_cnt") + cfg.ce_weight * mean("ce_sum", "ce_cnt"),
             "kd_loss": mean("kd_sum", "kd_cnt"), "ce_loss": mean("ce_sum", "ce_cnt"),
-            "kl_est": mean("kl", "kd_cnt"), "selected_frac": mean("selected", "positions"),
+            "kl_est": mean("kl", "kd_cnt"), "selected_frac": mean("selected", "trainable"),
+            "trainable_frac": mean("trainable", "positions"),
             "select_threshold": s["threshold"], "lr": lr, "tokens_per_s": s["positions"] / dt,
             "step_time_s": dt, "keys": keys, "rank_keys": rank_keys}
 

@@ -127,11 +127,15 @@ def teacher_logits(teacher, input_ids: Tensor, s: LossSettings) -> Tensor:
 
 
 def dense_kd(head, x: StepInputs, s: LossSettings, t_logits: Tensor) -> Terms:
-    """Full KD against `teacher_logits` at every position (and CE if weighted)."""
-    logits = head(x.h.reshape(-1, x.h.shape[-1]))
+    """Full KD against `teacher_logits` at the selected rows (every trainable position: the
+    mode selects `all`) and CE there if weighted."""
+    h, labels, m = x.h.reshape(-1, x.h.shape[-1]), x.labels.reshape(-1), x.mask.reshape(-1)
+    if not bool(m.all()):                    # a chat cache's masked positions: no row copy otherwise
+        h, labels, t_logits = h[m], labels[m], t_logits[m]
+    logits = head(h)
     # The teacher distribution is the one the cache holds: softmax(y / T_teacher).
     kd = losses.dense_kd(logits, t_logits, s.kd_temperature, teacher_temperature=s.teacher_temperature)
-    ce = losses.ce(logits, x.labels.reshape(-1)) if s.ce_weight else _zero(x.h)
+    ce = losses.ce(logits, labels) if s.ce_weight else _zero(x.h)
     return Terms(*kd, *ce)
 
 

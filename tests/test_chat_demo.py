@@ -44,3 +44,32 @@ def test_build_chat_corpus(tmp_path):
         build_chat_corpus(corpus, out)
     assert len(out.read_text().splitlines()) == 6          # the earlier output is not lost
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_chat_demo_tiny_end_to_end(tmp_path):
+    """`tools/demo.py --tiny --chat`: conversations through the three stages; the cache is a
+    chat cache (format 3, a trainable fraction < 1), the students train on the assistant
+    positions only and the held-out numbers count assistant tokens only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "tools/demo.py", "--tiny", "--chat", "--out", str(out)],
+                          cwd=repo, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    m = json.loads((out / "cache" / "manifest.json").read_text())
+    assert m["format_version"] == 3 and m["dataset"]["format"] == "chat"
+    st = m["stats"]
+    assert 0 < st["trainable_positions"] < st["positions"] and st["conversations"] > 0
+    for run in ("sampledkd", "no_kd"):
+        recs = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+        frac = [r["trainable_frac"] for r in recs]      # a window may lie inside one answer
+        assert all(0 < f <= 1 for f in frac) and min(frac) < 1, frac
+    for name in ("teacher", "no_kd", "sampledkd"):
+        h = json.loads((out / "eval" / name / "results.json").read_text())["heldout"]
+        assert 0 < h["tokens"] < h["windows"] * (h["seq_len"] - 1)      # assistant tokens only
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == "chat"
+    assert "assistant tokens of conversations only" in proc.stdout

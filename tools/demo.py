@@ -17,6 +17,10 @@ limits) live in scripts/demo.env and nowhere else; a variable set in the environ
 5. the storage table (tools/inspect_cache.py), the comparison table, and PNG plots
    (entropy histogram, loss curves, comparison) under OUT/plots.
 `--tiny` swaps in tiny random models and a few windows (the CI smoke test of this path).
+`--chat` runs the same stages on conversations made from the same pages
+(pipeline.demo.chat_data): stage 1 with `--data-format chat` (the teacher's chat template;
+only assistant tokens are trainable), stage 2 unchanged (the masks come with the cache),
+stage 3 scoring the assistant tokens of held-out conversations (`--heldout-format chat`).
 """
 
 from __future__ import annotations
@@ -73,9 +77,9 @@ def tiny_assets(out: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     for name, lines in (("train.jsonl", text * 3), ("heldout.jsonl", text[:20])):
         with open(d / name, "w") as f:
-            for t in lines:
-                if t.strip():
-                    f.write(json.dumps({"text": t}) + "\n")
+            for i, t in enumerate(lines):
+                if t.strip():   # a title too, as the real pages have, for the --chat data
+                    f.write(json.dumps({"text": t, "title": f"paragraph {i}"}) + "\n")
     teacher = build_tiny_model(d / "teacher", "llama", hidden=48, layers=2, seed=0)
     student = build_tiny_model(d / "student", "llama", hidden=48, layers=1, seed=1)
     return {"teacher": str(teacher), "student": str(student), "train": str(d / "train.jsonl"),
@@ -114,7 +118,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CI smoke test)")
+    ap.add_argument("--chat", action="store_true",
+                    help="conversations made from the pages; train and score assistant tokens only")
     args = ap.parse_args()
+    if args.chat and args.out == REPO / "runs" / "demo":
+        args.out = REPO / "runs" / "demo-chat"
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
@@ -138,6 +146,16 @@ def main() -> None:
     if args.steps or args.tiny:
         s["STEPS"] = str(args.steps or 4)
     seq = s["SEQ_LEN"]
+    heldout_args = []
+    if args.chat:
+        from pipeline.demo.chat_data import build_chat_corpus
+
+        for split in ("train", "heldout"):
+            counts = build_chat_corpus(assets[split], out / "chat" / f"{split}.jsonl")
+            print(f"chat {split}: {counts}", flush=True)
+            assets[split] = str(out / "chat" / f"{split}.jsonl")
+        s["CACHE_ARGS"] += " --data-format chat"
+        heldout_args = ["--heldout-format", "chat"]
     # The job scripts read their settings from the environment: the demo's, then the paths.
     env = dict(os.environ, **s, PYTHON=PY, TEACHER=assets["teacher"], DATA=assets["train"],
                STUDENT=assets["student"], CACHE_DIR=str(out / "cache"),
@@ -167,8 +185,8 @@ def main() -> None:
                  "--max-gen-toks", s["MAX_GEN_TOKS"]] if name in ("no_kd", "sampledkd") else []
         kl = [] if name == "teacher" else ["--teacher", assets["teacher"]]  # KL to itself is 0
         cmd = [PY, "-m", "pipeline.evaluate", "--model", model, "--out", str(out / "eval" / name),
-               "--heldout", assets["heldout"], *kl, "--seq-len", seq, "--heldout-max-windows", hw,
-               *tasks]
+               "--heldout", assets["heldout"], *heldout_args, *kl, "--seq-len", seq,
+               "--heldout-max-windows", hw, *tasks]
         times[f"eval_{name}"] = sh(cmd, eval_env, f"stage 3: evaluate {name}")
         run_dir = runs.get(name)
         if run_dir is not None:
@@ -187,7 +205,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="held-out language modelling (real Wikipedia text the student never saw)")
+    t = Table(title="held-out language modelling (real Wikipedia text the student never saw"
+                    + ("; assistant tokens of conversations only)" if args.chat else ")"))
     for c in ("model", "perplexity", "KL(teacher || model) nats/token", "tokens"):
         t.add_column(c, justify="right")
     ppl = {}
@@ -209,7 +228,7 @@ def main() -> None:
     verdict = "lower" if ppl["sampledkd"] < ppl["no_kd"] else "NOT lower"
     con.print(f"SampledKD student perplexity {ppl['sampledkd']:.2f} is {verdict} than no-KD's "
               f"{ppl['no_kd']:.2f} (same windows, same steps); teacher {ppl['teacher']:.2f}.")
-    summary = {"perplexity": ppl, "tokens_per_s": tps, "stage_seconds": times,
+    summary = {"data": "chat" if args.chat else "text", "perplexity": ppl, "tokens_per_s": tps, "stage_seconds": times,
                "total_seconds": time.perf_counter() - t_all, "plots": sorted(str(p) for p in plots.glob("*.png"))}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     con.print(f"plots: {', '.join(summary['plots'])}\nsummary: {out / 'summary.json'} "

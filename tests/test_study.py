@@ -61,6 +61,11 @@ def test_table_json_and_plots(study):
         assert math.isfinite(r["kl"][0]) and r["kl"][0] > 0
         assert r["perplexity"][0] > 1 and 0 <= r["ece"][0] <= 1
         assert r["paired_dkl_vs_dense"] is None           # no dense_kd row in this grid
+    prio, topk = summary["rows"]
+    assert prio["paired_dkl_vs_priority_U12"] is None
+    # one seed: the paired difference is the difference of the two runs' KL, no spread
+    assert topk["paired_dkl_vs_priority_U12"][0] == pytest.approx(topk["kl"][0] - prio["kl"][0], abs=1e-12)
+    assert math.isnan(topk["paired_dkl_vs_priority_U12"][1])
     # 12 records of a 1-byte id + weight code ... the codec sets the bytes; both formats equal
     assert summary["rows"][0]["bytes_per_position"] == summary["rows"][1]["bytes_per_position"]
     assert set(summary["references"]) == {"teacher", "student_init"}
@@ -128,3 +133,10 @@ def test_summarize_refuses_mixed_settings():
     got = {r["row"]: r for r in tool.summarize(rows, {"settings": {}})["rows"]}
     m, sd = got["priority_U12"]["paired_dkl_vs_dense"]
     assert m == pytest.approx(0.3) and sd == pytest.approx(math.sqrt(0.08))
+    # Against the product's format: a top-k row at 1.7/2.6 -> +0.2 and +0.5 over priority
+    rows += [dict(base, row="topk_12", seed=s, kl=k) for s, k in ((0, 1.7), (1, 2.6))]
+    got = {r["row"]: r for r in tool.summarize(rows, {"settings": {}})["rows"]}
+    m, sd = got["topk_12"]["paired_dkl_vs_priority_U12"]
+    assert m == pytest.approx(0.35) and sd == pytest.approx(math.sqrt(0.045))
+    assert got["priority_U12"]["paired_dkl_vs_priority_U12"] is None
+    assert got["dense_kd"]["paired_dkl_vs_priority_U12"] == pytest.approx((-0.3, math.sqrt(0.08)))

@@ -28,8 +28,9 @@ other settings stops the study rather than join its table.
 Writes OUT/study.md (the table), OUT/study.json, OUT/plots/kl_vs_bytes.png (held-out KL
 against bytes per position, log x, error bars over seeds, dense KD as the reference line)
 and OUT/plots/rows.png (every row's KL and ECE). Columns: mean +- sample standard deviation
-over seeds; "paired dKL" = mean +- sd over seeds of KL(row, s) - KL(dense_kd, s); "step /
-no_kd" = median over seeds of the ratio of median step times within the seed.
+over seeds; "paired dKL" = mean +- sd over seeds of KL(row, s) - KL(dense_kd, s), and the same
+against the priority U=12 row (the product's format); "step / no_kd" = median over seeds of the
+ratio of median step times within the seed.
 
 The study refuses caches built from a different teacher (weight hashes), tokenizer or corpus
 than the study's, a held-out set sharing documents with the training corpus, and a student
@@ -302,6 +303,12 @@ def _pm(xs: list[float], fmt: str) -> str:
     return f"{m:{fmt}}" if math.isnan(s) else f"{m:{fmt}} ± {s:{fmt}}"
 
 
+def _paired(runs: dict, ref: dict, key: str, same: bool):
+    """Mean and sd over the seeds both rows ran of runs[s][key] - ref[s][key]; None if none."""
+    diffs = [runs[s][key] - ref[s][key] for s in sorted(runs) if s in ref]
+    return None if same or not diffs else _ms(diffs)
+
+
 def summarize(results: list[dict], refs: dict) -> dict:
     """Per row: means, spreads, paired differences to dense KD, step time vs no_kd."""
     settings = [r["settings"] for r in results]
@@ -312,6 +319,7 @@ def summarize(results: list[dict], refs: dict) -> dict:
     for r in results:
         by.setdefault(r["row"], {})[r["seed"]] = r
     dense = by.get("dense_kd", {})
+    prio = by.get("priority_U12", {})                # the product's format
     base = by.get("no_kd", {})
     rows = []
     for row in ROWS:
@@ -325,11 +333,9 @@ def summarize(results: list[dict], refs: dict) -> dict:
         for k in ("kl", "perplexity", "ece"):
             out[k] = _ms([runs[s][k] for s in seeds])
             out[k + "_per_seed"] = [runs[s][k] for s in seeds]
-        paired = [runs[s]["kl"] - dense[s]["kl"] for s in seeds if s in dense]
-        out["paired_dkl_vs_dense"] = _ms(paired) if paired and row.name != "dense_kd" else None
-        out["paired_dppl_vs_dense"] = (_ms([runs[s]["perplexity"] - dense[s]["perplexity"]
-                                            for s in seeds if s in dense])
-                                       if paired and row.name != "dense_kd" else None)
+        out["paired_dkl_vs_dense"] = _paired(runs, dense, "kl", row.name == "dense_kd")
+        out["paired_dppl_vs_dense"] = _paired(runs, dense, "perplexity", row.name == "dense_kd")
+        out["paired_dkl_vs_priority_U12"] = _paired(runs, prio, "kl", row.name == "priority_U12")
         ratio = [runs[s]["step_s"] / base[s]["step_s"] for s in seeds if s in base]
         out["step_vs_no_kd"] = statistics.median(ratio) if ratio else None
         out["step_s"] = statistics.median(runs[s]["step_s"] for s in seeds)
@@ -343,18 +349,21 @@ def markdown(summary: dict) -> str:
     lines = [f"Held-out: {s['heldout_windows']} windows x {s['seq_len']} tokens of text no run trained on. "
              f"Training: {s['steps']} steps x {s['micro_batch']} x {s['nproc']} windows of {s['seq_len']}, "
              f"lr {s['lr']}, {s['train_windows']} cached windows. Mean ± sd over seeds; paired dKL = "
-             "KL(row) - KL(dense_kd) per seed.", "",
-             "| row | seeds | bytes/pos | KL(teacher‖student) | paired dKL vs dense | perplexity | "
-             "ECE (15 bins) | step / no_kd |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "KL(row) - KL(dense_kd) per seed, paired dKL vs U=12 = KL(row) - KL(priority U=12) per seed.",
+             "", "| row | seeds | bytes/pos | KL(teacher‖student) | paired dKL vs dense | paired dKL vs "
+             "U=12 | perplexity | ECE (15 bins) | step / no_kd |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def signed(d):
+        return "-" if d is None else (f"{d[0]:+.4f}" if math.isnan(d[1]) else f"{d[0]:+.4f} ± {d[1]:.4f}")
+
     for r in summary["rows"]:
-        d = r["paired_dkl_vs_dense"]
-        dkl = "-" if d is None else (f"{d[0]:+.4f}" if math.isnan(d[1]) else f"{d[0]:+.4f} ± {d[1]:.4f}")
         b = r["cache_bytes_per_position"] if r["row"] not in ("dense_kd", "no_kd") else "-"
         step = "-" if r["step_vs_no_kd"] is None else f"{r['step_vs_no_kd']:.2f}x"
-        lines.append(f"| {r['label']} | {len(r['seeds'])} | {b} | {_pm(r['kl_per_seed'], '.4f')} | {dkl} | "
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {b} | {_pm(r['kl_per_seed'], '.4f')} | "
+                     f"{signed(r['paired_dkl_vs_dense'])} | {signed(r['paired_dkl_vs_priority_U12'])} | "
                      f"{_pm(r['perplexity_per_seed'], '.1f')} | {_pm(r['ece_per_seed'], '.4f')} | {step} |")
     for name, ref in summary["references"].items():
-        lines.append(f"| {name} (reference, not trained) | - | - | {ref['kl']:.4f} | - | "
+        lines.append(f"| {name} (reference, not trained) | - | - | {ref['kl']:.4f} | - | - | "
                      f"{ref['perplexity']:.1f} | {ref['ece']:.4f} | - |")
     return "\n".join(lines) + "\n"
 

@@ -15,9 +15,15 @@ a field whose type is itself a dataclass is a nested section (`DistillConfig.sel
   Unknown keys are errors that list the valid ones, as are unknown flags; values are
   checked against the field types; flags win over the file. A run directory's
   `config.json` (`to_json`) is such a file.
+- A dataclass may name a *preset* field (`DistillConfig.recipe`): a YAML file of the same
+  keys chosen by name or path (`--recipe kd-all`), applied under the `--config` file and
+  the flags. Layers, lowest first: the field defaults, the preset, `--config`, the flags.
+- YAML files are read strictly: a key given twice (also once flat and once in its
+  section) is an error naming both places, and `1e-4` is the float a person means (YAML
+  1.1 wants `1.0e-4`).
 - then the dataclass is built (nested sections from the same flat values), its
   `__post_init__` resolves mode-dependent defaults and `validate()` collects every problem
-  into one ValueError.
+  into one ValueError. `--print-config` prints the result as JSON and exits.
 """
 
 from __future__ import annotations
@@ -85,7 +91,13 @@ class ConfigParser:
                                        formatter_class=_HelpFormatter)
         self.parser.add_argument("--config", type=Path, default=None,
                                  help="YAML file with the same keys as the flags; flags win over it")
+        self.parser.add_argument("--print-config", action="store_true",
+                                 help="print the resolved configuration as JSON (a valid --config "
+                                      "file) and exit")
         self._add(cls, self.parser)
+        preset = getattr(cls, "PRESET_FIELD", None)
+        if preset:    # --help shows the default preset's values as the defaults
+            self.parser.set_defaults(**self.preset_values(self.fields[preset][0].default))
 
     def _add(self, cls, group) -> None:
         hints, nested = _hints(cls), _sections(cls)
@@ -114,44 +126,109 @@ class ConfigParser:
     def parse(self, argv: list[str] | None = None, validate: bool = True):
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", type=Path, default=None)
+        preset = getattr(self.cls, "PRESET_FIELD", None)
+        if preset:
+            pre.add_argument(f"--{preset.replace('_', '-')}", f"--{preset}", dest=preset, default=None)
         known, _ = pre.parse_known_args(argv)
-        if known.config is not None:
-            self.parser.set_defaults(**self.load_yaml(known.config))
+        from_file = self.load_yaml(known.config) if known.config is not None else {}
+        if preset:
+            name = getattr(known, preset) or from_file.get(preset) or self.fields[preset][0].default
+            self.parser.set_defaults(**self.preset_values(name))
+        self.parser.set_defaults(**from_file)
         values = vars(self.parser.parse_args(argv))   # unknown flags: usage + exit 2
         values.pop("config", None)
+        show = values.pop("print_config", False)
         cfg = build(self.cls, values)
         if validate:
             cfg.validate()
+        if show:
+            import json
+            print(json.dumps(to_json(cfg), indent=1))
+            raise SystemExit(0)
         return cfg
+
+    def preset_values(self, name: str) -> dict[str, Any]:
+        """The values of the preset `name` (`cls.preset_file(name)` finds its file)."""
+        path = self.cls.preset_file(name)
+        field = self.cls.PRESET_FIELD
+        return self.check_values(self.cls.preset_body(read_yaml(path, f"--{field.replace('_', '-')} "
+                                                                       f"{name} ({path})")),
+                                 f"--{field.replace('_', '-')} {name} ({path})")
 
     def load_yaml(self, path: Path) -> dict[str, Any]:
         """The file's values by flat field name, type-checked; unknown keys are errors."""
-        import yaml
+        return self.check_values(read_yaml(path, f"--config {path}"), f"--config {path}")
 
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"--config {path}: cannot read YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {path}: expected a mapping of option names to values, "
-                             f"got {type(data).__name__}")
+    def check_values(self, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """A YAML mapping (flat keys or sections) -> values by flat field name, type-checked.
+        Unknown keys, and a key given both flat and in its section, are errors naming `where`."""
         flat: dict[str, Any] = {}
+        seen: dict[str, str] = {}
         for key, value in data.items():
             key = str(key).replace("-", "_")
-            if key in self.sections and isinstance(value, dict):
-                flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
-            else:
-                flat[key] = value
+            items = ([(str(k).replace("-", "_"), v, f"{key}.{k}") for k, v in value.items()]
+                     if key in self.sections and isinstance(value, dict) else [(key, value, key)])
+            for k, v, spelled in items:
+                if k in seen:
+                    raise ValueError(f"{where}: {k} is given twice, as '{seen[k]}' and as "
+                                     f"'{spelled}'; keep one")
+                seen[k] = spelled
+                flat[k] = v
         unknown = sorted(set(flat) - set(self.fields))
         if unknown:
             hint = ("; YAML reads an unquoted on/off/yes/no key as a boolean: quote it"
                     if {"True", "False"} & set(unknown) else "")
-            raise ValueError(f"--config {path}: unknown key(s) {unknown}; valid keys: "
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: "
                              f"{sorted(self.fields)}{hint}")
-        return {k: _coerce(k, self.fields[k][1], v, path) for k, v in flat.items()}
+        return {k: _coerce(k, self.fields[k][1], v, where) for k, v in flat.items()}
 
 
-def _coerce(key: str, tp: Any, value: Any, path: Path) -> Any:
+def read_yaml(path: Path, where: str) -> dict[str, Any]:
+    """A YAML mapping read strictly (`_StrictLoader`); `where` names it in every error."""
+    import yaml
+
+    try:
+        data = yaml.load(Path(path).read_text(), Loader=_strict_loader()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{where}: cannot read YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of option names to values, "
+                         f"got {type(data).__name__}")
+    return data
+
+
+_LOADER = None
+
+
+def _strict_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping and reads `1e-4`,
+    `5E3` and `-2e+1` as floats (YAML 1.1's float needs a dot: it reads them as strings)."""
+    global _LOADER
+    if _LOADER is None:
+        import re
+
+        import yaml
+
+        class StrictLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                keys: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if key in keys:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (lines {keys[key] + 1} and "
+                            f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                    keys[key] = key_node.start_mark.line
+                return super().construct_mapping(node, deep=deep)
+
+        StrictLoader.add_implicit_resolver(
+            "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"))
+        _LOADER = StrictLoader
+    return _LOADER
+
+
+def _coerce(key: str, tp: Any, value: Any, where: str) -> Any:
     """A YAML value checked against the field type (ints pass as floats, not the reverse)."""
     base, optional = tp, False
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -162,13 +239,13 @@ def _coerce(key: str, tp: Any, value: Any, path: Path) -> Any:
     if typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
         if isinstance(value, list):
-            return [_coerce(key, item, v, path) for v in value]
+            return [_coerce(key, item, v, where) for v in value]
     elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     elif base in (int, str, bool) and type(value) is base:
         return value
     name = base.__name__ if isinstance(base, type) else str(base)
-    raise ValueError(f"--config {path}: {key}: {value!r} is not a valid {name} "
+    raise ValueError(f"{where}: {key}: {value!r} is not a valid {name} "
                      f"(the type of --{key.replace('_', '-')})")
 
 

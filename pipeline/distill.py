@@ -48,7 +48,7 @@ from pipeline.checkpoint import Checkpointer, DataPosition, truncate_metrics
 from pipeline.distributed import TorchComm, log
 from pipeline.export import save_hf
 from pipeline.manifest import cache_identity
-from pipeline.distill_config import DistillConfig
+from pipeline.distill_config import DistillConfig, recipe_warnings
 from pipeline.objectives import LossSettings, StepInputs, Terms
 from pipeline.phases import PhaseTimer
 from pipeline.reader import CacheBatch, CacheReader
@@ -393,7 +393,17 @@ def run(cfg: DistillConfig, trainer_cls: type[Trainer] = Trainer) -> Path | None
 
 
 def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) -> None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--recipe=list" in args or any(a == "--recipe" and b == "list" for a, b in zip(args, args[1:])):
+        from pipeline import recipes
+        print(recipes.listing())
+        return
     cfg = C.parse(DistillConfig, argv, __doc__)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for w in recipe_warnings(cfg):
+            log(f"WARNING: {w}")
     run(cfg, trainer_cls)
     import torch.distributed as dist
 

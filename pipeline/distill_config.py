@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline import config as C
+from pipeline import recipes
 from pipeline.objectives import KD_LOSSES, MODES
 from pipeline.selection_config import SelectionConfig
 
@@ -14,8 +15,20 @@ from pipeline.selection_config import SelectionConfig
 MODE_WEIGHTS = {"sampledkd": (1.0, 0.0), "rskd_all": (1.0, 0.0), "dense_kd": (1.0, 0.0),
                 "no_kd": (0.0, 1.0)}
 
+RECIPE_HELP = (
+    "the loss recipe: a name in pipeline/recipes/ or a path to a YAML file of these keys, laid "
+    "under --config and the flags; 'recommended' = " + recipes.RECOMMENDED + ", sparse KD on the "
+    "cache's classes at every position: the best held-out KL measured at equal steps among the "
+    "recipes that read only the cache (quality study, 3 paired seeds: KL 3.139 vs 3.631 for no KD "
+    "and 3.026 for online dense KD; BENCHMARKS.md). `--recipe list` lists them")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
+    # `--recipe` is a preset (pipeline.config): its file's values sit under --config and flags.
+    PRESET_FIELD = "recipe"
+
+    recipe: str = C.opt("recommended", RECIPE_HELP)
     student: str = C.opt(None, "student: HF checkpoint directory, hub id, or a config.json path")
     cache: str = C.opt(None, "teacher cache directory (pipeline.cache output)")
     out: str = C.opt(None, "run directory: metrics, checkpoints (ckpt/), export (export/)")
@@ -61,6 +74,14 @@ class DistillConfig:
                                       "wandb`; WANDB_MODE=offline works without network)")
     shuffle_buffer: int = C.opt(64, "windows in the reader's shuffle buffer")
     dtype: str = C.opt("auto", "bf16 on GPU, fp32 on CPU when auto", choices=("auto", "float32", "bfloat16"))
+
+    @staticmethod
+    def preset_file(name: str):
+        return recipes.path_of(name)
+
+    @staticmethod
+    def preset_body(data: dict) -> dict:
+        return recipes.split_meta(data)[0]
 
     def __post_init__(self):
         kd, ce = MODE_WEIGHTS.get(self.mode, (1.0, 0.0))
@@ -108,3 +129,28 @@ class DistillConfig:
         except ValueError as e:
             p.append(str(e))
         C.raise_if(p, "distill")
+
+
+def recipe_keys() -> set[str]:
+    """The keys that make a recipe: every key some recipe file sets, and the loss weights."""
+    keys = {"mode", "kd_weight", "ce_weight"}
+    for name in recipes.names():
+        keys |= {k.replace("-", "_") for k in recipes.read(name)[1]}
+    return keys
+
+
+def recipe_warnings(cfg: DistillConfig) -> list[str]:
+    """The warnings of the recipe files whose settings `cfg` trains (names the measurement):
+    picked by name or typed as flags, the same recipe gets the same warning."""
+    keys = recipe_keys()
+    have = C.to_json(cfg)
+    out = []
+    for name in recipes.names():
+        path, values, meta = recipes.read(name)
+        if "warning" not in meta:
+            continue
+        parser = C.ConfigParser(DistillConfig)
+        theirs = C.to_json(C.build(DistillConfig, {**parser.check_values(values, str(path))}))
+        if all(have[k] == theirs[k] for k in keys):
+            out.append(f"recipe {name}: {meta['warning']}")
+    return out

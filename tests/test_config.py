@@ -128,7 +128,9 @@ def test_distill_selection_section_and_mode_defaults():
     assert (no_kd.kd_weight, no_kd.ce_weight, no_kd.active_selection.select) == (0.0, 1.0, "all")
     rskd = C.parse(DistillConfig, [*REQUIRED, "--mode", "rskd_all"])
     assert (rskd.kd_weight, rskd.ce_weight, rskd.active_selection.select) == (1.0, 0.0, "all")
-    assert rskd.selection.select == "topk"               # the flag as given, what a resume compares
+    # the flag as given (here the recommended recipe's `select: all`), what a resume compares
+    rskd_topk = C.parse(DistillConfig, [*REQUIRED, "--mode", "rskd_all", "--select", "topk"])
+    assert rskd_topk.selection.select == "topk" and rskd_topk.active_selection.select == "all"
     # explicit weights still win
     mixed = C.parse(DistillConfig, [*REQUIRED, "--ce-weight", "0.5"])
     assert (mixed.kd_weight, mixed.ce_weight) == (1.0, 0.5)

@@ -1,21 +1,26 @@
 """Quality study: the 37-byte cache against online dense KD, a top-k cache, an rskd cache and no KD.
 
     python tools/study.py [--out runs/study] [--steps 120] [--seq-len 128] [--micro-batch 1]
-        [--seeds 0 1 2] [--extra-seeds 0 1] [--rows ROW ...] [--plan]
+        [--seeds 0 1 2] [--recipe-seeds 0 1 2] [--extra-seeds 0 1] [--rows ROW ...] [--plan]
 
 A grid of 2-rank ZeRO-3 `pipeline.distill` runs on the demo's real teacher, student and
 corpus (assets_cache/, or --teacher/--student/--train/--heldout), at equal steps, equal
 windows and paired seeds: a seed fixes the data order of every method, so row A seed s and
 row B seed s train on the same windows in the same order. The rows (ROWS below):
 
-  dense_kd             online teacher, every position, full vocabulary (the reference)
-  priority_U12         rskd_all on a priority cache, U = 12 (the product's 37-byte format)
-  topk_12              rskd_all on a top-k cache, k = 12 (same bytes, biased)
-  rskd_U12             rskd_all on an rskd-sampler cache (N = 50 draws, 12 records kept)
-  no_kd                CE on every position
+  dense_kd             recipe dense-kd: online teacher, every position, full vocabulary (the reference)
+  priority_U12         recipe kd-all on a priority cache, U = 12 (the product's 37-byte format)
+  topk_12              recipe kd-all on a top-k cache, k = 12 (same bytes, biased)
+  rskd_U12             recipe rskd-paper on an rskd-sampler cache (N = 50 draws, 12 records kept)
+  no_kd                recipe no-kd: CE on every position
+  recipe rows (--recipe-seeds): the other recipes of pipeline/recipes/ on the priority U=12
+  cache (kd-all-ce-all, gls25-kd-ce-rest, gls20-teacher-entropy, se-kd-student-entropy): the
+  evidence for the recommended recipe.
   extra rows (--extra-seeds): priority_U4, priority_U32 (the storage axis) and KD on the
   per-sequence top 25% of positions only, by teacher entropy, student entropy or at random.
 
+Every row is a recipe file (`--recipe`, pipeline/recipes/) plus at most a flag or two; a
+row's result records the recipe's values, so a changed recipe file is not mixed into a table.
 Every cache is built once under OUT/caches (same corpus, T, windows; one teacher pass each).
 Every run is its own process tree under OUT/runs/ROW/seedS and ends with `result.json`:
 held-out metrics on windows of --heldout (text no run trained on): KL(teacher || student)
@@ -55,6 +60,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))      # this checkout's pipeline, also when run from a worktree
 PY = sys.executable
+
+from pipeline import recipes  # noqa: E402  (after the path: this checkout's recipes)
 RESULT = "result.json"
 
 
@@ -73,27 +80,41 @@ class Row:
     name: str
     label: str
     cache: CacheSpec               # the cache the run reads (windows; targets where the mode uses them)
-    flags: str                     # pipeline.distill flags of this row
-    extra: bool = False            # run at --extra-seeds instead of --seeds
+    recipe: str                    # a recipe of pipeline/recipes/ (`--recipe`)
+    flags: str = ""                # pipeline.distill flags on top of the recipe
+    group: str = "main"            # main (--seeds), extra (--extra-seeds), recipe (--recipe-seeds)
     format_point: bool = False     # a cache format on the KL-vs-bytes plot (KD at every position)
+
+    @property
+    def dense(self) -> bool:
+        return recipes.read(self.recipe)[1].get("mode") == "dense_kd"
 
 
 P12 = CacheSpec("priority", 12)
-SEL = "--mode sampledkd --select topk --select-frac 0.25 --select-score"
+TOP25 = "kd-top25-teacher-entropy"
 ROWS = (
-    Row("dense_kd", "dense KD (online teacher, full vocabulary)", P12, "--mode dense_kd"),
-    Row("priority_U12", "priority cache U=12 (37 B)", P12, "--mode rskd_all", format_point=True),
-    Row("topk_12", "top-k cache k=12 (37 B)", CacheSpec("topk", 12), "--mode rskd_all", format_point=True),
-    Row("rskd_U12", "rskd cache N=50, U=12 (37 B)", CacheSpec("rskd", 12), "--mode rskd_all",
+    Row("dense_kd", "dense KD (online teacher, full vocabulary)", P12, "dense-kd"),
+    Row("priority_U12", "priority cache U=12 (37 B)", P12, "kd-all", format_point=True),
+    Row("topk_12", "top-k cache k=12 (37 B)", CacheSpec("topk", 12), "kd-all", format_point=True),
+    Row("rskd_U12", "rskd cache N=50, U=12 (37 B)", CacheSpec("rskd", 12), "rskd-paper", format_point=True),
+    Row("no_kd", "no KD (CE on every position)", P12, "no-kd"),
+    Row("priority_U4", "priority cache U=4 (13 B)", CacheSpec("priority", 4), "kd-all", group="extra",
         format_point=True),
-    Row("no_kd", "no KD (CE on every position)", P12, "--mode no_kd"),
-    Row("priority_U4", "priority cache U=4 (13 B)", CacheSpec("priority", 4), "--mode rskd_all",
-        extra=True, format_point=True),
-    Row("priority_U32", "priority cache U=32 (97 B)", CacheSpec("priority", 32), "--mode rskd_all",
-        extra=True, format_point=True),
-    Row("sel_teacher_entropy", "KD on top 25% by teacher entropy", P12, f"{SEL} teacher_entropy", extra=True),
-    Row("sel_student_entropy", "KD on top 25% by student entropy", P12, f"{SEL} student_entropy", extra=True),
-    Row("sel_random", "KD on a random 25%", P12, f"{SEL} random", extra=True),
+    Row("priority_U32", "priority cache U=32 (97 B)", CacheSpec("priority", 32), "kd-all", group="extra",
+        format_point=True),
+    Row("sel_teacher_entropy", "KD on top 25% by teacher entropy", P12, TOP25, group="extra"),
+    Row("sel_student_entropy", "KD on top 25% by student entropy", P12, TOP25,
+        "--select-score student_entropy", group="extra"),
+    Row("sel_random", "KD on a random 25%", P12, TOP25, "--select-score random", group="extra"),
+    # Recipes at equal steps (the evidence for the default recipe; kd-all is priority_U12).
+    Row("recipe_kd_ce_all", "recipe kd-all-ce-all: KD + CE at every position", P12, "kd-all-ce-all",
+        group="recipe"),
+    Row("recipe_gls25", "recipe gls25-kd-ce-rest: KD on GLS top 25%, CE on the rest", P12,
+        "gls25-kd-ce-rest", group="recipe"),
+    Row("recipe_gls20", "recipe gls20-teacher-entropy: KD on GLS top 20% + CE", P12,
+        "gls20-teacher-entropy", group="recipe"),
+    Row("recipe_sekd", "recipe se-kd-student-entropy: KD on top 20% by student entropy + CE", P12,
+        "se-kd-student-entropy", group="recipe"),
 )
 BY_NAME = {r.name: r for r in ROWS}
 
@@ -224,7 +245,8 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
     from pipeline.manifest import cache_identity
 
     d = args.out / "runs" / row.name / f"seed{seed}"
-    row_settings = {"flags": row.flags, "cache": row.cache.name, "cache_identity": cache_identity(manifest)}
+    row_settings = {"recipe": row.recipe, "recipe_values": recipes.read(row.recipe)[1], "flags": row.flags,
+                    "cache": row.cache.name, "cache_identity": cache_identity(manifest)}
     res_path = d / RESULT
     if res_path.exists():
         res = json.loads(res_path.read_text())
@@ -234,13 +256,13 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
         print(f"[study] {row.name} seed {seed}: done before, skipped", flush=True)
         return res
     print(f"[study] {row.name} seed {seed}: training", flush=True)
-    teacher = ["--teacher", str(args.teacher)] if "dense_kd" in row.flags else []
+    teacher = ["--teacher", str(args.teacher)] if row.dense else []
     t0 = time.perf_counter()
     _run([*_torchrun(args.nproc), "-m", "pipeline.distill", "--student", str(args.student),
           "--cache", str(args.out / "caches" / row.cache.name), "--out", str(d),
           "--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr),
           "--warmup-steps", str(args.warmup_steps), "--seed", str(seed), "--resume", "--no-tensorboard",
-          *teacher, *shlex.split(row.flags)], d.parent / f"seed{seed}.log")
+          *teacher, "--recipe", row.recipe, *shlex.split(row.flags)], d.parent / f"seed{seed}.log")
     train_s = time.perf_counter() - t0
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     if not recs or recs[-1]["step"] != args.steps or not (d / "export" / "config.json").exists():
@@ -440,6 +462,8 @@ def parse(argv: list[str] | None = None):
     ap.add_argument("--heldout-windows", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main rows")
     ap.add_argument("--extra-seeds", type=int, nargs="*", default=[0, 1], help="seeds of the extra rows")
+    ap.add_argument("--recipe-seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds of the recipe rows (recipes at equal steps)")
     ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS],
                     metavar="ROW", help=f"rows to run (default all: {', '.join(BY_NAME)})")
     ap.add_argument("--plan", action="store_true", help="print the runs and exit")
@@ -463,11 +487,12 @@ def parse(argv: list[str] | None = None):
 
 
 def plan(args) -> list[tuple[Row, int]]:
-    """The main rows seed by seed, then the extra rows seed by seed: an interrupted grid has
-    whole seeds of the main table first."""
+    """The main rows seed by seed, then the recipe rows, then the extra rows, each seed by
+    seed: an interrupted grid has whole seeds of the main table first."""
     rows = [BY_NAME[n] for n in BY_NAME if n in args.rows]
-    return ([(r, s) for s in args.seeds for r in rows if not r.extra]
-            + [(r, s) for s in args.extra_seeds for r in rows if r.extra])
+    seeds = {"main": args.seeds, "recipe": args.recipe_seeds, "extra": args.extra_seeds}
+    return [(r, s) for group in ("main", "recipe", "extra") for s in seeds[group]
+            for r in rows if r.group == group]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -475,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = plan(args)
     if args.plan:
         for r, s in jobs:
-            print(f"{r.name:22s} seed {s}  cache {r.cache.name:12s} {r.flags}")
+            print(f"{r.name:22s} seed {s}  cache {r.cache.name:12s} --recipe {r.recipe} {r.flags}")
         return {}
     from transformers import AutoTokenizer
 

@@ -317,7 +317,8 @@ def _windows_of(cfg: CacheConfig, tok, template: str | None):
 def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device,
                  template) -> dict:
     """Claim units until none is left; cache each. Returns this rank's reading counts."""
-    prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ")
+    prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ",
+                         unit_of_steps=f"windows of {cfg.seq_len} tokens")
     delay = _test_delay(info.rank)
     # Benchmark hook: SAMPLEDKD_TEST_STATIC_UNITS=1 gives unit u to rank u % world (the static
     # split that dynamic claiming is measured against in tools/bench_assign.py).

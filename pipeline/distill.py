@@ -57,6 +57,7 @@ from pipeline.sampled_softmax import frequent_classes, negatives_generator
 from pipeline.selection import Selection, Selector, SelectionInputs, next_token_labels
 from pipeline.tracking import Tracker
 from pipeline.training_setup import check_model_path, ds_config, load_student, load_teacher, lr_lambda
+from pipeline.validation import Validator, check_val_cache
 
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates; nothing for users to act on.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
@@ -64,7 +65,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 # Windows per rank read at setup to find the --exact-classes of the sampled softmax.
 EXACT_CLASS_WINDOWS = 64
-STATS = ("kd_sum", "kd_cnt", "ce_sum", "ce_cnt", "kl", "selected", "positions", "trainable")
+STATS = ("kd_sum", "kd_cnt", "ce_sum", "ce_cnt", "kl", "selected", "positions", "trainable",
+         "shared_docs")
 
 
 class StopFlag:
@@ -127,6 +129,13 @@ class Trainer:
         self.selector = Selector(sel_cfg, comm=self.comm, device=self.device, seed=cfg.seed)
         self.teacher = (load_teacher(cfg.teacher, cfg.student, self.tok, self.device)
                         if cfg.mode == "dense_kd" else None)
+        self.validator = None
+        if cfg.val_cache:
+            val = CacheReader(cfg.val_cache, self.rank, self.world)
+            check_val_cache(val.manifest, self.reader.manifest, cfg.val_cache, cfg.cache)
+            self.validator = Validator(val, cfg.val_windows, self.rank, self.world, self.device,
+                                       cfg.micro_batch, self.tok.eos_token_id,
+                                       chunk_rows=cfg.selection.select_chunk)
         self.settings = self._loss_settings()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -135,6 +144,8 @@ class Trainer:
         self.model = self.engine.module
         self.timer = PhaseTimer(enabled=False, device=self.device)   # tools/bench_step.py enables it
         self.ckpt = Checkpointer(self.out, self.engine, self.comm, self.rank, self.world)
+        self.first_epoch = True
+        self.last_validation: dict | None = None    # the latest validation metrics (run_info.json)
 
     def _loss_settings(self) -> LossSettings:
         cfg = self.cfg
@@ -218,6 +229,13 @@ class Trainer:
         stats = dict.fromkeys(STATS, 0.0)
         threshold = None
         for micro, b in enumerate(batches):
+            # A training window holding a document of the validation set (first epoch only:
+            # later epochs repeat the windows) makes every validation number meaningless.
+            shared = sum(self.validator.shared_document(w) for w in b.input_ids) \
+                if self.validator is not None and self.first_epoch else 0
+            if shared:
+                log(f"window(s) of {b.keys} hold documents of --val-cache {self.cfg.val_cache}",
+                    all_ranks=True)
             b = b.to(self.device)
             t, sel, kl = self.micro_losses(b, step, micro)
             # One all-reduce per micro-step gives the global sums and counts: each term is
@@ -226,7 +244,8 @@ class Trainer:
             local = torch.stack([t.kd_sum.detach(), t.kd_cnt, t.ce_sum.detach(), t.ce_cnt,
                                  kl.to(t.kd_cnt), sel.mask.sum().float(),
                                  torch.tensor(float(b.input_ids.numel()), device=self.device),
-                                 b.trainable.sum().float()]).float()
+                                 b.trainable.sum().float(),
+                                 torch.tensor(float(shared), device=self.device)]).float()
             with self.timer("stats"):
                 self.comm.dist.all_reduce(local)
                 g = dict(zip(STATS, local.tolist()))
@@ -241,6 +260,11 @@ class Trainer:
             for k in STATS:
                 stats[k] += g[k]
             threshold = sel.threshold
+            if g["shared_docs"]:
+                raise ValueError(f"--val-cache {self.cfg.val_cache} holds documents of the training "
+                                 f"cache --cache {self.cfg.cache} ({int(g['shared_docs'])} training "
+                                 f"window(s) at step {step}): validation needs text the student "
+                                 "does not train on; cache held-out documents only")
         stats["threshold"] = threshold
         return stats
 
@@ -291,6 +315,7 @@ class Trainer:
 def batches_forever(tr: Trainer, pos: DataPosition):
     """Micro-batches from `pos` on, epoch after epoch; advances `pos` as it yields."""
     while True:
+        tr.first_epoch = pos.epoch == 0
         steps = tr.reader.steps_per_epoch(pos.epoch) // tr.cfg.grad_accum * tr.cfg.grad_accum
         for b in tr.reader.batches(pos.epoch, skip=pos.batch_in_epoch):
             if pos.batch_in_epoch >= steps:
@@ -321,20 +346,41 @@ def train(tr: Trainer, stop: StopFlag, pos: DataPosition) -> bool:
     cfg, out = tr.cfg, tr.out
     paths = ([out / "metrics.jsonl"] if tr.rank == 0 else []) + (
         [out / f"metrics-rank{tr.rank}.jsonl"] if cfg.log_all_ranks else [])
-    for path in paths:
+    val_path = out / "validation.jsonl"
+    for path in paths + ([val_path] if tr.rank == 0 else []):
         # Steps after the checkpoint were lost with the crash and will be run again: drop
         # them so the file holds one record per step, from one trajectory.
         truncate_metrics(path, pos.step)
+    if tr.rank == 0 and tr.validator is not None and val_path.exists():
+        done = [ln for ln in val_path.read_text().splitlines() if ln.strip()]
+        tr.last_validation = json.loads(done[-1]) if done else None
     sinks = [open(path, "a") for path in paths]
+    val_sink = open(val_path, "a") if tr.rank == 0 and tr.validator is not None else None
     tracker = Tracker(out, C.to_json(cfg), enabled=tr.rank == 0, tensorboard=cfg.tensorboard,
                       wandb_project=cfg.wandb_project, resume_step=pos.step)
     from pipeline.progress import StageProgress
 
-    prog = StageProgress("distill", cfg.steps, "tokens") if tr.rank == 0 else None
+    prog = StageProgress("distill", cfg.steps, "tokens", prefix="[rank 0] ", unit_of_steps="steps") \
+        if tr.rank == 0 else None
     if prog:
         prog.update(pos.step, 0)
+
+    def validate() -> dict:
+        """Every rank: evaluate; rank 0 records it (validation.jsonl, TensorBoard, progress)."""
+        v = tr.validator.evaluate(tr.model, tr._summed)
+        tr.last_validation = {"step": pos.step, **v}
+        if val_sink is not None:
+            val_sink.write(json.dumps(tr.last_validation) + "\n")
+            val_sink.flush()
+            tracker.log({k.removeprefix("val_"): x for k, x in v.items()}, pos.step, prefix="val")
+        if prog:
+            prog.note(f"val ppl {v['val_ppl']:,.1f}, KL {v['val_kl']:.3f} at step {pos.step}")
+        return v
+
     data = batches_forever(tr, pos)
     try:
+        if tr.validator is not None and pos.step == 0:
+            validate()
         while pos.step < cfg.steps:
             if tr.any_rank(stop.signum is not None):
                 log(f"signal (rank 0: {stop.signum}): checkpointing at step {pos.step} and exiting "
@@ -348,9 +394,13 @@ def train(tr: Trainer, stop: StopFlag, pos: DataPosition) -> bool:
             s = tr.train_step(micro, pos.step)
             pos.step += 1
             dt = time.perf_counter() - t0
+            val = {}
+            if tr.validator is not None and (pos.step == cfg.steps or (
+                    cfg.val_every and pos.step % cfg.val_every == 0)):
+                val = validate()
             if pos.step % cfg.log_every == 0:
                 keys = tr.global_keys(rank_keys)     # collective: every rank, same steps
-                rec = metrics_record(cfg, s, pos, tr.rank, lr, dt, keys, rank_keys)
+                rec = {**metrics_record(cfg, s, pos, tr.rank, lr, dt, keys, rank_keys), **val}
                 for f in sinks:
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
@@ -362,7 +412,7 @@ def train(tr: Trainer, stop: StopFlag, pos: DataPosition) -> bool:
     finally:
         if prog:
             prog.close()
-        for f in sinks:
+        for f in sinks + ([val_sink] if val_sink else []):
             f.close()
         tracker.close()
     tr.save(pos)
@@ -386,8 +436,10 @@ def run(cfg: DistillConfig, trainer_cls: type[Trainer] = Trainer) -> Path | None
     result = tr.export() if cfg.export else None
     if tr.rank == 0:
         m = tr.reader.manifest
-        info = {"name": tr.out.name, "mode": cfg.mode, "wall_time_s": wall,
+        info = {"name": tr.out.name, "mode": cfg.mode, "recipe": cfg.recipe, "wall_time_s": wall,
                 "cache_bytes_per_position": m["bytes"] / max(m["positions"], 1)}
+        if tr.last_validation is not None:
+            info["validation"] = tr.last_validation
         (tr.out / "run_info.json").write_text(json.dumps(info, indent=1))
     return result
 

@@ -64,6 +64,11 @@ class DistillConfig:
                                "whose logits are always exact (cuts the estimator's bias ~10x)")
     self_normalize: bool = C.opt(False, "use p_hat / sum(p_hat) as the target (biased, lower variance)")
     selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
+    val_cache: str | None = C.opt(None, "stage-1 cache of held-out text (same teacher, tokenizer and V as "
+                                  "--cache, another corpus): validate the student on it during training")
+    val_every: int = C.opt(0, "validate every N steps (and at step 0 and the last step); 0: at step 0 "
+                           "and the last step only. Needs --val-cache")
+    val_windows: int = C.opt(64, "windows of --val-cache in the validation set (the first N, fixed)")
     checkpoint_every: int = C.opt(0, "save a checkpoint every N steps (0: only at the end and on signals)")
     log_every: int = C.opt(1, "write metrics every N steps")
     log_all_ranks: bool = C.opt(False, "every rank writes OUT/metrics-rank{r}.jsonl")
@@ -124,6 +129,8 @@ class DistillConfig:
             if self.num_negatives < 1 or self.exact_classes < 0:
                 p.append(f"--num-negatives {self.num_negatives} must be >= 1 and --exact-classes "
                          f"{self.exact_classes} >= 0")
+        from pipeline.validation import val_dir_problems
+        p += val_dir_problems(self.val_cache, self.val_every, self.val_windows)
         try:
             self.active_selection.validate(has_targets=self.mode != "no_kd")
         except ValueError as e:

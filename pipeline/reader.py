@@ -290,6 +290,21 @@ class CacheReader:
             wds.map(lambda raw: self._collate([self._decode(r) for r in raw])),  # -> arrays
         )
 
+    def first_windows(self, n: int) -> list[dict]:
+        """The first `n` windows of the cache in manifest order (shards in manifest order,
+        samples in file order), decoded and verified: a fixed set (validation)."""
+        items, left = [], n
+        for s in self.shards:
+            if left <= 0:
+                break
+            take = np.arange(min(left, s["samples"]))
+            items.append({"url": str(shard_path(self.dir, s["file"])), "shard": s, "take": take})
+            left -= len(take)
+        out = []
+        for raw in self._take_windows(self._open_verified(items)):
+            out.append(self._decode(raw))
+        return out
+
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[CacheBatch]:
         """This rank's batches of `epoch`, exactly `steps_per_epoch(epoch)` of them, after
         skipping the first `skip` (resume)."""

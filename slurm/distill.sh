@@ -5,10 +5,12 @@
 #   ... sbatch --nodes=2 slurm/distill.sh                   # CPU nodes: NPROC_PER_NODE (default 1) workers each
 #   ... NPROC_PER_NODE=2 bash slurm/distill.sh              # no SLURM: torchrun --standalone
 #   ... bash slurm/distill.sh --dry-run                     # check the variables, print the command
-# Required: STUDENT, CACHE_DIR, RUN_DIR (and TEACHER with MODE=dense_kd). Every other program
-# flag is passed only when its variable is set, so its default is pipeline.distill's (mode,
-# DeepSpeed config, steps, the loss recipe); EXTRA_ARGS is appended verbatim. The variables:
-# slurm/README.md.
+# Required: STUDENT, CACHE_DIR, RUN_DIR (and TEACHER with MODE=dense_kd or RECIPE=dense-kd).
+# Every other program flag is passed only when its variable is set, so its default is
+# pipeline.distill's (the recommended recipe, DeepSpeed config, steps); RECIPE=name-or-path
+# picks another recipe of pipeline/recipes/ and the loss variables (SELECT, CE_WEIGHT, ...)
+# override single keys of it; VAL_CACHE (+ VAL_EVERY) validates during training; EXTRA_ARGS
+# is appended verbatim. The variables: slurm/README.md.
 # Time limit: 120 s before it, SLURM sends USR1 to this shell, which passes it to the workers
 # (they checkpoint and exit) and requeues the job; every run passes --resume, so the rerun
 # continues from RUN_DIR (a missing checkpoint means a fresh start).
@@ -31,7 +33,8 @@ source "$d/common.sh"
 need STUDENT "the initial student: HF checkpoint directory, hub id or config.json (--student)" \
   CACHE_DIR "the teacher cache written by slurm/cache.sh (--cache)" \
   RUN_DIR "the run directory: metrics, checkpoints, export/ (--out)"
-if [[ ${MODE:-} == dense_kd ]]; then need TEACHER "MODE=dense_kd: the online teacher (--teacher)"; fi
+dense=0; [[ ${MODE:-} == dense_kd || ${RECIPE:-} == dense-kd ]] && dense=1
+if ((dense)); then need TEACHER "MODE=dense_kd / RECIPE=dense-kd: the online teacher (--teacher)"; fi
 check_needs
 # Workers per node: NPROC_PER_NODE, else the node's GPUs (GPUS_PER_NODE, else the allocation's),
 # else 1.
@@ -40,11 +43,12 @@ export NPROC_PER_NODE=${NPROC_PER_NODE:-$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1
 args=(--student "$STUDENT" --cache "$CACHE_DIR" --out "$RUN_DIR")
 flags MODE --mode
 args+=(--resume)
-flags DS_CONFIG --deepspeed SELECT --select SELECT_FRAC --select-frac STEPS --steps \
+flags RECIPE --recipe DS_CONFIG --deepspeed SELECT --select SELECT_FRAC --select-frac STEPS --steps \
   MICRO_BATCH --micro-batch LR --lr SEED --seed WARMUP_STEPS --warmup-steps \
   SELECT_SCORE --select-score GLS_QUEUE --gls-queue GLS_WARMUP --gls-warmup \
-  CE_WEIGHT --ce-weight KD_WEIGHT --kd-weight CE_POSITIONS --ce-positions
-if [[ ${MODE:-} == dense_kd ]]; then args+=(--teacher "$TEACHER"); fi
+  CE_WEIGHT --ce-weight KD_WEIGHT --kd-weight CE_POSITIONS --ce-positions \
+  VAL_CACHE --val-cache VAL_EVERY --val-every VAL_WINDOWS --val-windows
+if ((dense)); then args+=(--teacher "$TEACHER"); fi
 args+=("${extra[@]}")
 
 if [[ -z ${SLURM_JOB_ID:-} ]]; then

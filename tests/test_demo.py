@@ -36,10 +36,19 @@ def test_demo_tiny_end_to_end(tmp_path):
         assert (out / run / "ckpt" / "latest").exists()
         model = AutoModelForCausalLM.from_pretrained(out / run / "export")
         assert model.config.num_hidden_layers == 1
-    sel = [json.loads(x)["selected_frac"] for x in (out / "sampledkd" / "metrics.jsonl").read_text().splitlines()]
-    # GLS top-25%: exact per-sequence top-k in warm-up, then the global threshold with ties
-    # drawn (the tiny teacher's entropies share one byte level): about 25%, never all.
-    assert all(0 < f < 1 for f in sel) and abs(sum(sel) / len(sel) - 0.25) < 0.1, sel
+    # The demo sets no recipe: the SampledKD student trains the recommended one, KD at every
+    # position (pipeline/recipes/kd-all.yaml: select all, no CE), read from its config.json.
+    import yaml
+    want = yaml.safe_load((REPO / "pipeline" / "recipes" / "kd-all.yaml").read_text())
+    got = json.loads((out / "sampledkd" / "config.json").read_text())
+    assert got["recipe"] == "recommended" and {k: got[k] for k in want} == want
+    recs = [json.loads(x) for x in (out / "sampledkd" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["selected_frac"] == 1.0 and r["ce_loss"] == 0.0 for r in recs)
+    assert json.loads((out / "no_kd" / "config.json").read_text())["mode"] == "no_kd"
+    # Both validated on the held-out pages at step 0 and at the end (VAL_EVERY=8 > 4 steps).
+    for run in ("sampledkd", "no_kd"):
+        val = [json.loads(x) for x in (out / run / "validation.jsonl").read_text().splitlines()]
+        assert [v["step"] for v in val] == [0, len(recs)] and all(v["val_ppl"] > 1 for v in val)
 
     # Stage 3: lm-eval results for the trained students, held-out metrics for all four.
     for name in ("teacher", "student_init", "no_kd", "sampledkd"):

@@ -124,13 +124,44 @@ def test_required_variables_only_reach_python_and_no_demo_value(script, slurm, s
     everything = launches[0]["argv"]
     for token in ("--seq-len", "--max-windows", "--limit", "--data-dir", "--steps", "--select",
                   "--micro-batch", "--lr", "--ce-weight", "--kd-weight", "--batch-size",
-                  "--max-gen-toks", "--shard-samples", "--deepspeed"):
+                  "--max-gen-toks", "--shard-samples", "--deepspeed", "--recipe", "--val-every"):
         assert token not in everything, (token, everything)
-    for key in ("SEQ_LEN", "MAX_WINDOWS", "LIMIT", "EVAL_DATA_DIR", "STEPS", "LR", "SELECT",
-                "CE_WEIGHT", "MAX_GEN_TOKS", "BATCH_SIZE", "NPROC_PER_NODE", "NTASKS"):
+    for key in ("SEQ_LEN", "MAX_WINDOWS", "LIMIT", "EVAL_DATA_DIR", "STEPS", "LR", "VAL_EVERY",
+                "MAX_GEN_TOKS", "BATCH_SIZE", "NPROC_PER_NODE", "NTASKS"):
         assert demo[key] not in everything, (key, demo[key], everything)
     assert demo["SEQ_LEN"] == "256" and demo["MAX_WINDOWS"] == "192" and demo["LIMIT"] == "2"
     assert not any("fixtures" in a for a in everything), everything
+
+
+def test_distill_sh_with_required_variables_only_trains_the_recommended_recipe(stubs, tmp_path):
+    """What `sbatch slurm/distill.sh` with STUDENT, CACHE_DIR and RUN_DIR trains: the
+    pipeline's resolved configuration (`--print-config` of the launched flags) holds every
+    value of pipeline/recipes/kd-all.yaml, read here with plain yaml."""
+    import yaml
+
+    values = required_values("distill.sh", tmp_path)
+    proc, launches = run_script("distill.sh", stubs, tmp_path, **values)
+    assert proc.returncode == 0, proc.stderr
+    flags = stage_argv("distill.sh", launches)
+    got = subprocess.run([sys.executable, "-m", "pipeline.distill", *flags, "--print-config"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    resolved = json.loads(got.stdout)
+    text = (REPO / "pipeline" / "recipes" / "kd-all.yaml").read_text()
+    assert "THE RECOMMENDED RECIPE" in text
+    recipe = yaml.safe_load(text)
+    assert recipe and {k: resolved[k] for k in recipe} == recipe, (recipe, resolved)
+    # the mode's own weights: KD alone, at every position
+    assert (resolved["kd_weight"], resolved["ce_weight"], resolved["select"]) == (1.0, 0.0, "all")
+    assert resolved["recipe"] == "recommended"
+
+    # RECIPE=name and VAL_CACHE reach their flags; another recipe resolves to its file
+    proc, launches = run_script("distill.sh", stubs, tmp_path, RECIPE="no-kd", VAL_CACHE="v", VAL_EVERY="4",
+                                **values)
+    flags = stage_argv("distill.sh", launches)
+    assert flags[flags.index("--recipe") + 1] == "no-kd" and flags[flags.index("--val-every") + 1] == "4"
+    proc, launches = run_script("distill.sh", stubs, tmp_path, RECIPE="dense-kd", **values)
+    assert proc.returncode == 2 and "TEACHER" in proc.stderr and not launches
 
 
 def test_eval_sh_model_and_out_default_to_run_dir(stubs, tmp_path):
@@ -292,7 +323,7 @@ def test_readme_tables_are_the_scripts_variables(stubs, tmp_path):
 def test_readme_defaults_are_the_pipeline_configs():
     """A default in backticks is the config field's default; no value means None."""
     from pipeline.cache import CacheConfig
-    from pipeline.config import leaf_fields
+    from pipeline.config import ConfigParser, leaf_fields
     from pipeline.distill import DistillConfig
     from pipeline.evaluate import EvalConfig
 
@@ -304,8 +335,9 @@ def test_readme_defaults_are_the_pipeline_configs():
             assert name in fields, (md.name, r)
             if "required" in r["unset"]:
                 continue
-            default = fields[name].default
-            shown = re.fullmatch(r"`([^`]*)`", r["unset"])
+            # what a run gets: the field's default under the default recipe (distill.sh)
+            default = ConfigParser(configs[r["script"]]).parser.get_default(name)
+            shown = re.fullmatch(r"`([^`]*)`(?: \(the recipe's\))?", r["unset"])
             if shown is None:
                 assert default is None, (md.name, r, default)
             elif isinstance(default, (int, float)):

@@ -22,9 +22,11 @@ Shapes:
         a cache of the demo corpus at T = 256, 2 windows per rank (the demo's settings)
   qwen  a Qwen2 body of 1 layer, hidden 256, V = 151,936 (tied) on a T = 1,024 cache of the
         same corpus (a 512-class tokenizer: the head's cost is V's, the targets are real)
-Cases: no_kd (CE everywhere); the demo recipe (GLS top 25% by teacher entropy: KD there,
-CE on the rest, 0.75/0.75); KD only at the GLS 25% with the fused head; the same with
---kd-loss sampled_softmax; rskd_all (KD everywhere); dense_kd (the online teacher).
+Cases (recipes of pipeline/recipes/): no-kd (CE everywhere); kd-all (the recommended: KD
+everywhere); gls25-kd-ce-rest (GLS top 25% by teacher entropy: KD there, CE on the rest,
+0.75/0.75); KD only at the GLS 25% with the fused head; the same with --kd-loss
+sampled_softmax; se-kd-student-entropy (a no-grad lm_head pass for the student's entropy);
+dense-kd (the online teacher).
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("SAMPLEDKD_ASSETS", REPO / "assets_cache"))
-GLS = ["--select", "gls", "--select-frac", "0.25", "--select-score", "teacher_entropy",
-       "--gls-queue", "30000", "--gls-warmup", "2048"]
+# Every case is a recipe of pipeline/recipes/ (`--recipe`), plus at most a flag or two.
 CASES = {
-    "no_kd": ["--mode", "no_kd"],
-    "demo recipe (CE unselected + KD GLS 25%)": [*GLS, "--ce-weight", "0.75", "--ce-positions",
-                                                 "unselected", "--kd-weight", "0.75"],
-    "KD only, GLS 25%, fused head": GLS,
-    "KD only, GLS 25%, sampled softmax": [*GLS, "--kd-loss", "sampled_softmax"],
-    "rskd_all (KD everywhere)": ["--mode", "rskd_all"],
-    "dense_kd (online teacher)": ["--mode", "dense_kd"],
+    "no_kd": ["--recipe", "no-kd"],
+    "kd-all (recommended: KD everywhere)": ["--recipe", "kd-all"],
+    "gls25-kd-ce-rest (CE unselected + KD GLS 25%)": ["--recipe", "gls25-kd-ce-rest"],
+    "KD only, GLS 25%, fused head": ["--recipe", "gls25-kd-ce-rest", "--ce-weight", "0", "--kd-weight", "1"],
+    "KD only, GLS 25%, sampled softmax": ["--recipe", "gls25-kd-ce-rest", "--ce-weight", "0", "--kd-weight",
+                                          "1", "--kd-loss", "sampled_softmax"],
+    "se-kd-student-entropy (KD top 20% by student entropy + CE)": ["--recipe", "se-kd-student-entropy"],
+    "dense_kd (online teacher)": ["--recipe", "dense-kd"],
 }
 PHASES = ("body_fwd", "select", "teacher_fwd", "head_loss", "stats", "backward", "optimizer")
 WARMUP_STEPS = 3
@@ -161,7 +163,7 @@ def run_shape(shape: dict, repeats: int, work: Path, env: dict) -> dict:
     ds = REPO / "ds_configs" / "zero3.json"
     cases = {}
     for name, flags in CASES.items():
-        extra = ["--teacher", str(shape["teacher"])] if "dense_kd" in flags else []
+        extra = ["--teacher", str(shape["teacher"])] if "dense-kd" in flags else []
         cases[name] = ["--student", str(shape["student"]), "--cache", str(shape["cache"]),
                        "--out", str(work / "runs" / f"case{len(cases)}"), "--deepspeed", str(ds),
                        "--micro-batch", str(shape["micro_batch"]), "--steps", "1000", "--lr", "1e-4",

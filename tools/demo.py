@@ -9,9 +9,11 @@ limits) live in scripts/demo.env and nowhere else; a variable set in the environ
 1. assets (cached after the first run): teacher, a 6-layer student cut (teacher layers
    0-2 and 27-29), train/held-out text;
 2. stage 1 through slurm/cache.sh (mpiexec, 2 ranks, U=12 priority samples, T=256);
+   and of the held-out pages (the validation set);
 3. stage 2 through slurm/distill.sh (torchrun, 2 ranks, ZeRO-3): the SampledKD student
-   (sparse KD on the teacher-entropy top-25% under a GLS threshold, CE on the other 75%)
-   and a no-KD student (CE on every position) on the same windows and steps;
+   (the pipeline's default, the recommended recipe: pipeline/recipes/) and a no-KD student
+   (RECIPE=no-kd: CE on every position) on the same windows and steps, both validated on
+   the held-out pages every VAL_EVERY steps;
 4. stage 3: held-out perplexity and KL to the teacher for teacher, initial student, no-KD
    and SampledKD students; the nine offline fixture tasks for the two trained students;
 5. the storage table (tools/inspect_cache.py), the comparison table, and PNG plots
@@ -87,25 +89,34 @@ def tiny_assets(out: Path) -> dict:
 
 
 def loss_plot(runs: dict[str, Path], png: Path) -> None:
+    """Left: each run's training loss terms; right: its validation KL and perplexity."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    twin = ax[1].twinx()
     for name, run in runs.items():
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in recs]
-        line, = ax[0].plot(steps, [r["ce_loss"] for r in recs], label=f"{name}: CE")
+        if any(r["ce_loss"] for r in recs):
+            ax[0].plot(steps, [r["ce_loss"] for r in recs], label=f"{name}: CE")
         if any(r["kd_loss"] for r in recs):
-            ax[0].plot(steps, [r["kd_loss"] for r in recs], "--", color=line.get_color(),
-                       label=f"{name}: KD")
-            ax[1].plot(steps, [r["kl_est"] for r in recs], label=f"{name}: est. KL")
-    # Each term is a mean over its own positions: no-KD's CE covers every position, the
-    # SampledKD run's CE only the unselected ones and its KD the selected (high-entropy) ones.
-    ax[0].set(xlabel="step", ylabel="nats per position", title="loss terms (means over their positions)")
-    ax[1].set(xlabel="step", ylabel="nats", title="estimated KL to the teacher (cache)")
-    for a in ax:
-        a.legend()
+            ax[0].plot(steps, [r["kd_loss"] for r in recs], "--", label=f"{name}: KD")
+        val = run / "validation.jsonl"
+        if val.exists():
+            v = [json.loads(x) for x in val.read_text().splitlines() if x.strip()]
+            line, = ax[1].plot([r["step"] for r in v], [r["val_kl"] for r in v], "o-", label=f"{name}: KL")
+            twin.plot([r["step"] for r in v], [r["val_ppl"] for r in v], "x:", color=line.get_color(),
+                      label=f"{name}: perplexity")
+    # Each term is a mean over its own positions.
+    ax[0].set(xlabel="step", ylabel="nats per position", title="training loss terms")
+    ax[1].set(xlabel="step", ylabel="KL(teacher || student), nats (o)",
+              title="validation on the held-out pages (--val-cache)")
+    twin.set_ylabel("perplexity (x)")
+    twin.set_yscale("log")
+    for a in (ax[0], ax[1]):
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -163,17 +174,20 @@ def main() -> None:
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     times = {"cache": sh(["bash", "slurm/cache.sh"], dict(env, EXTRA_ARGS=s["CACHE_ARGS"]),
                          f"stage 1: teacher cache ({s['NTASKS']} ranks)")}
+    # The held-out pages too (the validation set of both students; stage 3 scores the same
+    # text): the same teacher, T and format, another corpus.
+    val_cache = out / "val_cache"
+    times["val_cache"] = sh(["bash", "slurm/cache.sh"], dict(
+        env, DATA=assets["heldout"], CACHE_DIR=str(val_cache), MAX_WINDOWS=s["HELDOUT_MAX_WINDOWS"],
+        EXTRA_ARGS=s["CACHE_ARGS"]), "stage 1: teacher cache of the held-out pages (validation)")
+    env.update(VAL_CACHE=str(val_cache), VAL_WINDOWS=s["HELDOUT_MAX_WINDOWS"])
     runs = {"sampledkd": out / "sampledkd", "no_kd": out / "no_kd"}
-    if args.tiny:
-        env["GLS_WARMUP"] = "256"  # 2 steps of per-sequence top-k, then the global threshold
-    # The recipe (scripts/demo.env): sparse KD on the GLS top 25% by teacher entropy, CE on
-    # the other 75%; the no-KD student trains on CE at every position instead.
-    times["sampledkd"] = sh(["bash", "slurm/distill.sh"], dict(
-        env, RUN_DIR=str(runs["sampledkd"]), MODE="sampledkd"),
-        "stage 2: SampledKD student (2 ranks, ZeRO-3, KD on the GLS top-25%, CE on the rest)")
-    times["no_kd"] = sh(["bash", "slurm/distill.sh"], dict(
-        env, RUN_DIR=str(runs["no_kd"]), MODE="no_kd", SELECT="all", CE_WEIGHT="1", KD_WEIGHT="0"),
-        "stage 2: no-KD student (same windows and steps, CE on every position)")
+    # The SampledKD student: no recipe variable, so the pipeline's default (the recommended
+    # recipe); the no-KD student trains on CE at every position instead.
+    times["sampledkd"] = sh(["bash", "slurm/distill.sh"], dict(env, RUN_DIR=str(runs["sampledkd"])),
+                            "stage 2: SampledKD student (2 ranks, ZeRO-3, the recommended recipe)")
+    times["no_kd"] = sh(["bash", "slurm/distill.sh"], dict(env, RUN_DIR=str(runs["no_kd"]), RECIPE="no-kd"),
+                        "stage 2: no-KD student (same windows and steps, CE on every position)")
 
     models = {"teacher": assets["teacher"], "student_init": assets["student"],
               "no_kd": str(runs["no_kd"] / "export"), "sampledkd": str(runs["sampledkd"] / "export")}

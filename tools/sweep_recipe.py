@@ -9,7 +9,7 @@ first --windows held-out windows, KL to --teacher). Runs happen one after the ot
 their train times are comparable; the table prints perplexity, KL and train seconds. Every
 run is repeated for each --seeds value (the data order and the sampling draws), because at
 demo scale two seeds of one recipe differ more than two recipes do: compare within a seed.
-Without --run, the rows of BENCHMARKS.md's recipe sweep.
+Without --run, every recipe of pipeline/recipes/ but dense-kd (which needs the teacher online).
 """
 
 from __future__ import annotations
@@ -25,16 +25,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GLS = "--select gls --select-frac 0.25 --gls-queue 30000 --gls-warmup 2048"
-DEFAULT_RUNS = {
-    "no_kd (CE, all positions)": "--mode no_kd",
-    "KD only, GLS top-25%": f"--mode sampledkd {GLS}",
-    "CE all + KD GLS top-25%, kd 0.25": f"--mode sampledkd {GLS} --ce-weight 1 --ce-positions all --kd-weight 0.25",
-    "CE all + KD GLS top-25%, kd 1": f"--mode sampledkd {GLS} --ce-weight 1 --ce-positions all",
-    "CE unselected + KD selected, 0.75/0.25": f"--mode sampledkd {GLS} --ce-weight 0.75 --ce-positions unselected --kd-weight 0.25",
-    "CE unselected + KD selected, 0.75/0.75 (demo)": f"--mode sampledkd {GLS} --ce-weight 0.75 --ce-positions unselected --kd-weight 0.75",
-    "KD only, every position (rskd_all)": "--mode rskd_all",
-}
+# The recipes of pipeline/recipes/ by name: each run is `--recipe NAME` (no recipe is
+# written twice); --run NAME="FLAGS" adds other runs (FLAGS may start with --recipe).
+sys.path.insert(0, str(REPO))
+from pipeline import recipes  # noqa: E402
+
+DEFAULT_RUNS = {name: f"--recipe {name}" for name in recipes.names() if name != "dense-kd"}
 
 
 def main() -> None:
@@ -91,7 +87,7 @@ def main() -> None:
     for col in ("run", "seed", "perplexity", "vs no_kd", "KL(teacher || student)", "train s",
                 "median step s", "flags"):
         table.add_column(col, justify="left" if col in ("run", "flags") else "right")
-    base = {seed: ppl for name, seed, _, ppl, *_ in rows if "--mode no_kd" in runs[name]}
+    base = {seed: ppl for name, seed, _, ppl, *_ in rows if "--recipe no-kd" in runs[name]}
     for name, seed, flags, ppl, kl, dt, step_s in rows:
         rel = f"{ppl / base[seed] - 1:+.1%}" if seed in base else "-"
         table.add_row(name, str(seed), f"{ppl:.1f}", rel, f"{kl:.3f}", f"{dt:.0f}", f"{step_s:.2f}", flags)

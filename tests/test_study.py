@@ -140,3 +140,31 @@ def test_summarize_refuses_mixed_settings():
     assert m == pytest.approx(0.35) and sd == pytest.approx(math.sqrt(0.045))
     assert got["priority_U12"]["paired_dkl_vs_priority_U12"] is None
     assert got["dense_kd"]["paired_dkl_vs_priority_U12"] == pytest.approx((-0.3, math.sqrt(0.08)))
+
+
+def test_curve_mode_validates_during_training_and_tabulates_the_gap(assets, tmp_path):
+    """--curve: every run validates every --val-every steps on a cache of the held-out text;
+    the table's gap to dense KD is the per-step difference of the runs' own points."""
+    out = tmp_path / "curve"
+    args = _args(assets, out, "--curve", "--val-every", "2")
+    args[args.index("--steps") + 1] = "4"
+    args[args.index("--rows") + 1:args.index("--rows") + 3] = ["dense_kd", "priority_U12"]
+    proc = _study(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = {r: json.loads((out / "runs" / r / "seed0" / "result.json").read_text())
+           for r in ("dense_kd", "priority_U12")}
+    for r in res.values():
+        assert [p["step"] for p in r["curve"]] == [0, 2, 4]
+        assert r["curve"][0]["wall_s"] == 0 and r["curve"][1]["wall_s"] < r["curve"][2]["wall_s"]
+        assert r["settings"]["val_every"] == 2
+    # step 0: both students are the initial one, on the same validation set: equal points
+    assert res["dense_kd"]["curve"][0]["kl"] == pytest.approx(res["priority_U12"]["curve"][0]["kl"], rel=1e-6)
+    summary = json.loads((out / "curve.json").read_text())
+    assert summary["checkpoints"] == [1, 2, 3, 4]
+    row = {r["row"]: r for r in summary["rows"]}["priority_U12"]
+    gap = res["priority_U12"]["curve"][2]["kl"] - res["dense_kd"]["curve"][2]["kl"]
+    assert row["at"]["4"]["gap_to_dense"][0] == pytest.approx(gap)
+    assert row["at"]["1"]["kl"] is None                   # no validation at step 1
+    assert "gap to dense @ 4" in (out / "curve.md").read_text()
+    for png in ("curve_steps.png", "curve_wall.png"):
+        assert (out / "plots" / png).read_bytes().startswith(b"\x89PNG")

@@ -158,7 +158,8 @@ def study_settings(args) -> dict:
     """What every result of one table must share (checked when the table is made)."""
     from pipeline.teacher import teacher_weight_hashes
 
-    return {"steps": args.steps, "micro_batch": args.micro_batch, "nproc": args.nproc,
+    curve = {"val_every": args.val_every} if args.curve else {}
+    return {**curve, "steps": args.steps, "micro_batch": args.micro_batch, "nproc": args.nproc,
             "seq_len": args.seq_len, "train_windows": args.train_windows, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "heldout_windows": args.heldout_windows,
             "teacher_weights": teacher_weight_hashes(str(args.teacher)),
@@ -216,6 +217,50 @@ def check_cache(name: str, m: dict, args, teacher_weights: dict | None, tok_fp: 
                          + f". Use another --out or delete {where}")
 
 
+VAL_CACHE = "val_priority_U12"
+
+
+def build_val_cache(args, teacher_weights, tok_fp: str) -> None:
+    """--curve: the validation cache, priority U=12 on --heldout (the first
+    --heldout-windows windows: the windows pipeline.heldout scores at the end)."""
+    from pipeline.manifest import load_manifest
+
+    d = args.out / "caches" / VAL_CACHE
+    if not (d / "manifest.json").exists():
+        print(f"[study] validation cache: building ({args.heldout_windows} windows of {args.seq_len})",
+              flush=True)
+        _run([*_torchrun(args.nproc), "-m", "pipeline.cache", "--teacher", str(args.teacher),
+              "--data", str(args.heldout), "--out", str(d), "--seq-len", str(args.seq_len),
+              "--max-windows", str(args.heldout_windows), "--shard-samples", "16",
+              "--unit-bytes", str(args.unit_bytes)], args.out / "logs" / f"cache_{VAL_CACHE}.log")
+    m = load_manifest(d)
+    if m.get("teacher_weights") != teacher_weights or m.get("tokenizer_fingerprint") != tok_fp \
+            or m.get("seq_len") != args.seq_len or m.get("max_windows") != args.heldout_windows:
+        raise StudyError(f"validation cache {d} was not built for this study (teacher, tokenizer, T "
+                         f"or windows differ); delete it or use another --out")
+
+
+def curve_rows() -> list[str]:
+    """The learning curve's rows: the reference, the cache formats, the recommended recipe."""
+    rows = ["dense_kd", "priority_U12", "topk_12", "no_kd"]
+    rec = next((r.name for r in ROWS if r.recipe == recipes.RECOMMENDED and r.cache == P12), None)
+    if rec is None:
+        raise StudyError(f"no row trains the recommended recipe {recipes.RECOMMENDED}: add one to ROWS")
+    return rows if rec in rows else [*rows[:2], rec, *rows[2:]]
+
+
+def curve_points(recs: list[dict], val_path: Path) -> list[dict]:
+    """The validation records with the training wall time spent up to each (the sum of the
+    step times, validation excluded)."""
+    spent, wall = 0.0, {0: 0.0}
+    for r in recs:
+        spent += r["step_time_s"]
+        wall[r["step"]] = spent
+    vals = [json.loads(x) for x in val_path.read_text().splitlines() if x.strip()]
+    return [{"step": v["step"], "wall_s": wall[v["step"]], "kl": v["val_kl"], "kl_se": v["val_kl_se"],
+             "ce": v["val_ce"], "ppl": v["val_ppl"], "acc": v["val_acc"], "ece": v["val_ece"]} for v in vals]
+
+
 def build_cache(spec: CacheSpec, args, teacher_weights, tok_fp: str) -> dict:
     from pipeline.manifest import load_manifest
 
@@ -257,12 +302,14 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
         return res
     print(f"[study] {row.name} seed {seed}: training", flush=True)
     teacher = ["--teacher", str(args.teacher)] if row.dense else []
+    val = (["--val-cache", str(args.out / "caches" / VAL_CACHE), "--val-every", str(args.val_every),
+            "--val-windows", str(args.heldout_windows)] if args.curve else [])
     t0 = time.perf_counter()
     _run([*_torchrun(args.nproc), "-m", "pipeline.distill", "--student", str(args.student),
           "--cache", str(args.out / "caches" / row.cache.name), "--out", str(d),
           "--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr),
           "--warmup-steps", str(args.warmup_steps), "--seed", str(seed), "--resume", "--no-tensorboard",
-          *teacher, "--recipe", row.recipe, *shlex.split(row.flags)], d.parent / f"seed{seed}.log")
+          *teacher, *val, "--recipe", row.recipe, *shlex.split(row.flags)], d.parent / f"seed{seed}.log")
     train_s = time.perf_counter() - t0
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     if not recs or recs[-1]["step"] != args.steps or not (d / "export" / "config.json").exists():
@@ -279,6 +326,8 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
            "nll": held["nll_per_token"], "heldout_tokens": held["tokens"],
            "step_s": statistics.median(steps[2:] or steps), "train_s": train_s,
            "final_train_loss": recs[-1]["loss"], "calibration": held["calibration"]}
+    if args.curve:
+        res["curve"] = curve_points(recs, d / "validation.jsonl")
     tmp = res_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(res_path)
@@ -464,10 +513,18 @@ def parse(argv: list[str] | None = None):
     ap.add_argument("--extra-seeds", type=int, nargs="*", default=[0, 1], help="seeds of the extra rows")
     ap.add_argument("--recipe-seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="seeds of the recipe rows (recipes at equal steps)")
-    ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS],
-                    metavar="ROW", help=f"rows to run (default all: {', '.join(BY_NAME)})")
+    ap.add_argument("--rows", nargs="+", default=None, choices=[r.name for r in ROWS],
+                    metavar="ROW", help=f"rows to run (default all, or the curve's with --curve: "
+                                       f"{', '.join(BY_NAME)})")
+    ap.add_argument("--curve", action="store_true",
+                    help="the learning curve: rows dense_kd, priority_U12 (kd-all), the recommended "
+                         "recipe, topk_12 and no_kd (unless --rows), validated every --val-every "
+                         "steps on a cache of --heldout; writes OUT/curve.md, curve.json and plots")
+    ap.add_argument("--val-every", type=int, default=32, help="--curve: validate every N steps")
     ap.add_argument("--plan", action="store_true", help="print the runs and exit")
     args = ap.parse_args(argv)
+    if args.rows is None:
+        args.rows = curve_rows() if args.curve else [r.name for r in ROWS]
     if args.train_windows is None:
         args.train_windows = args.steps * args.micro_batch * args.nproc
     for flag in ("steps", "micro_batch", "nproc", "seq_len", "train_windows", "heldout_windows"):
@@ -515,9 +572,14 @@ def main(argv: list[str] | None = None) -> dict:
     for r, _ in jobs:
         if r.cache.name not in caches:
             caches[r.cache.name] = build_cache(r.cache, args, tw, tok_fp)
+    if args.curve:
+        build_val_cache(args, tw, tok_fp)
     teacher_cache: dict = {}
     refs = reference_rows(args, settings, teacher_cache)
     results = [run_one(r, s, args, caches[r.cache.name], settings, teacher_cache) for r, s in jobs]
+    if args.curve:
+        from study_curve import curve_outputs
+        return curve_outputs(results, args.out, {r.name: r.label for r in ROWS})
     summary = summarize(results, refs)
     (args.out / "study.json").write_text(json.dumps(summary, indent=1))
     md = markdown(summary)

@@ -328,14 +328,27 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
             "documents": 0, "tokens": 0, "bytes": 0, "windows": 0}
     t0 = time.perf_counter()
     windows_of = _windows_of(cfg, tok, template)
-    while (u := ledger.claim_next(only)) is not None:
-        unit = plan["units"][u]
-        reader = UnitReader(cfg.data_spec, plan, u)
-        counts = UnitStats()
-        writer = UnitWriter(out, u, ledger.launch, header)
-        cap = unit.get("max_windows")
-        batch: list[tuple[int, np.ndarray, np.ndarray | None]] = []
-        cstats = ChatStats() if cfg.data_format == "chat" else None
+    try:
+        while (u := ledger.claim_next(only)) is not None:
+            _cache_unit(cfg, info, out, ledger, plan, header, u, windows_of, model, codec, V, device,
+                        prog, delay, mine)
+    finally:
+        prog.close()      # before any error message: no progress text glued to it
+    mine["wall_time_s"] = time.perf_counter() - t0
+    return mine
+
+
+def _cache_unit(cfg, info, out, ledger, plan, header, u: int, windows_of, model, codec, V, device,
+                prog, delay, mine: dict) -> None:
+    """Cache unit `u` and record it done (its done record in the ledger)."""
+    unit = plan["units"][u]
+    reader = UnitReader(cfg.data_spec, plan, u)
+    counts = UnitStats()
+    writer = UnitWriter(out, u, ledger.launch, header)
+    cap = unit.get("max_windows")
+    batch: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+    cstats = ChatStats() if cfg.data_format == "chat" else None
+    try:
         for k, (tokens, trainable) in enumerate(windows_of(reader, counts, cstats)):
             if cap is not None and k >= cap:
                 break
@@ -346,23 +359,23 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
                 _flush(cfg, model, codec, device, u, batch, writer, prog, delay)
         if batch:
             _flush(cfg, model, codec, device, u, batch, writer, prog, delay)
-        shards = writer.close()
-        # sha256 of the unit's bytes: complete once its documents were read to the end (a
-        # --max-windows cap may stop the last unit early: then None).
-        stats = writer.stats
-        if cstats is not None:     # rows read (up to a --max-windows cap), per unit
-            stats = {**stats, "conversations": cstats.conversations,
-                     "skipped_no_assistant": cstats.skipped_no_assistant}
-        rec = {"shards": shards, "stats": stats, "windows": sum(s["samples"] for s in shards),
-               "documents": reader.n_documents, "tokens": counts.tokens, "bytes": reader.n_bytes,
-               "sha256": reader.sha256, "node": info.node}
-        ledger.mark_done(u, rec)
-        mine["units"].append(u)
-        for k in ("documents", "tokens", "bytes", "windows"):
-            mine[k] += rec[k]
-    prog.close()
-    mine["wall_time_s"] = time.perf_counter() - t0
-    return mine
+    except BaseException:
+        writer.abandon()
+        raise
+    shards = writer.close()
+    # sha256 of the unit's bytes: complete once its documents were read to the end (a
+    # --max-windows cap may stop the last unit early: then None).
+    stats = writer.stats
+    if cstats is not None:     # rows read (up to a --max-windows cap), per unit
+        stats = {**stats, "conversations": cstats.conversations,
+                 "skipped_no_assistant": cstats.skipped_no_assistant}
+    rec = {"shards": shards, "stats": stats, "windows": sum(s["samples"] for s in shards),
+           "documents": reader.n_documents, "tokens": counts.tokens, "bytes": reader.n_bytes,
+           "sha256": reader.sha256, "node": info.node}
+    ledger.mark_done(u, rec)
+    mine["units"].append(u)
+    for k in ("documents", "tokens", "bytes", "windows"):
+        mine[k] += rec[k]
 
 
 def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog, delay: float,
@@ -433,8 +446,12 @@ def _summary(m: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = C.parse(CacheConfig, argv, __doc__)
-    run(cfg)
+    from pipeline.errors import clean_errors
+
+    with clean_errors("pipeline.cache", every_rank=False):      # alike on every rank
+        cfg = C.parse(CacheConfig, argv, __doc__)
+    with clean_errors("pipeline.cache"):
+        run(cfg)
     import torch.distributed as dist
 
     if dist.is_initialized():     # torchrun/srun without MPI: as pipeline.distill.main

@@ -46,6 +46,7 @@ from pipeline import config as C
 from pipeline import losses, objectives
 from pipeline.checkpoint import Checkpointer, DataPosition, truncate_metrics
 from pipeline.distributed import TorchComm, log
+from pipeline.errors import clean_errors
 from pipeline.export import save_hf
 from pipeline.manifest import cache_identity
 from pipeline.distill_config import DistillConfig, recipe_warnings
@@ -452,11 +453,13 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
         from pipeline import recipes
         print(recipes.listing())
         return
-    cfg = C.parse(DistillConfig, argv, __doc__)
+    with clean_errors("pipeline.distill", every_rank=False):     # alike on every rank
+        cfg = C.parse(DistillConfig, argv, __doc__)
     if int(os.environ.get("RANK", "0")) == 0:
         for w in recipe_warnings(cfg):
             log(f"WARNING: {w}")
-    run(cfg, trainer_cls)
+    with clean_errors("pipeline.distill"):
+        run(cfg, trainer_cls)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -185,10 +185,11 @@ _console = Console(stderr=True, highlight=False)
 def log(msg: str, info: DistInfo | None = None, all_ranks: bool = False) -> None:
     """Print on rank 0 (or every rank with a rank prefix when `all_ranks`)."""
     rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
+    # markup=False: a message's own brackets ("[ledger] ...", paths, lists) are text
     if all_ranks:
-        _console.print(f"[dim]\\[rank {rank}][/dim] {msg}")
+        _console.print(f"[rank {rank}] {msg}", markup=False)
     elif rank == 0:
-        _console.print(msg)
+        _console.print(msg, markup=False)
 
 
 def print0(msg: str) -> None:
@@ -228,14 +229,24 @@ def report_and_abort(info: DistInfo, comm: MPIComm, stage: str,
     3. A pause of ABORT_GRACE_S seconds, then MPI_Abort, whatever happened before (a
        rank that does not abort leaves the others waiting forever).
     """
+    from pipeline.errors import Refusal, debug, is_expected, one_line
+
     try:
         exc = sys.exc_info()[1]
+        expected = is_expected(exc) and not debug()
+        if expected and isinstance(exc, Refusal):
+            # Refused before touching the output (a launch refused because another runs
+            # there): one line, nothing written into the cache directory.
+            out_dir = None
         head = f"[rank {info.rank}] {stage} failed on {info.node}"
-        text = f"{head}:\n{traceback.format_exc()}"
+        # An expected error (bad data, bad input) is its message, not a traceback.
+        text = (f"{one_line(stage, exc, info.rank)}\n" if expected
+                else f"{head}:\n{traceback.format_exc()}")
         summary = "".join(traceback.format_exception_only(type(exc), exc)).strip() if exc else "?"
         notes = ""
         if out_dir is None:
-            where = "no error file (no output directory)"
+            where = ("nothing written (refused before the stage began)" if isinstance(exc, Refusal)
+                     else "no error file (no output directory)")
         else:
             path = error_file(out_dir, info.rank)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -243,17 +254,22 @@ def report_and_abort(info: DistInfo, comm: MPIComm, stage: str,
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_text(text)
                 os.replace(tmp, path)
-                where = f"traceback in {path}"
+                where = f"{'error' if expected else 'traceback'} in {path}"
             except OSError as e:
                 notes = f"[rank {info.rank}] could not write the error file {path}: {e}\n"
                 where = f"no error file ({path}: {e.strerror or e})"
         try:
-            sys.stderr.write(text + notes)
-            sys.stderr.flush()
+            if not expected:          # the one line below says it all for an expected error
+                sys.stderr.write(text + notes)
+                sys.stderr.flush()
+            elif notes:
+                sys.stderr.write(notes)
+                sys.stderr.flush()
         except (OSError, ValueError) as e:        # closed or broken sys.stderr
             where += f"; sys.stderr failed ({e!r})"
         try:
-            _write_fd2(f"{head}: {summary}\n[rank {info.rank}] {stage}: {where}\n")
+            first = one_line(stage, exc, info.rank) if expected else f"{head}: {summary}"
+            _write_fd2(f"{first}\n[rank {info.rank}] {stage}: {where}\n")
         except OSError:
             pass   # fd 2 itself is gone: nothing can carry the text; the error file has it
         # Why wait: what a rank writes to stderr sits in a pipe until mpiexec's proxy

@@ -143,6 +143,8 @@ class EvalConfig:
             problems.append(f"--data-dir {self.data_dir}: no such folder")
         elif self.data_dir is not None:
             for task in self.tasks:
+                if task not in task_registry.PAPER_TASKS:
+                    continue                # named above; it has no data to look for
                 try:
                     data = task_registry.offline_data(task, self.data_dir)
                 except (FileNotFoundError, ValueError) as err:

@@ -19,6 +19,8 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.errors import Refusal
+
 LEDGER_DIR = "ledger"
 ENDED = ("finished", "failed", "refused", "dead")
 """Statuses of a launch that has stopped for good: it never counts as live again."""
@@ -32,7 +34,7 @@ NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXD
             errno.EMLINK}
 
 
-class LaunchRefused(ValueError):
+class LaunchRefused(Refusal):
     """A new launch refused to start because another launch on the same cache is live."""
 
 

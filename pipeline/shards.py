@@ -88,6 +88,15 @@ class UnitWriter:
             self.writer.close()
         return self.entries
 
+    def abandon(self) -> None:
+        """After an error: close the open `*.tar.tmp` without finishing it (it stays an
+        unfinished shard, no record names it), so no half-closed tar stream is left for
+        the garbage collector to flush into a closed file."""
+        if self.writer is not None and self.writer.tarstream is not None:
+            self.writer.tarstream.close()
+            self.writer.tarstream = None
+        self.writer = None
+
 
 def empty_stats(num_classes: int, masked: bool = False) -> dict:
     # distinct_hist[k] = positions with k distinct classes, k = 0..U (masked: trainable ones)

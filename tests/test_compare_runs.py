@@ -44,7 +44,7 @@ def test_table_and_chart(tmp_path):
     write_results(tmp_path / "no_kd" / "eval", NO_KD, extra_task=True)
     write_results(tmp_path / "sampled" / "eval", SAMPLED)
     (tmp_path / "sampled" / "run_info.json").write_text(
-        json.dumps({"name": "SampledKD", "cache_bytes_per_position": 37, "wall_time_s": 5400}))
+        json.dumps({"name": "SampledKD", "cache_bytes_per_position": 47.916666, "wall_time_s": 5400}))
     out = tmp_path / "report" / "cmp"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"),
                            f"no-KD={tmp_path / 'no_kd' / 'eval'}", str(tmp_path / "sampled" / "eval"),
@@ -54,9 +54,9 @@ def test_table_and_chart(tmp_path):
                         "| IFEval | Avg | Cache B/pos | Train time |")
     # no-KD: mean of (10+20+50+25+40+60+30+0+15)/9 = 250/9 = 27.78 -> 27.8
     assert lines[2] == "| no-KD | 10.0 | 20.0 | 50.0 | 25.0 | 40.0 | 60.0 | 30.0 | 0.0 | 15.0 | 27.8 | - | - |"
-    # SampledKD: every task +5 points -> 32.8; 37 bytes; 5400 s = 1.50 h
+    # SampledKD: every task +5 points -> 32.8; 47.9 bytes (one decimal, not 47.9167); 1.50 h
     assert lines[3] == ("| SampledKD | 15.0 | 25.0 | 55.0 | 30.0 | 45.0 | 65.0 | 35.0 | 5.0 | 20.0 "
-                        "| 32.8 | 37 | 1.50 h |")
+                        "| 32.8 | 47.9 | 1.50 h |")
     assert (out.parent / "cmp.md").read_text() == proc.stdout
     png = out.parent / "cmp.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

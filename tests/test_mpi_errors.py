@@ -150,7 +150,51 @@ def test_cache_stage_rank_failure_reaches_stderr_and_its_error_file(tmp_path):
     assert "is not valid JSON" in text and expected in text, text[-3000:]
     efile = _error_file(out, 1)
     assert efile.is_file(), text[-3000:]
-    assert "is not valid JSON" in efile.read_text() and "Traceback" in efile.read_text()
-    assert f"traceback in {efile}" in text, text[-3000:]
+    # bad data is an expected error: its one line (naming the file), no traceback
+    assert "is not valid JSON" in efile.read_text() and "Traceback" not in efile.read_text()
+    assert "Traceback" not in text and f"[rank 1] pipeline.cache: error: " in text, text[-3000:]
+    assert f"error in {efile}" in text, text[-3000:]
     assert not _error_file(out, 0).exists()
     assert not (out / "manifest.json").exists()
+
+
+def _hold_launch(out: str, ready, release) -> None:
+    from pipeline.ledger import begin_launch
+
+    launch = begin_launch(Path(out), 1, lease_s=1.0, log=lambda m: None)
+    ready.set()
+    release.wait(120)
+    launch.stop()
+
+
+@pytest.mark.dist
+def test_a_launch_refused_under_mpiexec_prints_one_line_and_writes_nothing(tmp_path):
+    """A second `mpiexec -n 2` launch on a cache another launch works on is refused: one line
+    naming the live launch, no traceback, and no errors/ folder in the other launch's cache."""
+    import multiprocessing as mp
+
+    from pipeline.demo.tiny import build_tiny_model
+
+    teacher = build_tiny_model(tmp_path / "teacher", hidden=32, layers=1)
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Knowledge distillation {i}."}) + "\n" for i in range(12)))
+    out = tmp_path / "cache"
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_launch, args=(str(out), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        before = sorted(p.relative_to(out) for p in out.rglob("*") if "ledger" not in p.parts)
+        r = _mpiexec([sys.executable, "-m", "pipeline.cache", "--teacher", str(teacher), "--data",
+                      str(data), "--out", str(out), "--seq-len", "8", "--lease-s", "1"], timeout=300)
+    finally:
+        release.set()
+        holder.join(60)
+    text = r.stdout + r.stderr
+    assert r.returncode not in (0, "timeout"), text[-3000:]
+    assert text.count("pipeline.cache: error: launch 2 refused: launch 1") == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert not (out / "errors").exists()
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if "ledger" not in p.parts) == before

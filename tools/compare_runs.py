@@ -145,7 +145,7 @@ def markdown(runs: list[Run]) -> str:
         cells.append("-" if avg is None else f"{100 * avg:.1f}")
         if storage:
             b = r.info.get("cache_bytes_per_position")
-            cells.append("-" if b is None else f"{b:g}")
+            cells.append("-" if b is None else f"{b:.1f}")
         if wall:
             s = r.info.get("wall_time_s")
             cells.append("-" if s is None else _duration(s))

@@ -544,12 +544,14 @@ def parse(argv: list[str] | None = None):
 
 
 def plan(args) -> list[tuple[Row, int]]:
-    """The main rows seed by seed, then the recipe rows, then the extra rows, each seed by
-    seed: an interrupted grid has whole seeds of the main table first."""
+    """Seed by seed, the main rows then the recipe rows of that seed; the extra rows last,
+    seed by seed: an interrupted grid has whole seeds of the paired table first."""
     rows = [BY_NAME[n] for n in BY_NAME if n in args.rows]
     seeds = {"main": args.seeds, "recipe": args.recipe_seeds, "extra": args.extra_seeds}
-    return [(r, s) for group in ("main", "recipe", "extra") for s in seeds[group]
-            for r in rows if r.group == group]
+    first = list(dict.fromkeys([*args.seeds, *args.recipe_seeds]))
+    return ([(r, s) for s in first for group in ("main", "recipe") for r in rows
+             if r.group == group and s in seeds[group]]
+            + [(r, s) for s in args.extra_seeds for r in rows if r.group == "extra"])
 
 
 def main(argv: list[str] | None = None) -> dict:

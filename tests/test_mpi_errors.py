@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.mpi import require_mpiexec
+
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
@@ -51,8 +53,7 @@ def _mpi_env() -> dict[str, str]:
 def _mpiexec(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """`mpiexec -n 2 ARGS` in its own process group, stdout and stderr captured; the whole
     job is killed on timeout (a hang is a failure, not a leak)."""
-    if not MPIEXEC.exists():
-        pytest.skip(f"{MPIEXEC} not found (pip install mpich mpi4py into the venv)")
+    require_mpiexec(MPIEXEC)
     proc = subprocess.Popen([str(MPIEXEC), "-n", "2", *args], cwd=REPO, env=_mpi_env(),
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)

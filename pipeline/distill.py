@@ -125,8 +125,7 @@ class Trainer:
         self.reader.check_student(self.tok, self.vocab)
         self.cache_vocab = int(self.reader.manifest["vocab_size"])
         sel_cfg = cfg.active_selection
-        sel_cfg.validate(has_targets=cfg.mode != "no_kd",
-                         positions_per_step=cfg.micro_batch * self.reader.seq_len * self.world)
+        sel_cfg.validate(has_targets=cfg.mode != "no_kd")
         self.selector = Selector(sel_cfg, comm=self.comm, device=self.device, seed=cfg.seed)
         self.teacher = (load_teacher(cfg.teacher, cfg.student, self.tok, self.device)
                         if cfg.mode == "dense_kd" else None)

@@ -2,7 +2,7 @@
 
 How the distillation loop uses it (every rank, every micro-batch, same order of calls):
 
-    sel_cfg = SelectionConfig(...); sel_cfg.validate(has_targets=..., positions_per_step=B*T*world)
+    sel_cfg = SelectionConfig(...); sel_cfg.validate(has_targets=...)
     selector = Selector(sel_cfg, comm=comm, device=device, seed=seed)  # comm: `Communicator`
     h = model.model(input_ids).last_hidden_state                # [B,T,H], with grad
     inp = SelectionInputs(valid, hidden=h, labels=next_token_labels(input_ids),
@@ -249,7 +249,7 @@ class Selector:
         self.curriculum = Curriculum.parse(cfg.curriculum, cfg.select_frac)
         self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(seed, self.comm.rank))
         warm = cfg.gls_queue if cfg.gls_warmup is None else cfg.gls_warmup
-        self.gls = GLSQueue(cfg.gls_queue, warm, self.device) if cfg.select == "gls" else None
+        self.gls = GLSQueue(cfg.gls_queue, warm, self.device, cfg.gls_steps) if cfg.select == "gls" else None
         self.learned = (LearnedSelector(cfg.learned_kind, cfg.resolved_explore(), seed, self.device)
                         if cfg.select == "learned" else None)
         self.signals = cfg.signals()

@@ -75,6 +75,10 @@ class SelectionConfig:
                                    "LO < HI")
     gls_queue: int = opt(30_000, "gls: FIFO length Q (scores, all ranks together); >= one "
                          "step's positions")
+    gls_steps: int = opt(8, "gls: when one step's valid scores (all ranks) outnumber --gls-queue, each "
+                         "step pushes a uniform sample of ceil(Q/H) of them (each rank its share, in "
+                         "proportion to its scores), so the FIFO keeps about the last H steps whatever "
+                         "the world size; a step whose scores fit pushes all of them")
     gls_warmup: int | None = opt(None, "gls: scores to see before the global threshold replaces "
                                  "per-sequence top-k (default: the queue length)")
     positional_alpha: float = opt(1.0, "positional: sampling probability ~ score**alpha; 0 = uniform")
@@ -105,11 +109,11 @@ class SelectionConfig:
             return frozenset(n for n, w in zip(SIGNAL_NAMES, self.combined_weights) if w)
         return frozenset({self.select_score}) if self.select_score in SIGNAL_NAMES else frozenset()
 
-    def validate(self, *, has_targets: bool = True, positions_per_step: int | None = None) -> None:
+    def validate(self, *, has_targets: bool = True) -> None:
         """Raise one ValueError listing every problem.
 
         has_targets: the run reads the teacher cache (ids, weights, entropy); False for
-        `no_kd`. positions_per_step: B*T*world, the most scores GLS pushes per step.
+        `no_kd`.
         """
         p: list[str] = []
         if self.select not in RULE_NAMES:
@@ -123,9 +127,10 @@ class SelectionConfig:
             p.append(f"--select-band {' '.join(map(str, band))}: need LO HI with 0 <= LO < HI <= 100")
         if self.gls_queue < 1:
             p.append(f"--gls-queue {self.gls_queue} must be >= 1")
-        elif self.select == "gls" and positions_per_step is not None and self.gls_queue < positions_per_step:
-            p.append(f"--gls-queue {self.gls_queue} is smaller than one step's positions "
-                     f"(B*T*world = {positions_per_step}); raise it to at least that")
+        elif not 1 <= self.gls_steps <= self.gls_queue:
+            p.append(f"--gls-steps {self.gls_steps} must be in [1, --gls-queue {self.gls_queue}]: the "
+                     f"FIFO of {self.gls_queue} scores cannot hold {self.gls_steps} steps' samples of "
+                     "at least one score")
         if self.gls_warmup is not None and self.gls_warmup < 0:
             p.append(f"--gls-warmup {self.gls_warmup} must be >= 0")
         if not (math.isfinite(self.positional_alpha) and self.positional_alpha >= 0):

@@ -52,6 +52,51 @@ def all_gather_rows(comm: Communicator, x: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
+def proportional_counts(counts: list[int], budget: int) -> list[int]:
+    """`budget` draws split over ranks in proportion to their `counts` (largest remainder,
+    ties to the lower rank), each at most its count: a pure function of its arguments, so
+    every rank computes the same split."""
+    total = sum(counts)
+    if total <= budget:
+        return list(counts)
+    exact = [budget * c / total for c in counts]
+    take = [min(c, math.floor(e)) for c, e in zip(counts, exact)]
+    order = sorted(range(len(counts)), key=lambda r: (-(exact[r] - math.floor(exact[r])), r))
+    left = budget - sum(take)
+    for r in order:
+        if left == 0:
+            break
+        if take[r] < counts[r]:
+            take[r] += 1
+            left -= 1
+    return take
+
+
+def gather_gls_sample(comm: Communicator, x: Tensor, capacity: int, budget: int,
+                      generator: torch.Generator) -> Tensor:
+    """The scores one GLS step pushes, identical on every rank (rank order).
+
+    When this step's scores of all ranks fit in the FIFO (`sum n_r <= capacity`), all of
+    them (exactly `all_gather_rows`). Otherwise a uniform sample of `budget` scores without
+    replacement, stratified by rank in proportion to n_r (`proportional_counts`): rank r
+    draws its share from its own scores with its own generator, so the gather carries
+    `budget` scores (plus padding to the largest share) whatever the world size.
+    docs/ESTIMATORS.md derives the selected fraction's expectation and spread.
+    """
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    counts = [x.shape[0]] if comm.world_size == 1 else [int(c.item()) for c in comm.all_gather(n)]
+    if sum(counts) > capacity:
+        counts = proportional_counts(counts, budget)
+        mine = counts[comm.rank]
+        pick = torch.randperm(x.shape[0], generator=generator, device=generator.device)[:mine]
+        x = x[pick.sort().values.to(x.device)]
+    if comm.world_size == 1:
+        return x
+    pad = x.new_zeros((max(counts) - x.shape[0], *x.shape[1:]))
+    parts = comm.all_gather(torch.cat([x, pad]))
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
 # ----------------------------------------------------------------------------- rules
 @dataclass(frozen=True)
 class RuleOutput:
@@ -196,12 +241,17 @@ def all_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext | None
 class GLSQueue:
     """Global-level selection state (Wang et al., ACL 2021): the FIFO of the last Q scores.
 
-    Holds the same values in the same order on every rank (`all_gather_rows` in rank order).
+    Holds the same values in the same order on every rank (`gather_gls_sample`, rank order):
+    every score of a step while a step's scores fit in the FIFO, else a uniform sample of
+    `per_step` = ceil(Q / H) of them (H = `--gls-steps`), so the FIFO keeps the score
+    distribution of about the last H steps at any world size.
     `warmup`: scores (all ranks) to see before the FIFO threshold replaces per-sequence top-k.
     """
 
-    def __init__(self, capacity: int, warmup: int, device: torch.device | str = "cpu"):
+    def __init__(self, capacity: int, warmup: int, device: torch.device | str = "cpu", steps: int = 8):
         self.capacity, self.warmup = capacity, warmup
+        # scores pushed per step when a step's scores outnumber the FIFO (`gather_gls_sample`)
+        self.per_step = math.ceil(capacity / steps)
         self.buf = torch.empty(0, dtype=torch.float32, device=device)  # oldest -> newest
         self.seen = 0
 
@@ -239,7 +289,8 @@ def gls_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext) -> Ru
     `warmup` scores: per-sequence top-k, threshold None. Collective: every rank calls it
     every step; the threshold is identical on all ranks, the tie draws are per rank."""
     assert ctx.gls is not None, "gls rule needs a GLSQueue in the context"
-    ctx.gls.push(all_gather_rows(ctx.comm, scores[valid].float()))
+    ctx.gls.push(gather_gls_sample(ctx.comm, scores[valid].float(), ctx.gls.capacity, ctx.gls.per_step,
+                                   ctx.generator))
     if ctx.gls.seen < ctx.gls.warmup or ctx.gls.buf.numel() == 0:
         return topk_rule(scores, valid, frac)
     thr = ctx.gls.quantile(1.0 - frac)

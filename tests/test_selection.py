@@ -334,7 +334,7 @@ def _run_gls(world, cfg, batches, steps_range, state=None):
 def test_gls_two_ranks_bit_identical_and_equal_reference(curriculum):
     world, B, T, Q, steps = 2, 3, 17, 200, 14
     cfg = SelectionConfig(select="gls", select_frac=0.3, gls_queue=Q, gls_warmup=120, curriculum=curriculum)
-    cfg.validate(positions_per_step=B * T * world)
+    cfg.validate()
     batches = _gls_batches(steps, world, B, T, seed=7)
     cur = Curriculum.parse(curriculum, 0.3)
     ref = _gls_reference(batches, Q, 120, [cur(s) for s in range(steps)])
@@ -438,7 +438,8 @@ def test_curriculum_schedules():
     (dict(select_band=[10, 101]), {}, "--select-band 10 101"),
     (dict(select_band=[10.0]), {}, "--select-band 10.0: need LO HI"),
     (dict(gls_queue=0), {}, "--gls-queue 0 must be >= 1"),
-    (dict(select="gls", gls_queue=1000), dict(positions_per_step=2048), "smaller than one step's positions"),
+    (dict(select="gls", gls_queue=1000, gls_steps=1001), {}, "--gls-steps 1001 must be in [1, --gls-queue 1000]"),
+    (dict(select="gls", gls_steps=0), {}, "--gls-steps 0 must be in [1,"),
     (dict(gls_warmup=-1), {}, "--gls-warmup -1"),
     (dict(positional_alpha=-1.0), {}, "--positional-alpha -1.0"),
     (dict(positional_floor=0.0), {}, "--positional-floor 0.0 must be in (0, 1]"),
@@ -470,4 +471,5 @@ def test_validation_collects_all_and_accepts_good():
     assert all(s in str(e.value) for s in ("--select-frac", "--select-band", "--select-chunk"))
     SelectionConfig(select_score="student_ce").validate(has_targets=False)
     SelectionConfig(select_score="combined", combined_weights=(0.0, 1.0, 1.0, 0.0)).validate(has_targets=False)
-    SelectionConfig(select="gls", gls_queue=4096).validate(positions_per_step=4096)
+    SelectionConfig(select="gls", gls_queue=4096).validate()
+    SelectionConfig(select="gls", gls_queue=1000).validate()   # a step of 2,048 scores is sampled

@@ -212,12 +212,18 @@ class Launch:
 
 
 def begin_launch(out: str | Path, world: int, lease_s: float = DEFAULT_LEASE_S,
-                 log: Callable[[str], Any] = print) -> Launch:
+                 log: Callable[[str], Any] = print, above: int = 0) -> Launch:
     """Rank 0 only: number this launch, start its heartbeat, wait out or refuse other live
     launches (LaunchRefused, a ValueError), declare dead ones dead. Returns the Launch
-    (working); broadcast `launch.number` to the other ranks."""
+    (working); broadcast `launch.number` to the other ranks.
+
+    The number is above every launch file's and above `above`: the cache stage passes the
+    highest launch number in its shard names, so a launch after a lost ledger/ never
+    writes a shard name an earlier launch wrote."""
     if as_int(world) is None or world < 1:
         raise ValueError(f"world must be a positive int, not {world!r}")
+    if as_int(above) is None or above < 0:
+        raise ValueError(f"above must be an int >= 0, not {above!r}")
     if not (isinstance(lease_s, (int, float)) and lease_s > 0):
         raise ValueError(f"lease_s must be a positive number, not {lease_s!r}")
     d = ledger_dir(out)
@@ -226,7 +232,7 @@ def begin_launch(out: str | Path, world: int, lease_s: float = DEFAULT_LEASE_S,
     for _ in range(10000):
         highest = max((i for i in (name_index(LAUNCH_RE, f, launch_name) for f in os.listdir(d))
                        if i is not None), default=0)
-        cand = max(highest, last_failed) + 1
+        cand = max(highest, last_failed, above) + 1
         tmp = write_tmp(d, launch_name(cand), cand,
                          {"launch": cand, "host": host_name(), "pid": os.getpid(),
                           "started": time.time(), "world_size": world, "lease_s": lease_s,

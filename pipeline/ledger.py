@@ -22,7 +22,9 @@ Files (all in OUT/ledger/; n = launch number, u = unit index):
 
 Protocol
 1. Launch. Rank 0 of a new launch creates launch-{n}.json exclusively at n = 1 + the highest
-   existing number (retrying on collision) and starts its heartbeat at once.
+   existing number (retrying on collision; the cache stage also passes the highest launch
+   number in its shard names as a floor, so a lost ledger/ never makes a launch reuse a
+   shard name) and starts its heartbeat at once.
 2. Lease. A launch is live while it has not ended (status finished, failed, refused or dead)
    and its heartbeat beats: its .alive time (or, before the first beat, its `started` time)
    is less than lease_s old, or the .alive file changed while the new launch watched it.
@@ -54,6 +56,10 @@ Protocol
    LaunchEnded if the launch has ended (finished, or declared dead by a later launch);
    `mark_done` also checks that the claim still names this launch and rank, and refuses a
    unit that is already done.
+7. Restore. After takeover and before any rank claims, rank 0 may write the done record of
+   a unit that has none (`restore`), rebuilt from another copy of it the caller verified
+   (the cache stage: a finished cache's manifest.json, whose shards match their size and
+   sha256). The record keeps the launch and rank that cached the unit; it needs no claim.
 
 Assumptions: rank 0's process keeps its heartbeat thread running (a stall longer than
 lease_s, e.g. SIGSTOP or a filesystem hang, makes a later launch take the launch for dead;
@@ -281,6 +287,24 @@ class Ledger:
         if os.path.lexists(self.dir / done_name(u)):
             raise ValueError(f"unit {u} is already done ({self.dir / done_name(u)})")
         replace_json(self.dir, done_name(u), self.launch, full)
+
+    def restore(self, unit: int, record: dict) -> None:
+        """Rank 0, after take_over_stale and before any rank claims (protocol step 7): write
+        `record` as the done record of `unit`, which has none. The record is the caller's
+        rebuild of a lost one and keeps its own "launch" and "rank" (the launch that cached
+        the unit, not this one)."""
+        if self.rank != 0:
+            raise ValueError(f"restore runs on rank 0 only, not on rank {self.rank}")
+        u = self._unit(unit)
+        if not isinstance(record, dict) or any(as_int(record.get(k)) is None
+                                               for k in ("launch", "rank")):
+            raise ValueError(f"unit {u}: a restored record must be a dict holding the int "
+                             "launch and rank that cached the unit")
+        json.dumps(record)  # not serialisable: raise before touching the ledger
+        self._fence()
+        if os.path.lexists(self.dir / done_name(u)):
+            raise ValueError(f"unit {u} is already done ({self.dir / done_name(u)})")
+        replace_json(self.dir, done_name(u), self.launch, record)
 
     def _load_all(self, files: dict[int, str]) -> dict[int, tuple[str, Any]]:
         """`{unit: load_json(file)}` in unit order, leaving out files gone since the listing."""

@@ -123,6 +123,119 @@ def shard_path(cache_dir: str | Path, name: object, source: str = MANIFEST) -> P
                      "the cache stage wrote, or re-cache into a new directory")
 
 
+UNIT_SHARD_RE = re.compile(r"cache-u([0-9]{7})-l([0-9]{6})-([0-9]{4})\.tar")
+"""A version-2 shard name: groups unit, launch, n."""
+UNIT_FIELDS = ("windows", "documents", "tokens", "sha256", "launch", "rank")
+"""The fields a done record and its unit's manifest.json entry both hold, and must agree on."""
+
+
+def unit_disagreements(u: int, *, seq_len: int, text: bool, record: dict | None = None,
+                       source: str = "", planned: dict | None = None,
+                       manifest_unit: dict | None = None, manifest_shards: list | None = None,
+                       on_disk: Any = ()) -> list[str]:
+    """What the sources a restart has about unit `u` disagree on; empty when they agree.
+
+    `record`: its done record (`source`: where it lives, e.g. ledger/unit-0000003.done.json),
+    or None; `planned`: its units.json entry; `manifest_unit` / `manifest_shards`: its
+    manifest.json entry and shard entries (None: no manifest); `on_disk`: the shard file
+    names in the cache directory. Checked: the record's window count against its shard
+    entries (window indices 0..windows-1 in order, positions = windows x T), against
+    units.json (a --max-windows cap) and, for text (`text`), against its tokens (a text unit
+    has tokens // T windows); every record field and shard entry against the manifest's; and
+    that the record lists every shard its own launch wrote for the unit (a shard of the
+    record's launch that it does not list). Without a record, the manifest's entry is
+    checked the same way. Each problem names the files. Reads nothing."""
+    out: list[str] = []
+    if record is not None:
+        out += _count_problems(u, source, record, record.get("shards"), planned, seq_len, text)
+    elif manifest_unit is not None:
+        out += _count_problems(u, MANIFEST, manifest_unit, manifest_shards, planned, seq_len, text)
+    if record is not None and manifest_unit is not None:
+        for k in UNIT_FIELDS:
+            if record.get(k) != manifest_unit.get(k):
+                out.append(f"{source} says {k} {record.get(k)!r}, {MANIFEST} says "
+                           f"{manifest_unit.get(k)!r}")
+        out += _shard_entry_problems(u, source, record.get("shards"), manifest_shards or [])
+    launch = record.get("launch") if record is not None else None
+    if isinstance(launch, int) and isinstance(record.get("shards"), list):
+        listed = {s.get("file") for s in record["shards"] if isinstance(s, dict)}
+        unlisted = [name for name in sorted(on_disk)
+                    if (m := UNIT_SHARD_RE.fullmatch(name)) and int(m.group(1)) == u
+                    and int(m.group(2)) == launch and name not in listed]
+        if unlisted:
+            out.append(f"{', '.join(unlisted)} on disk: shard(s) of unit {u} written by launch "
+                       f"{launch}, the launch of {source}, which does not list them")
+    return out
+
+
+def _count_problems(u: int, where: str, entry: dict, shards: Any, planned: dict | None,
+                    seq_len: int, text: bool) -> list[str]:
+    """A record's (or manifest entry's) window count against its shard entries, units.json
+    and its tokens."""
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        return [f"{where} has no list of shard entries for unit {u}"]
+    out = []
+    for s in shards:
+        m = UNIT_SHARD_RE.fullmatch(s["file"]) if isinstance(s.get("file"), str) else None
+        if m is None or int(m.group(1)) != u or s.get("unit") != u:
+            out.append(f"{where} lists {s.get('file')!r} (unit {s.get('unit')!r}), not a "
+                       f"shard of unit {u}")
+    windows = entry.get("windows")
+    held = [k for s in shards for k in (s.get("windows") if isinstance(s.get("windows"), list)
+                                        else [])]
+    samples = sum(_int0(s.get("samples")) for s in shards)
+    positions = sum(_int0(s.get("positions")) for s in shards)
+    names = ", ".join(str(s.get("file")) for s in shards) or "none"
+    if not isinstance(windows, int) or samples != windows or held != list(range(windows)):
+        out.append(f"{where} records {windows!r} window(s) of unit {u}, but its shard entries "
+                   f"({names}) hold {samples}" + ("" if held == list(range(samples)) else
+                                                  " with other window indices than 0..n-1"))
+    if positions != samples * seq_len:
+        out.append(f"{where}: its shard entries of unit {u} hold {positions} positions, not "
+                   f"{samples} windows x T={seq_len}")
+    cap = (planned or {}).get("max_windows")
+    if cap is not None and windows != cap:
+        out.append(f"{where} records {windows!r} window(s); {UNITS} caps unit {u} at {cap} "
+                   "(--max-windows)")
+    tokens = entry.get("tokens")
+    if (text and cap is None and isinstance(tokens, int) and isinstance(windows, int)
+            and tokens // seq_len != windows):
+        out.append(f"{where} records {windows} window(s), but unit {u}'s {tokens} tokens make "
+                   f"{tokens // seq_len} window(s) of T={seq_len}")
+    return out
+
+
+def _int0(x: Any) -> int:
+    return x if isinstance(x, int) and not isinstance(x, bool) else 0
+
+
+SHARD_FIELDS = ("file", "unit", "samples", "positions", "windows", "bytes", "sha256")
+
+
+def _shard_entry_problems(u: int, source: str, mine: Any, theirs: list) -> list[str]:
+    """A done record's shard entries against manifest.json's entries of the same unit."""
+    if not isinstance(mine, list) or not all(isinstance(s, dict) for s in mine):
+        return []                                   # named by _count_problems
+    a = {s.get("file"): s for s in mine}
+    b = {s.get("file"): s for s in theirs}
+    out = []
+    only_m = [str(f) for f in b if f not in a]
+    only_r = [str(f) for f in a if f not in b]
+    if only_m:
+        out.append(f"{MANIFEST} lists {', '.join(only_m)} for unit {u}, {source} does not")
+    if only_r:
+        out.append(f"{source} lists {', '.join(only_r)}, {MANIFEST} does not")
+    for f in a:
+        if f in b:
+            fields = [k for k in SHARD_FIELDS if a[f].get(k) != b[f].get(k)]
+            if fields:
+                out.append(f"the entries of {f} in {source} and {MANIFEST} differ in "
+                           f"{', '.join(fields)}")
+    if not out and [s.get("file") for s in mine] != [s.get("file") for s in theirs]:
+        out.append(f"{source} and {MANIFEST} list unit {u}'s shards in another order")
+    return out
+
+
 QUARANTINE = "quarantine"
 """Subfolder of a cache directory into which `tools/inspect_cache.py --verify --quarantine`
 moves the shards and done records of damaged units (nothing is deleted)."""

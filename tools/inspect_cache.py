@@ -36,18 +36,27 @@ its entry records) or rank (version 1: `{rank:04d}-{window:09d}`), sample/positi
 recorded; version 3: a `trainable.bits` member of ceil(T/8) bytes with zero padding bits,
 only sentinel records at masked positions and at least one class at trainable ones; when
 every shard passes it also recomputes the entropy and distinct-class histograms (and the
-trainable count) and compares them with the manifest's.
+trainable count) and compares them with the manifest's. Then (version 2 and 3) it checks
+each unit's sources against each other, as a restart of the cache stage does
+(docs/CACHE_FORMAT.md, "What a restart trusts"): its done record in ledger/ against its shard
+entries, units.json, manifest.json and the shard files on disk, and its statistics against
+the histograms of its shards; every problem names the unit and the files. A copy without
+ledger/ is checked from the manifest alone.
 
 `--verify --quarantine` repairs a version-2 cache, finished or not: it verifies every shard
-of every cached unit (the ledger's done records), and for each unit with a bad or missing
-shard moves its shards and its done record into CACHE/quarantine/ (nothing is deleted) and
-moves manifest.json there too; the cache stage, rerun with the same arguments and any
-number of ranks, then recomputes exactly those units into new shards (new names: the launch
-number is part of them). It prints what it did instead of the table.
+of every cached unit (the ledger's done records; a unit the manifest lists without one: the
+manifest's entries) and checks its sources as above, and for each unit with a bad or
+missing shard or a disagreement moves all its shard files and its done record into
+CACHE/quarantine/ (nothing is deleted) and moves manifest.json there too; the cache stage,
+rerun with the same arguments and any number of ranks, then recomputes exactly those units
+into new shards (new names: the launch number is part of them). It prints what it did
+instead of the table. It refuses (exit 2, nothing moved) while the manifest is the only
+record of a good unit: the cache stage, rerun first, restores that unit's done record.
 
 Exit status: 0 fine (with --quarantine: every shard good, nothing moved); 1 `--verify`
-found a bad shard (each one is named; with --quarantine: and moved it); 2 the directory
-is not a readable cache (no manifest.json: the cache stage has not finished).
+found a bad shard or a unit whose sources disagree (each one is named; with --quarantine:
+and moved it); 2 the directory is not a readable cache (no manifest.json: the cache stage
+has not finished) or not a repairable one.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import sys
 import tarfile
@@ -68,8 +78,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.codec import RecordCodec
-from pipeline.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE,
-                               load_manifest, read_json, shard_path)
+from pipeline.ledger import LEDGER_DIR, done_name, ledger_dir
+from pipeline.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE, UNITS,
+                               load_manifest, read_json, shard_path, unit_disagreements)
 
 TOP_K_BASELINE = 128            # a top-k logit cache as DistillKit-style pipelines store it
 TOP_K_BYTES_PER_CLASS = 2 + 4   # fp16 value + int32 id
@@ -357,37 +368,125 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, T: int,
     return problems
 
 
+def _new_acc(n_distinct: int) -> dict:
+    return {"entropy": np.zeros(256, np.int64), "distinct": np.zeros(n_distinct, np.int64),
+            "trainable": 0}
+
+
+def _shard_unit(name: object) -> int | None:
+    um = UNIT_SHARD_RE.match(name) if isinstance(name, str) else None
+    return int(um.group(1)) if um else None
+
+
 def verify_cache(cache_dir: Path, m: dict) -> dict:
-    """Check every shard; `{"ok", "bad_shards", "shards": [{file, ok, problems}], "stats_match"}`."""
+    """Check every shard, then every unit's sources against each other (`check_units`);
+    `{"ok", "bad_shards", "shards": [{file, unit, ok, problems}], "stats_match",
+    "cache_problems", "damaged_units"}`. Every problem names its unit and file(s)."""
     codec = RecordCodec(m["vocab_size"], m["num_classes"])
     problems_cache = []
     if (codec.id_bits, codec.w_bits) != (m["id_bits"], m["w_bits"]):
         problems_cache.append(f"manifest id/w bits {m['id_bits']}/{m['w_bits']} disagree with "
                               f"V={m['vocab_size']} ({codec.id_bits}/{codec.w_bits})")
-    acc = {"entropy": np.zeros(256, np.int64),
-           "distinct": np.zeros(len(m["stats"]["distinct_hist"]), np.int64)}
+    n_distinct = len(m["stats"]["distinct_hist"])
+    acc = _new_acc(n_distinct)
+    per_unit: dict[int, dict] = {}        # the histograms of each unit's shards
     seen: set[str] = set()
     results = []
-    acc["trainable"] = 0
     for s in m["shards"]:
-        p = verify_shard(cache_dir, s, codec, m["seq_len"], seen, acc, _masked(m))
-        results.append({"file": s["file"], "ok": not p, "problems": p})
+        one = _new_acc(n_distinct)
+        p = verify_shard(cache_dir, s, codec, m["seq_len"], seen, one, _masked(m))
+        u = _shard_unit(s.get("file"))
+        results.append({"file": s["file"], "unit": u, "ok": not p, "problems": p})
+        for a in (acc, per_unit.setdefault(u, _new_acc(n_distinct))):
+            for k in a:
+                a[k] = a[k] + one[k]
     bad = [r["file"] for r in results if not r["ok"]]
+    units, stats_units = check_units(cache_dir, m, m, None if bad else per_unit)
     stats_match = None
     if not bad:   # histograms of damaged shards cannot match; only compare a clean cache
         stats_match = (acc["entropy"].tolist() == list(m["stats"]["entropy_code_hist"])
                        and acc["distinct"].tolist() == list(m["stats"]["distinct_hist"]))
-        if not stats_match:
-            problems_cache.append("entropy/distinct histograms recomputed from the records "
-                                  "differ from manifest.json's stats")
         if _masked(m) and acc["trainable"] != m["stats"].get("trainable_positions"):
             stats_match = False
             problems_cache.append(f"{acc['trainable']} trainable positions counted in the "
                                   "shards, manifest.json's stats say "
                                   f"{m['stats'].get('trainable_positions')}")
+        if not stats_match:
+            which = (f": unit(s) {stats_units} (below)" if stats_units else
+                     " (no done records in ledger/ to tell which unit)"
+                     if not ledger_dir(cache_dir).is_dir() else
+                     "; every unit's done record matches its shards, so manifest.json's stats "
+                     "are what changed")
+            problems_cache.append("entropy/distinct histograms recomputed from the records "
+                                  f"differ from manifest.json's stats{which}")
+    problems_cache += [f"unit {u}: {p}" for u, ps in units.items() for p in ps]
     return {"ok": not bad and not problems_cache, "bad_shards": bad, "cache_problems": problems_cache,
-            "stats_match": stats_match, "shards": results,
+            "damaged_units": sorted(units), "stats_match": stats_match, "shards": results,
             "trainable_positions": acc["trainable"] if not bad else None}
+
+
+def check_units(cache_dir: Path, h: dict, m: dict | None,
+                per_unit: dict[int, dict] | None = None, missing_records: bool = True
+                ) -> tuple[dict[int, list[str]], list[int]]:
+    """What each unit's sources say about it, against each other: its done record
+    (ledger/), its shard files on disk, manifest.json (`m`; None: none) and units.json
+    (pipeline.manifest.unit_disagreements: window counts, shard entries, launch), and its
+    record's statistics against the histograms of its shards (`per_unit`: {unit: acc},
+    None when a shard is bad); `h`: the header. Returns ({unit: problems}, the units whose
+    statistics differ). A version-1 cache has no units; a copy without ledger/ (only
+    manifest.json and the shards are needed to read a cache) is checked from the manifest
+    alone, and `missing_records` names a unit the manifest lists without a done record."""
+    if (h.get("format_version") or 0) < 2:
+        return {}, []
+    T, text = h["seq_len"], not _masked(h)
+    plan = read_json(cache_dir / UNITS) if (cache_dir / UNITS).exists() else None
+    planned = {p["unit"]: p for p in plan["units"]} if plan else {}
+    led = ledger_dir(cache_dir)
+    records: dict[int, dict] = {}
+    out: dict[int, list[str]] = {}
+    if led.is_dir():
+        for f in sorted(led.glob("unit-*.done.json")):
+            u = int(f.name[5:12])
+            try:
+                records[u] = read_json(f)
+            except ValueError as e:
+                out.setdefault(u, []).append(f"{e} (a rerun of the cache stage moves it aside "
+                                             "and caches the unit again)")
+    m_units = {x.get("unit"): x for x in (m or {}).get("units", [])}
+    m_shards: dict[int, list[dict]] = {}
+    for s in (m or {}).get("shards", []):
+        m_shards.setdefault(s.get("unit"), []).append(s)
+    on_disk = [n for n in os.listdir(cache_dir) if UNIT_SHARD_RE.match(n)]
+    stats_units = []
+    for u in sorted(x for x in {*m_units, *records, *planned} if isinstance(x, int)):
+        src = f"{LEDGER_DIR}/{done_name(u)}"
+        rec = records.get(u)
+        problems = out.setdefault(u, [])
+        if m is not None and u not in m_units:
+            problems.append(f"{MANIFEST} has no entry for unit {u}"
+                            + (f" ({UNITS} plans it)" if u in planned else f" ({src} exists)"))
+        if plan is not None and u not in planned:
+            problems.append(f"{UNITS} plans no unit {u}")
+        if missing_records and led.is_dir() and rec is None and u in m_units:
+            problems.append(f"{src} is missing ({MANIFEST} lists the unit: a rerun of the cache "
+                            "stage restores the record from it)")
+        problems += unit_disagreements(
+            u, seq_len=T, text=text, record=rec, source=src, planned=planned.get(u),
+            manifest_unit=m_units.get(u),
+            manifest_shards=m_shards.get(u, []) if u in m_units else None, on_disk=on_disk)
+        got = (per_unit or {}).get(u)
+        st = rec.get("stats") if rec is not None else None
+        if not problems and got is not None and isinstance(st, dict):
+            differ = (got["entropy"].tolist() != list(st.get("entropy_code_hist", []))
+                      or got["distinct"].tolist() != list(st.get("distinct_hist", [])))
+            if _masked(h) and got["trainable"] != st.get("trainable_positions"):
+                differ = True
+            if differ:
+                stats_units.append(u)
+                names = ", ".join(s["file"] for s in m_shards.get(u, []))
+                problems.append(f"the entropy/distinct histograms recomputed from its shards "
+                                f"({names}) differ from {src}'s stats")
+    return {u: p for u, p in out.items() if p}, stats_units
 
 
 # -- quarantine -------------------------------------------------------------------------------
@@ -401,14 +500,14 @@ def _free(path: Path) -> Path:
 
 
 def quarantine_damaged(cache_dir: Path) -> dict:
-    """Verify every shard of every cached unit (the ledger's done records); for each unit
-    with a bad or missing shard, move its shards and its done record into `quarantine/`
-    (nothing is deleted), and move manifest.json there too, so that the cache stage, rerun
-    with the same arguments (any number of ranks), recomputes exactly those units."""
-    import os
-
-    from pipeline.ledger import done_name, ledger_dir
-
+    """Verify every shard of every cached unit (the ledger's done records; a unit listed in
+    manifest.json without a record: the manifest's entries) and check each unit's sources
+    against each other (`check_units`); for each unit with a bad or missing shard or a
+    disagreement, move all its shard files and its done record into `quarantine/` (nothing
+    is deleted), and move manifest.json there too, so that the cache stage, rerun with the
+    same arguments (any number of ranks), recomputes exactly those units into new shards.
+    Refused, with nothing moved, while a good unit's only record is the manifest (the cache
+    stage restores its done record first)."""
     header_path = cache_dir / HEADER
     if not header_path.exists():
         if any(cache_dir.glob("manifest.r[0-9][0-9][0-9][0-9].json")):
@@ -420,40 +519,55 @@ def quarantine_damaged(cache_dir: Path) -> dict:
     codec, T = RecordCodec(h["vocab_size"], h["num_classes"]), h["seq_len"]
     if not ledger_dir(cache_dir).is_dir():
         raise FileNotFoundError(f"{ledger_dir(cache_dir)} does not exist (a cache copied without "
-                                "its ledger?): --quarantine repairs through the ledger's done "
-                                "records; use --verify to find damaged shards")
-    qdir = cache_dir / QUARANTINE
+                                "its ledger?): rerun the cache stage with the same arguments "
+                                f"first (it rebuilds the done records from {MANIFEST}, or "
+                                "names what it cannot); use --verify to find damaged shards")
+    m = read_json(cache_dir / MANIFEST) if (cache_dir / MANIFEST).exists() else None
+    records = {int(f.name[5:12]): read_json(f)
+               for f in sorted(ledger_dir(cache_dir).glob("unit-*.done.json"))}
+    disagree, _ = check_units(cache_dir, h, m, missing_records=False)
+    m_units = {x.get("unit"): x for x in (m or {}).get("units", [])}
     seen: set[str] = set()
-    checked, bad = 0, []
-    for rec_path in sorted(ledger_dir(cache_dir).glob("unit-*.done.json")):
-        rec = read_json(rec_path)
-        unit = int(rec_path.name.split("-")[1].split(".")[0])
+    checked, bad, unrecorded = 0, [], []
+    for unit in sorted({*records, *(u for u in m_units if isinstance(u, int))}):
+        rec = records.get(unit)
+        entries = (rec.get("shards", []) if rec is not None else
+                   [s for s in m["shards"] if s.get("unit") == unit])   # m: unit in m_units
         problems = []
-        for s in rec.get("shards", []):
+        for s in entries if isinstance(entries, list) else []:
             checked += 1
-            acc = {"entropy": np.zeros(256, np.int64),
-                   "distinct": np.zeros(h["num_classes"] + 1, np.int64)}
-            p = verify_shard(cache_dir, s, codec, T, seen, acc, _masked(h))
+            p = verify_shard(cache_dir, s, codec, T, seen, _new_acc(h["num_classes"] + 1),
+                             _masked(h))
             problems += [f"{s.get('file')}: {x}" for x in p]
+        problems += disagree.get(unit, [])
         if not problems:
+            if rec is None:
+                unrecorded.append(unit)
             continue
-        moved = []
+        windows = [w for w in ((m_units.get(unit) or {}).get("windows"),
+                               (rec or {}).get("windows")) if isinstance(w, int)]
+        bad.append({"unit": unit, "problems": problems, "moved_to": [],
+                    "samples": windows[0] if windows else sum(s.get("samples", 0)
+                                                              for s in entries)})
+    if bad and unrecorded:
+        raise ValueError(f"unit(s) {unrecorded} have no done record in {LEDGER_DIR}/, and "
+                         f"{MANIFEST}, the only record of their shards, would be moved: rerun "
+                         f"the cache stage with the same arguments first (it restores their "
+                         f"done records from {MANIFEST}), then this command")
+    qdir = cache_dir / QUARANTINE
+    for q in bad:
         qdir.mkdir(exist_ok=True)
-        for s in rec.get("shards", []):
-            try:
-                f = shard_path(cache_dir, s.get("file"), source=f"ledger/{rec_path.name}")
-            except ValueError:
-                continue                    # never move anything outside the cache directory
-            for g in (f, f.with_name(f.name + ".tmp")):
-                if g.exists():
-                    dest = _free(qdir / g.name)
-                    os.replace(g, dest)
-                    moved.append(str(dest))
-        dest = _free(qdir / done_name(unit))
-        os.replace(rec_path, dest)          # the unit is no longer done: the stage redoes it
-        moved.append(str(dest))
-        bad.append({"unit": unit, "problems": problems, "moved_to": moved,
-                    "samples": sum(s.get("samples", 0) for s in rec.get("shards", []))})
+        # Every file of the unit (its records' shards, leftovers): the unit is recomputed
+        # into shards of a new launch, so none of them is needed in the cache any more.
+        for f in sorted(cache_dir.glob(f"cache-u{q['unit']:07d}-l*")):
+            dest = _free(qdir / f.name)
+            os.replace(f, dest)
+            q["moved_to"].append(str(dest))
+        rec_path = ledger_dir(cache_dir) / done_name(q["unit"])
+        if rec_path.exists():
+            dest = _free(qdir / rec_path.name)
+            os.replace(rec_path, dest)      # the unit is no longer done: the stage redoes it
+            q["moved_to"].append(str(dest))
     manifest_moved = None
     if bad and (cache_dir / MANIFEST).exists():
         dest = _free(qdir / MANIFEST)
@@ -584,13 +698,20 @@ def render(rep: dict, cache_dir: Path, console: Console) -> None:
     if "verify" in rep:
         v = rep["verify"]
         t.add_section()
-        t.add_row("verify", "[green]ok" if v["ok"] else f"[red]{len(v['bad_shards'])} bad shard(s)",
+        found = ", ".join(x for x in (
+            f"{len(v['bad_shards'])} bad shard(s)" if v["bad_shards"] else "",
+            f"unit(s) {', '.join(map(str, v['damaged_units']))} inconsistent"
+            if v.get("damaged_units") else "", "other problems" if not v["bad_shards"]
+            and not v.get("damaged_units") else "") if x)
+        t.add_row("verify", "[green]ok" if v["ok"] else f"[red]{found}",
                   f"{len(v['shards'])} shards re-hashed and decoded")
     console.print(t)
     if "verify" in rep:
         for r in rep["verify"]["shards"]:
+            unit = f" (unit {r['unit']})" if r.get("unit") is not None else ""
             for p in r["problems"]:
-                console.print(f"[red]BAD[/red] {cache_dir / r['file']}: {p}", soft_wrap=True)
+                console.print(f"[red]BAD[/red] {cache_dir / r['file']}{unit}: {p}",
+                              soft_wrap=True)
         for p in rep["verify"]["cache_problems"]:
             console.print(f"[red]BAD[/red] {cache_dir}: {p}", soft_wrap=True)
 

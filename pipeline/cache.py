@@ -446,12 +446,13 @@ def _summary(m: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.errors import clean_errors
+    """The stage on `argv`; bad input raises ValueError (the command line prints it as one
+    line, pipeline.errors)."""
+    from pipeline.errors import alike_on_every_rank
 
-    with clean_errors("pipeline.cache", every_rank=False):      # alike on every rank
+    with alike_on_every_rank():
         cfg = C.parse(CacheConfig, argv, __doc__)
-    with clean_errors("pipeline.cache"):
-        run(cfg)
+    run(cfg)
     import torch.distributed as dist
 
     if dist.is_initialized():     # torchrun/srun without MPI: as pipeline.distill.main
@@ -459,4 +460,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import clean_errors
+
+    with clean_errors("pipeline.cache"):
+        main()

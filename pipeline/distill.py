@@ -46,7 +46,7 @@ from pipeline import config as C
 from pipeline import losses, objectives
 from pipeline.checkpoint import Checkpointer, DataPosition, truncate_metrics
 from pipeline.distributed import TorchComm, log
-from pipeline.errors import clean_errors
+from pipeline.errors import alike_on_every_rank, clean_errors
 from pipeline.export import save_hf
 from pipeline.manifest import cache_identity
 from pipeline.distill_config import DistillConfig, recipe_warnings
@@ -452,13 +452,12 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
         from pipeline import recipes
         print(recipes.listing())
         return
-    with clean_errors("pipeline.distill", every_rank=False):     # alike on every rank
+    with alike_on_every_rank():
         cfg = C.parse(DistillConfig, argv, __doc__)
     if int(os.environ.get("RANK", "0")) == 0:
         for w in recipe_warnings(cfg):
             log(f"WARNING: {w}")
-    with clean_errors("pipeline.distill"):
-        run(cfg, trainer_cls)
+    run(cfg, trainer_cls)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -469,4 +468,5 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
 
 
 if __name__ == "__main__":
-    main()
+    with clean_errors("pipeline.distill"):    # bad input: one line, not a traceback
+        main()

@@ -58,17 +58,28 @@ def one_line(stage: str, exc: BaseException, rank: int = 0) -> str:
 
 
 @contextmanager
-def clean_errors(stage: str, rank: int | None = None, every_rank: bool = True) -> Iterator[None]:
-    """`with clean_errors("pipeline.distill"): main body` -- an expected error becomes one
-    line on stderr and exit status 1 (`SystemExit`), anything else propagates unchanged.
-    `every_rank=False` for errors every rank meets alike (the configuration): only rank 0
-    prints its line, the others exit 1 quietly."""
+def alike_on_every_rank() -> Iterator[None]:
+    """Marks an expected error raised inside as one every rank meets alike (a bad flag or
+    configuration file): `clean_errors` prints it on rank 0 only."""
+    try:
+        yield
+    except EXPECTED_TYPES as e:
+        e.alike_on_every_rank = True
+        raise
+
+
+@contextmanager
+def clean_errors(stage: str, rank: int | None = None) -> Iterator[None]:
+    """`if __name__ == "__main__": with clean_errors("pipeline.distill"): main()` -- an
+    expected error becomes one line on stderr and exit status 1 (`SystemExit`), anything
+    else propagates unchanged. `main()` itself raises (tests call it). An error marked
+    `alike_on_every_rank` is printed by rank 0 only; the other ranks exit 1 quietly."""
     try:
         yield
     except EXPECTED_TYPES as e:
         if debug() or not is_expected(e):
             raise
         r = env_rank() if rank is None else rank
-        if every_rank or r == 0:
+        if r == 0 or not getattr(e, "alike_on_every_rank", False):
             print(one_line(stage, e, r), file=sys.stderr, flush=True)
         raise SystemExit(1) from None

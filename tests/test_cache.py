@@ -463,6 +463,59 @@ def test_max_windows_takes_the_first_windows_in_unit_order(env, ref1, tmp_path):
     assert m["samples"] == n and m["max_windows"] == n
 
 
+def test_identical_windows_get_their_own_draws_and_a_rerun_the_same(env, tmp_path):
+    """Records are drawn from a stream of their own (unit, window): two units holding the same
+    text (two copies of one file), and windows of one unit holding the same tokens (one
+    document repeated), get other sampled classes and weights, from the same teacher
+    distribution; every (unit, window) is byte-identical in a second run with other batches.
+    Compared on the records decoded by hand (decode_kd), not on a recomputation with the
+    stage's own generators (which would pass if every window shared one stream)."""
+    doc = "the teacher answers because the quick brown fox jumps over the lazy dog 42"
+    data = tmp_path / "corpus"
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(data / name, [doc] * 80)
+    size = (data / "a.jsonl").stat().st_size
+    unit_bytes = size + size // 2                  # one file fits a unit, the two do not
+    outs = {bs: tmp_path / f"batch{bs}" for bs in (3, 1)}
+    for bs, out in outs.items():
+        cache_main(cache_args(env["teacher"], data, out, "--unit-bytes", str(unit_bytes),
+                              "--shard-samples", "4", "--batch-size", str(bs)))
+    plan = json.loads((outs[3] / "units.json").read_text())
+    assert [(u["file"], u["last_file"]) for u in plan["units"]] == [(0, 0), (1, 1)], plan["units"]
+    m = manifest_of(outs[3])
+    assert (m["sampler"], m["num_classes"]) == ("priority", U)
+    samples, again = read_shards(outs[3]), read_shards(outs[1])
+    # The same (unit, window): the same bytes, whatever the batches.
+    assert sorted(again) == sorted(samples)
+    for key, e in samples.items():
+        assert again[key]["tokens.u32"] == e["tokens.u32"], key
+        assert again[key]["kd.bin"] == e["kd.bin"], f"{key}: another draw in a rerun"
+
+    tokens = {parse_key(k): e["tokens.u32"] for k, e in samples.items()}
+    records = {parse_key(k): decode_kd(e["kd.bin"], m) for k, e in samples.items()}
+    by_tokens: dict[bytes, list[tuple[int, int]]] = {}
+    for uk in sorted(tokens):
+        by_tokens.setdefault(tokens[uk], []).append(uk)
+    pairs = [(a, b) for g in by_tokens.values() for i, a in enumerate(g) for b in g[i + 1:]]
+    n = len(reference_windows([doc] * 80, env["tok"], T))
+    assert sorted(uk for uk in tokens) == [(u, k) for u in (0, 1) for k in range(n)]
+    assert {((0, k), (1, k)) for k in range(n)} <= set(pairs)      # unit 1 repeats unit 0
+    assert any(a[0] == b[0] for a, b in pairs), "no two windows of one unit hold the same tokens"
+    sentinel = (1 << m["id_bits"]) - 1
+    for a, b in pairs:
+        (ids_a, w_a, h_a), (ids_b, w_b, h_b) = records[a], records[b]
+        # same tokens, same teacher: the same distributions (entropy bytes within one step)...
+        assert np.abs(h_a - h_b).max() <= 2 * m["entropy_max_error"] + 1e-6, (a, b)
+        # ...from which other classes were drawn: the sets differ at most positions (all
+        # but a few here, U = 12 of a few hundred classes; one shared stream: none)
+        set_a = [set(r[r != sentinel].tolist()) for r in ids_a]
+        set_b = [set(r[r != sentinel].tolist()) for r in ids_b]
+        differ = sum(x != y for x, y in zip(set_a, set_b))
+        assert differ >= T // 2, f"windows {a} and {b}: {T - differ} of {T} positions drew the same classes"
+        assert not np.array_equal(w_a, w_b), f"windows {a} and {b}: the same weights"
+    assert len({e["kd.bin"] for e in samples.values()}) == len(samples)
+
+
 # -- 16 ranks on one machine -----------------------------------------------------------------------
 
 @pytest.mark.dist

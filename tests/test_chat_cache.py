@@ -10,6 +10,7 @@ tokenized once with offsets and a token marked trainable when its character span
 an assistant span; units' rows are read from the jsonl lines whose first byte lies in the
 unit's range of units.json; trainable positions' records are recomputed from the teacher's
 full HF forward (test_cache.recompute, seeded by (seed, unit, window)).
+The tests on the 2-rank run (`mpiexec -n 2`, the `two_rank` fixture) are marked `dist`.
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ def two_rank(env):
 
 # -- tests --------------------------------------------------------------------------------------------
 
+@pytest.mark.dist
 def test_two_rank_chat_cache_matches_the_hand_reference(env, two_rank):
     """Tokens, trainable.bits, sentinel-only masked positions, records of trainable positions,
     manifest counts: all against the independent reference, for every window."""
@@ -290,6 +292,7 @@ def test_two_rank_chat_cache_matches_the_hand_reference(env, two_rank):
     no_tmp_files(two_rank)
 
 
+@pytest.mark.dist
 def test_a_window_split_inside_an_assistant_turn_carries_the_next_token(env, two_rank):
     """The flag of a window's last position is the mask of the next window's first token:
     some window must end inside an assistant turn (flag True at T-1) and be followed by one."""
@@ -380,6 +383,7 @@ def test_text_cache_is_still_version_2_and_reads_all_trainable(env, tmp_path):
     assert n == reader.steps_per_epoch(0) > 0
 
 
+@pytest.mark.dist
 def test_reader_gives_the_chat_masks_and_refuses_a_sample_without_them(env, two_rank, tmp_path):
     from pipeline.reader import CacheReader, ShardError
 
@@ -515,6 +519,7 @@ def test_json_array_and_parquet_rows_pack_like_jsonl(env, tmp_path):
                                CHAT_TEMPLATE))
 
 
+@pytest.mark.dist
 def test_inspect_cache_shows_the_trainable_fraction(env, two_rank):
     """The table prints the trainable fraction and the conversation counts; --json and
     --verify give the independent counts (the entropy histogram over trainable positions)."""

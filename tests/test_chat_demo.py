@@ -46,6 +46,8 @@ def test_build_chat_corpus(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_chat_demo_tiny_end_to_end(tmp_path):
     """`tools/demo.py --tiny --chat`: conversations through the three stages; the cache is a
     chat cache (format 3, a trainable fraction < 1), the students train on the assistant

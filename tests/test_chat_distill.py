@@ -20,6 +20,8 @@ import pytest
 
 from distill_runs import DS_TEST, ENV, REPO, TEXTS, TIMEOUT, metrics, torchrun
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]   # 2-rank torchrun runs, end to end
+
 STEPS = 4
 
 

@@ -12,8 +12,10 @@ Process start-ups dominate the cost on a 2-core machine, so they are shared:
 - `interrupted()` runs the real CLI three times on one run directory: SIGUSR1 to rank 1
   only (-> checkpoint, exit 0), `--resume` killed with SIGKILL, `--resume` to the end.
 References are independent of the code under test: a plain-torch training loop (no
-DeepSpeed, no pipeline.losses / pipeline.selection) on the same global batches from
-`CacheReader`, and dense step-1 losses for the baselines.
+DeepSpeed, no pipeline.losses / pipeline.selection / pipeline.training_setup) on the same global
+batches from `CacheReader`, with the learning-rate schedule written out from the flags' help
+(`documented_lr`, also compared with every step's logged `lr`), and dense step-1 losses for
+the baselines.
 """
 
 from __future__ import annotations
@@ -71,29 +73,50 @@ def _topk_sparse_kd(logits: torch.Tensor, ids, w, entropy, frac: float) -> torch
     return total / count
 
 
+MIN_LR_RATIO = 0.1   # DistillConfig's default --min-lr-ratio (the shared runs leave it unset)
+
+
+def documented_lr(step: int, steps: int, lr: float = LR, warmup: int = WARMUP,
+                  min_ratio: float = MIN_LR_RATIO) -> float:
+    """The rate of step `step` (1-based, as metrics.jsonl counts), written from the flags'
+    help, not from pipeline code: --warmup-steps W "linear warm-up steps" (steps 1..W ramp
+    linearly up to --lr: step s uses lr * s / W, so step W is the first at the peak), then
+    the cosine decay of --lr with floor --min-lr-ratio r over the remaining steps - W steps:
+    step W + 1 + j uses lr * (r + (1 - r) * (1 + cos(pi * j / (steps - W))) / 2), which is lr
+    at j = 0 and tends to r * lr. E.g. W = 3, steps = 20: 1/3, 2/3, 1, 1, 0.992, ... x lr."""
+    if step <= warmup:
+        return lr * step / warmup
+    j = step - 1 - warmup
+    return lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * j / (steps - warmup))) / 2)
+
+
 def reference_trajectory(a: dict, steps: int = STEPS, student: str = "student",
                          cache: str = "cache") -> tuple[list[float], list[list[str]]]:
-    """Plain torch, one process, no DeepSpeed: same init, global batches, loss, AdamW, schedule."""
+    """Plain torch, one process, no DeepSpeed: same init, global batches, loss, AdamW, and the
+    learning rate of `documented_lr` set by hand before every step."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.distill import DistillConfig
-    from pipeline.training_setup import lr_lambda
-
     model = AutoModelForCausalLM.from_pretrained(a[student], dtype=torch.float32)
-    cfg = DistillConfig(student="s", cache="c", out="o", steps=steps, lr=LR, warmup_steps=WARMUP)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     loss_log, keys = [], []
-    for _, pair in zip(range(steps), _global_batches(a[cache])):
+    for step, pair in zip(range(1, steps + 1), _global_batches(a[cache])):
         logits = model(input_ids=_cat(pair, "input_ids")).logits
         loss = _topk_sparse_kd(logits, _cat(pair, "ids"), _cat(pair, "weights"), _cat(pair, "entropy"), FRAC)
         opt.zero_grad()
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = documented_lr(step, steps)
         opt.step()
-        sched.step()
         loss_log.append(loss.item())
         keys.append([k for b in pair for k in b.keys])
     return loss_log, keys
+
+
+def test_documented_lr_by_hand():
+    """The reference itself at values worked out by hand (W = 3, steps = 20, r = 0.1): the
+    warm-up 1/3, 2/3, 1; the peak again at j = 0; 0.1 + 0.45 (1 + cos(pi j / 17)) after."""
+    want = {1: 1 / 3, 2: 2 / 3, 3: 1.0, 4: 1.0, 5: 0.992338, 12: 0.591521, 20: 0.107662}
+    assert {s: documented_lr(s, 20) / LR for s in want} == pytest.approx(want, rel=1e-6)
 
 
 # ------------------------------------------------------------------ 1. ZeRO-3 == plain torch
@@ -120,6 +143,24 @@ def test_zero3_two_ranks_match_single_process_plain_torch(runs):
     diff = max(abs(r["loss"] - x) for r, x in zip(got, ref_loss))
     assert diff < 1e-4, list(zip([r["loss"] for r in got], ref_loss))
     assert abs(ref_loss[-1] - ref_loss[0]) > 1e-2              # it did train: losses moved
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("run,steps", [("A", STEPS), ("untied", UNTIED_STEPS), ("no_kd", 2)])
+def test_logged_lr_is_linear_warmup_then_cosine_to_the_floor(runs, run, steps):
+    """metrics.jsonl's `lr` (the rate the step used) equals the schedule written out by hand,
+    step by step: run A (warm-up 3 of 20 steps, then the cosine), the untied run (4 steps:
+    the warm-up and one step at the peak) and no_kd (2 steps: inside the warm-up)."""
+    d = runs["root"] / run
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["lr"], cfg["warmup_steps"], cfg["min_lr_ratio"], cfg["steps"]) == (LR, WARMUP,
+                                                                                  MIN_LR_RATIO, steps)
+    got = [(r["step"], r["lr"]) for r in metrics(d)]
+    want = [(s, documented_lr(s, steps)) for s in range(1, steps + 1)]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (s, g), (_, w) in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-9, abs=0), f"step {s}: lr {g} logged, {w} by hand; all: {got}"
 
 
 @pytest.mark.dist

@@ -2,7 +2,8 @@
 
 Real processes (multiprocessing, fork) and real files in tmp_path. The references are
 independent of the ledger: what each process reports it returned from claim_next, the files
-as read back with os.listdir + json.loads, sha256 of the record files, and wall-clock times.
+as read back with os.listdir + json.loads, sha256 of the record files, wall-clock lower
+bounds on waits, and the sleeps a wait asked for (counted, never an upper bound on time).
 A 1 s lease keeps the waits short (heartbeat every 0.25 s).
 """
 
@@ -44,6 +45,28 @@ def units_with(out: Path, suffix: str) -> set[int]:
 
 def launch_file(out: Path, n: int) -> dict:
     return json.loads((out / "ledger" / launch_name(n)).read_bytes())
+
+
+class Sleeps:
+    """Every time.sleep(seconds) this process asks for while in the block (the sleeps still
+    happen). The launch's heartbeat thread waits on an Event, not time.sleep, so these are
+    the lease check's polls."""
+
+    def __init__(self, monkeypatch):
+        self.asked: list[float] = []
+        self._mp, self._real = monkeypatch, time.sleep
+
+    def __enter__(self) -> "Sleeps":
+        def sleep(seconds):
+            self.asked.append(seconds)
+            self._real(seconds)
+
+        self._ctx = self._mp.context()
+        self._ctx.__enter__().setattr(time, "sleep", sleep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
 
 
 def start(target, *args) -> mp.Process:
@@ -135,7 +158,7 @@ def killed_rank(out, n_units, rank, world, n_done, ready, number, q) -> None:
     time.sleep(120)                                         # until SIGKILL
 
 
-def test_killed_launch_taken_over_by_new_world_size(tmp_path):
+def test_killed_launch_taken_over_by_new_world_size(tmp_path, monkeypatch):
     n_units = 30
     ready, number, q = CTX.Event(), CTX.Value("i", 0), CTX.Queue()
     procs = [start(killed_rank, tmp_path, n_units, r, 3, 3, ready, number, q)
@@ -154,11 +177,18 @@ def test_killed_launch_taken_over_by_new_world_size(tmp_path):
               for u in done1}
 
     t0 = time.monotonic()
-    launch = begin_launch(tmp_path, 2, lease_s=LEASE, log=quiet)  # another world size
+    with Sleeps(monkeypatch) as polls:
+        launch = begin_launch(tmp_path, 2, lease_s=LEASE, log=quiet)  # another world size
     waited = time.monotonic() - t0
     taken = Ledger(tmp_path, n_units, launch.number, 0, 2, log=quiet).take_over_stale()
     assert taken == sorted(held)                            # exactly the unfinished claims
-    assert 0.5 * LEASE <= waited <= 1.5 * LEASE + 1.0, waited
+    assert waited >= 0.5 * LEASE, waited                    # it waited for the heartbeat...
+    # ...and no longer than it takes: a killed launch looks dead once its heartbeat is a
+    # lease old and unchanged for half a lease since first seen, both reached after at most
+    # LEASE s of sleeps; each poll sleeps at least what it asked, so the sleeps asked add up
+    # to at most that plus the one poll that crossed it (a wait to the 1.5-lease refusal
+    # deadline would ask for 1.5 * LEASE).
+    assert polls.asked and sum(polls.asked) <= LEASE + max(polls.asked) + 1e-9, polls.asked
     assert launch.number == first + 1 and launch.declared_dead == [first]
     assert launch_file(tmp_path, first)["status"] == "dead"
     assert units_with(tmp_path, ".claim") == done1          # held claims are gone
@@ -237,7 +267,7 @@ def live_launch(out, n_units, q, release) -> None:
     q.put("stopped")
 
 
-def test_live_launch_is_never_taken_over(tmp_path):
+def test_live_launch_is_never_taken_over(tmp_path, monkeypatch):
     n_units = 8
     q, release = CTX.Queue(), CTX.Event()
     p = start(live_launch, tmp_path, n_units, q, release)
@@ -261,9 +291,9 @@ def test_live_launch_is_never_taken_over(tmp_path):
     release.set()                                           # the live launch finishes
     assert q.get(timeout=30) == "stopped"
     p.join(10)
-    t0 = time.monotonic()
-    launch, taken = fresh_launch(tmp_path, 3, n_units)
-    assert time.monotonic() - t0 < 0.5 * LEASE              # nothing live: no wait
+    with Sleeps(monkeypatch) as polls:
+        launch, taken = fresh_launch(tmp_path, 3, n_units)
+    assert polls.asked == []                                # nothing live: no wait
     assert taken == [] and launch.declared_dead == []
     got = run_world(tmp_path, n_units, launch.number, [0.0] * 3)
     launch.stop()

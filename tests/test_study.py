@@ -51,6 +51,8 @@ def study(assets, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_table_json_and_plots(study):
     out, proc = study
     summary = json.loads((out / "study.json").read_text())
@@ -75,12 +77,21 @@ def test_table_json_and_plots(study):
     for png in ("kl_vs_bytes.png", "rows.png"):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    for row in ("priority_U12", "topk_12"):
-        res = json.loads((out / "runs" / row / "seed0" / "result.json").read_text())
-        assert res["settings"]["steps"] == 3 and res["row_settings"]["cache"] in ("priority_U12", "topk_U12")
+    # Each row reads its own cache, built with its own sampler and U.
+    for row, cache, sampler in (("priority_U12", "priority_U12", "priority"),
+                                ("topk_12", "topk_U12", "topk")):
+        run = out / "runs" / row / "seed0"
+        res = json.loads((run / "result.json").read_text())
+        assert res["settings"]["steps"] == 3 and res["row_settings"]["cache"] == cache, res["row_settings"]
         assert sum(b["n"] for b in res["calibration"]) == res["heldout_tokens"]
+        cfg = json.loads((run / "config.json").read_text())     # what pipeline.distill read
+        assert Path(cfg["cache"]).resolve() == (out / "caches" / cache).resolve(), (row, cfg["cache"])
+        m = json.loads((out / "caches" / cache / "manifest.json").read_text())
+        assert (m["sampler"], m["num_classes"]) == (sampler, 12), (cache, m["sampler"], m["num_classes"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_rerun_skips_finished_runs(study, assets):
     out, _ = study
     result = out / "runs" / "priority_U12" / "seed0" / "result.json"
@@ -91,6 +102,8 @@ def test_rerun_skips_finished_runs(study, assets):
     assert result.stat().st_mtime_ns == before
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_refuses_results_of_other_settings(study, assets):
     out, _ = study
     proc = _study(_args(assets, out, "--lr", "0.002"))
@@ -98,6 +111,8 @@ def test_refuses_results_of_other_settings(study, assets):
     assert "made with other settings" in proc.stderr and "lr: 0.001 vs now 0.002" in proc.stderr
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_refuses_caches_of_another_teacher(study, assets):
     out, _ = study
     args = _args(assets, out)
@@ -107,6 +122,7 @@ def test_refuses_caches_of_another_teacher(study, assets):
     assert "was not built for this study" in proc.stderr and "teacher:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_refuses_heldout_from_the_training_corpus(assets, tmp_path):
     args = _args(assets, tmp_path / "out")
     args[args.index("--heldout") + 1] = str(assets["train"])
@@ -142,6 +158,8 @@ def test_summarize_refuses_mixed_settings():
     assert got["dense_kd"]["paired_dkl_vs_priority_U12"] == pytest.approx((-0.3, math.sqrt(0.08)))
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_curve_mode_validates_during_training_and_tabulates_the_gap(assets, tmp_path):
     """--curve: every run validates every --val-every steps on a cache of the held-out text;
     the table's gap to dense KD is the per-step difference of the runs' own points."""

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +189,27 @@ def test_units_cover_each_file_in_order_and_pack_small_files(tmp_path):
         assert len(cut) == -(-sizes[j] // U) and max(cut) - min(cut) <= 1, cut   # equal ranges
 
 
-def test_plan_reads_no_file_content(tmp_path):
+def _stat_calls(monkeypatch, fn):
+    """(fn(), {path: number of os.stat calls}) while fn runs (Path.stat, .exists, .is_file
+    and os.path.getsize all go through os.stat)."""
+    calls: dict[str, int] = {}
+    real = os.stat
+
+    def counting(path, *args, **kw):
+        key = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+        calls[key] = calls.get(key, 0) + 1
+        return real(path, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", counting)
+        out = fn()
+    return out, calls
+
+
+def test_plan_reads_no_file_content(tmp_path, monkeypatch):
     """An audit hook sees every Python-level open(): planning .jsonl/.txt/.json opens none of
-    the corpus's files. And a 64 GiB sparse file is planned at once."""
+    the corpus's files. And a 64 GiB sparse file is planned from its size alone: no open,
+    and as many stat calls as for a 1 KiB file (a constant per file, not one per unit)."""
     spec, _ = write_jsonl_folder(tmp_path / "corpus")
     (tmp_path / "corpus" / "sub" / "f.json").write_text('[{"text": "x"}]')
     opened: list[str] = []
@@ -211,13 +228,22 @@ def test_plan_reads_no_file_content(tmp_path):
     corpus = str(tmp_path / "corpus")
     assert not [p for p in opened if p.startswith(corpus)], opened
 
+    small = tmp_path / "small.jsonl"
+    with open(small, "wb") as f:
+        f.truncate(1 << 10)
     huge = tmp_path / "huge.jsonl"
     with open(huge, "wb") as f:
         f.truncate(64 << 30)
-    t0 = time.perf_counter()
-    plan = plan_units(DataSpec(str(huge)))
-    dt = time.perf_counter() - t0
-    assert len(plan["units"]) == 1024 and dt < 5, (len(plan["units"]), dt)
+    one, small_stats = _stat_calls(monkeypatch, lambda: plan_units(DataSpec(str(small))))
+    assert len(one["units"]) == 1
+    active[0] = True
+    try:
+        plan, huge_stats = _stat_calls(monkeypatch, lambda: plan_units(DataSpec(str(huge))))
+    finally:
+        active[0] = False
+    assert str(huge) not in opened, opened
+    assert len(plan["units"]) == 1024
+    assert 1 <= huge_stats[str(huge)] == small_stats[str(small)], (huge_stats, small_stats)
     assert plan["units"][-1]["end"] == 64 << 30
     assert all(u["end"] - u["start"] == 64 << 20 for u in plan["units"])
 

@@ -184,6 +184,8 @@ def test_neginf_teacher_caches_and_no_record_names_a_masked_class(assets):
     assert masked[plain_used].mean() > 0.2
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_padded_student_distils_exports_and_evaluates(assets, tmp_path):
     from transformers import AutoConfig
 

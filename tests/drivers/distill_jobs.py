@@ -84,11 +84,18 @@ def file_job(job: dict) -> None:
             ckpt, marker = map(Path, job["poison"])
             # every rank's optimizer file: each rank loads its own (one rank failing alone
             # would leave the other in a collective of this one-process driver)
-            for target in (ckpt / (ckpt / "latest").read_text().strip()).glob("*_optim_states.pt"):
+            tag_dir = ckpt / (ckpt / "latest").read_text().strip()
+            for target in tag_dir.glob("*_optim_states.pt"):
                 with torch.serialization.safe_globals(safe_globals()):
                     sd = torch.load(target, weights_only=True)
                 sd["evil"] = Evil(str(marker))
                 torch.save(sd, target)
+            # and its file records: they catch accidents (a truncated file), not tampering
+            from pipeline.checkpoint import write_file_record
+
+            world = len(list(tag_dir.glob("rank*_files.json")))
+            for r in range(world):
+                write_file_record(tag_dir, r, world)
     dist.barrier()
 
 

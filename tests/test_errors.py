@@ -73,3 +73,29 @@ def test_stage1_data_errors_are_one_line_and_leave_no_garbage_messages(tmp_path)
     # SAMPLEDKD_DEBUG=1: the traceback behind the same error
     r = _run(*args[:-4], "--out", str(tmp_path / "c2"), "--seq-len", "16", SAMPLEDKD_DEBUG="1")
     assert r.returncode == 1 and "Traceback" in r.stderr and "'messages' is a str" in r.stderr
+
+
+def test_progress_lines_in_a_log_name_the_rank_the_unit_and_the_total(capsys):
+    """In a SLURM log (no TTY) a progress line says which rank, what its count counts, of how
+    many, and its bracketed prefix survives (rich markup would eat '[rank 1]')."""
+    from pipeline.progress import StageProgress
+
+    p = StageProgress("teacher cache", None, "tokens", every_s=0.0, prefix="[rank 1] ",
+                      unit_of_steps="windows of 2048 tokens")
+    p.update(41, 41 * 2048)
+    d = StageProgress("distill", 100, "tokens", every_s=0.0, prefix="[rank 0] ", unit_of_steps="steps")
+    d.update(5, 5000)
+    d.note("val ppl 812.3, KL 3.412 at step 5")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[rank 1] teacher cache: 41 windows of 2048 tokens, ") and "tokens/s" in err[0]
+    assert err[1].startswith("[rank 0] distill: 5/100 steps, ") and "ETA" in err[1]
+    assert err[2] == "[rank 0] distill: val ppl 812.3, KL 3.412 at step 5"
+
+
+def test_log_keeps_a_message_s_own_brackets(capsys):
+    from pipeline.distributed import log
+
+    log("[ledger] launch 3 working (world size [2])")
+    log("took units [1, 2]", all_ranks=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[ledger] launch 3 working (world size [2])", "[rank 0] took units [1, 2]"]

@@ -189,7 +189,12 @@ def read_yaml(path: Path, where: str) -> dict[str, Any]:
 
     try:
         data = yaml.load(Path(path).read_text(), Loader=_strict_loader()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ValueError(f"{where}: cannot read YAML{at}: {problem}") from e
+    except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{where}: cannot read YAML ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of option names to values, "

@@ -23,6 +23,9 @@ counts are not known at backward time): exact for rules that select a fixed coun
 Batch arithmetic (asserted): global batch = micro_batch x grad_accum x world windows;
 tokens per step = global batch x T, e.g. 4 x 1 x 8 x 2048 = 65,536.
 
+`--check` checks the configuration and the inputs (student, cache, validation cache) in one
+process and exits: slurm/distill.sh runs it before torchrun.
+
 OUT/metrics.jsonl (rank 0), one record per step: step, epoch, loss, kd_loss, ce_loss,
 kl_est, selected_frac (of the trainable positions), trainable_frac (1 but for a chat cache's
 masked positions), select_threshold, lr (the rate the step used), tokens_per_s,
@@ -444,6 +447,35 @@ def run(cfg: DistillConfig, trainer_cls: type[Trainer] = Trainer) -> Path | None
     return result
 
 
+def check_inputs(cfg: DistillConfig) -> str:
+    """What a launch would refuse at setup, checked in one process without DeepSpeed (`--check`,
+    run by slurm/distill.sh before torchrun: a bad input then ends in one line on the batch
+    host, not in every worker and torchrun's own report). Returns a summary; raises the
+    ValueError setup would."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    check_model_path("--student", cfg.student)
+    if cfg.mode == "dense_kd":
+        check_model_path("--teacher", cfg.teacher)
+    reader = CacheReader(cfg.cache, verify=False)
+    src = Path(cfg.student)
+    tok_dir = src.parent if src.is_file() and src.suffix == ".json" else cfg.student
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        vocab = AutoConfig.from_pretrained(cfg.student).vocab_size
+    except OSError as e:
+        raise ValueError(f"--student {cfg.student}: cannot load its tokenizer or config ({e})") from e
+    reader.check_student(tok, vocab)
+    if cfg.val_cache:
+        check_val_cache(CacheReader(cfg.val_cache, verify=False).manifest, reader.manifest,
+                        cfg.val_cache, cfg.cache)
+    m = reader.manifest
+    return (f"--cache {cfg.cache}: {m['samples']:,} windows of {m['seq_len']}, {m['sampler']} "
+            f"U={m['num_classes']}, V={m['vocab_size']}; --student {cfg.student}: {vocab:,} logits; "
+            f"recipe {cfg.recipe}: mode {cfg.mode}, select {cfg.active_selection.select}, "
+            f"kd {cfg.kd_weight:g}, ce {cfg.ce_weight:g}")
+
+
 def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) -> None:
     import sys
 
@@ -452,8 +484,14 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
         from pipeline import recipes
         print(recipes.listing())
         return
+    check = "--check" in args
     with alike_on_every_rank():
-        cfg = C.parse(DistillConfig, argv, __doc__)
+        cfg = C.parse(DistillConfig, [a for a in args if a != "--check"], __doc__)
+    if check:
+        for w in recipe_warnings(cfg):
+            log(f"WARNING: {w}")
+        log(f"pipeline.distill --check: inputs fit. {check_inputs(cfg)}")
+        return
     if int(os.environ.get("RANK", "0")) == 0:
         for w in recipe_warnings(cfg):
             log(f"WARNING: {w}")

@@ -51,6 +51,11 @@ flags RECIPE --recipe DS_CONFIG --deepspeed SELECT --select SELECT_FRAC --select
 if ((dense)); then args+=(--teacher "$TEACHER"); fi
 args+=("${extra[@]}")
 
+# Preflight, one process on this host: a bad flag, recipe, student, cache or validation cache
+# ends here in one line (exit 2), before any worker starts (pipeline.distill --check).
+if ((!dry_run)); then
+  "$PYTHON" -m pipeline.distill "${args[@]}" --check || { echo "$me: refused by the check above; nothing launched" >&2; exit 2; }
+fi
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
   dry_run_exit "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m pipeline.distill "${args[@]}"
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m pipeline.distill "${args[@]}"

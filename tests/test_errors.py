@@ -99,3 +99,19 @@ def test_log_keeps_a_message_s_own_brackets(capsys):
     log("took units [1, 2]", all_ranks=True)
     err = capsys.readouterr().err.splitlines()
     assert err == ["[ledger] launch 3 working (world size [2])", "[rank 0] took units [1, 2]"]
+
+
+def test_distill_sh_refuses_bad_input_in_its_preflight_before_any_worker(tmp_path):
+    """slurm/distill.sh runs `pipeline.distill --check` on the batch host first: a missing
+    cache is one line and exit 2, and torchrun never starts (no workers, no torchrun report)."""
+    from pipeline.demo.tiny import build_tiny_model
+
+    student = build_tiny_model(tmp_path / "student", hidden=32, layers=1)
+    r = subprocess.run(["bash", "slurm/distill.sh"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**ENV, "PYTHON": sys.executable, "STUDENT": str(student),
+                            "CACHE_DIR": str(tmp_path / "no_cache"), "RUN_DIR": str(tmp_path / "run")})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "pipeline.distill: error: " in r.stderr and "no_cache" in r.stderr
+    assert "refused by the check above; nothing launched" in r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr and "torch.distributed" not in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -65,7 +65,15 @@ def run_script(script: str | Path, stubs: Path, tmp_path: Path, *args: str, slur
     proc = subprocess.run(["bash", str(path), *args], env=env, cwd=cwd or tmp_path,
                           capture_output=True, text=True, timeout=60)
     launches = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
-    return proc, [r for r in launches if r["exe"] != "scontrol"]
+    # distill.sh's preflight (`python -m pipeline.distill ... --check`) is not a launch
+    return proc, [r for r in launches if r["exe"] != "scontrol" and r["argv"][-1:] != ["--check"]]
+
+
+def preflights(tmp_path: Path) -> list[list[str]]:
+    """The `--check` runs of the last run_script (distill.sh's preflight), their argv."""
+    record = tmp_path / "launches.jsonl"
+    rows = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+    return [r["argv"] for r in rows if r["argv"][-1:] == ["--check"]]
 
 
 def stage_argv(script: str, launches: list) -> list[str]:
@@ -143,6 +151,8 @@ def test_distill_sh_with_required_variables_only_trains_the_recommended_recipe(s
     proc, launches = run_script("distill.sh", stubs, tmp_path, **values)
     assert proc.returncode == 0, proc.stderr
     flags = stage_argv("distill.sh", launches)
+    # the preflight checked exactly these flags before the launch
+    assert preflights(tmp_path) == [["-m", "pipeline.distill", *flags, "--check"]]
     got = subprocess.run([sys.executable, "-m", "pipeline.distill", *flags, "--print-config"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr

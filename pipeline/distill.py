@@ -60,7 +60,8 @@ from pipeline.safe_load import enforce_weights_only
 from pipeline.sampled_softmax import frequent_classes, negatives_generator
 from pipeline.selection import Selection, Selector, SelectionInputs, next_token_labels
 from pipeline.tracking import Tracker
-from pipeline.training_setup import check_model_path, ds_config, load_student, load_teacher, lr_lambda
+from pipeline.training_setup import (check_inputs, check_model_path, ds_config, load_student, load_teacher,
+                                     lr_lambda)
 from pipeline.validation import Validator, check_val_cache
 
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates; nothing for users to act on.
@@ -445,35 +446,6 @@ def run(cfg: DistillConfig, trainer_cls: type[Trainer] = Trainer) -> Path | None
             info["validation"] = tr.last_validation
         (tr.out / "run_info.json").write_text(json.dumps(info, indent=1))
     return result
-
-
-def check_inputs(cfg: DistillConfig) -> str:
-    """What a launch would refuse at setup, checked in one process without DeepSpeed (`--check`,
-    run by slurm/distill.sh before torchrun: a bad input then ends in one line on the batch
-    host, not in every worker and torchrun's own report). Returns a summary; raises the
-    ValueError setup would."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    check_model_path("--student", cfg.student)
-    if cfg.mode == "dense_kd":
-        check_model_path("--teacher", cfg.teacher)
-    reader = CacheReader(cfg.cache, verify=False)
-    src = Path(cfg.student)
-    tok_dir = src.parent if src.is_file() and src.suffix == ".json" else cfg.student
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        vocab = AutoConfig.from_pretrained(cfg.student).vocab_size
-    except OSError as e:
-        raise ValueError(f"--student {cfg.student}: cannot load its tokenizer or config ({e})") from e
-    reader.check_student(tok, vocab)
-    if cfg.val_cache:
-        check_val_cache(CacheReader(cfg.val_cache, verify=False).manifest, reader.manifest,
-                        cfg.val_cache, cfg.cache)
-    m = reader.manifest
-    return (f"--cache {cfg.cache}: {m['samples']:,} windows of {m['seq_len']}, {m['sampler']} "
-            f"U={m['num_classes']}, V={m['vocab_size']}; --student {cfg.student}: {vocab:,} logits; "
-            f"recipe {cfg.recipe}: mode {cfg.mode}, select {cfg.active_selection.select}, "
-            f"kd {cfg.kd_weight:g}, ce {cfg.ce_weight:g}")
 
 
 def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) -> None:

@@ -98,3 +98,35 @@ def load_teacher(path: str, student: str, student_tok, device: torch.device):
                          "dense KD needs a shared vocabulary")
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def check_inputs(cfg) -> str:
+    """What a launch would refuse at setup, checked in one process without DeepSpeed (`--check`,
+    run by slurm/distill.sh before torchrun: a bad input then ends in one line on the batch
+    host, not in every worker and torchrun's own report). Returns a summary; raises the
+    ValueError setup would."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.reader import CacheReader
+    from pipeline.validation import check_val_cache
+
+    check_model_path("--student", cfg.student)
+    if cfg.mode == "dense_kd":
+        check_model_path("--teacher", cfg.teacher)
+    reader = CacheReader(cfg.cache, verify=False)
+    src = Path(cfg.student)
+    tok_dir = src.parent if src.is_file() and src.suffix == ".json" else cfg.student
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        vocab = AutoConfig.from_pretrained(cfg.student).vocab_size
+    except OSError as e:
+        raise ValueError(f"--student {cfg.student}: cannot load its tokenizer or config ({e})") from e
+    reader.check_student(tok, vocab)
+    if cfg.val_cache:
+        check_val_cache(CacheReader(cfg.val_cache, verify=False).manifest, reader.manifest,
+                        cfg.val_cache, cfg.cache)
+    m = reader.manifest
+    return (f"--cache {cfg.cache}: {m['samples']:,} windows of {m['seq_len']}, {m['sampler']} "
+            f"U={m['num_classes']}, V={m['vocab_size']}; --student {cfg.student}: {vocab:,} logits; "
+            f"recipe {cfg.recipe}: mode {cfg.mode}, select {cfg.active_selection.select}, "
+            f"kd {cfg.kd_weight:g}, ce {cfg.ce_weight:g}")

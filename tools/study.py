@@ -325,7 +325,8 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
            "kl": held["kl_to_teacher"], "perplexity": held["perplexity"], "ece": held["ece"],
            "nll": held["nll_per_token"], "heldout_tokens": held["tokens"],
            "step_s": statistics.median(steps[2:] or steps), "train_s": train_s,
-           "final_train_loss": recs[-1]["loss"], "calibration": held["calibration"]}
+           "final_train_loss": recs[-1]["loss"], "calibration": held["calibration"],
+           "environment": environment()}
     if args.curve:
         res["curve"] = curve_points(recs, d / "validation.jsonl")
     tmp = res_path.with_suffix(".tmp")
@@ -334,6 +335,22 @@ def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_c
     print(f"[study] {row.name} seed {seed}: KL {res['kl']:.4f}, ppl {res['perplexity']:.1f}, "
           f"ECE {res['ece']:.4f}, step {res['step_s']:.2f} s", flush=True)
     return res
+
+
+def environment() -> dict:
+    """The package versions a result was trained with. Not a setting (results of several
+    environments may share a table) but named in it: the same row and seed gave KL 3.136 in
+    one environment and 3.210 in another (BENCHMARKS.md, "Recipes at equal steps"), so only
+    results of one environment are paired."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "deepspeed", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def _diff(res: dict, settings: dict, row_settings: dict) -> str:
@@ -411,8 +428,9 @@ def summarize(results: list[dict], refs: dict) -> dict:
         out["step_vs_no_kd"] = statistics.median(ratio) if ratio else None
         out["step_s"] = statistics.median(runs[s]["step_s"] for s in seeds)
         rows.append(out)
+    envs = sorted({json.dumps(r.get("environment"), sort_keys=True) for r in results})
     return {"settings": settings[0], "references": {k: v for k, v in refs.items() if k != "settings"},
-            "rows": rows}
+            "rows": rows, "environments": [json.loads(e) for e in envs]}
 
 
 def markdown(summary: dict) -> str:
@@ -433,6 +451,11 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r['label']} | {len(r['seeds'])} | {b} | {_pm(r['kl_per_seed'], '.4f')} | "
                      f"{signed(r['paired_dkl_vs_dense'])} | {signed(r['paired_dkl_vs_priority_U12'])} | "
                      f"{_pm(r['perplexity_per_seed'], '.1f')} | {_pm(r['ece_per_seed'], '.4f')} | {step} |")
+    envs = summary.get("environments", [])
+    if len(envs) > 1:
+        lines.insert(1, f"\nWARNING: these results come from {len(envs)} environments "
+                        f"({'; '.join(json.dumps(e) for e in envs)}): a paired difference across "
+                        "them mixes in the environment's own effect.\n")
     for name, ref in summary["references"].items():
         lines.append(f"| {name} (reference, not trained) | - | - | {ref['kl']:.4f} | - | - | "
                      f"{ref['perplexity']:.1f} | {ref['ece']:.4f} | - |")

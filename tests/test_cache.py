@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.mpi import require_mpiexec
 import torch
 
 from pipeline.cache import main as cache_main
@@ -230,8 +232,7 @@ def mpi_env(**extra: str) -> dict[str, str]:
 
 def start_mpi(args: list[str], n: int = 2, env: dict | None = None, **kw) -> subprocess.Popen:
     """`mpiexec -n N python -m pipeline.cache ARGS` in its own process group."""
-    if not MPIEXEC.exists():
-        pytest.skip(f"{MPIEXEC} not found (pip install mpich mpi4py into the venv)")
+    require_mpiexec(MPIEXEC)
     return subprocess.Popen([str(MPIEXEC), "-n", str(n), sys.executable, "-m", "pipeline.cache",
                              *args], cwd=REPO, env=env or mpi_env(), text=True,
                             start_new_session=True, **kw)

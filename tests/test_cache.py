@@ -33,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.mpi import require_mpiexec
 import torch
 
 from pipeline.cache import main as cache_main
+from tests.mpi import require_mpiexec
 from pipeline.cache import window_generators
 from pipeline.codec import RecordCodec
 from pipeline.sampling import sample_classes

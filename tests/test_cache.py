@@ -36,11 +36,11 @@ import pytest
 import torch
 
 from pipeline.cache import main as cache_main
-from tests.mpi import require_mpiexec
 from pipeline.cache import window_generators
 from pipeline.codec import RecordCodec
 from pipeline.sampling import sample_classes
 from references import reference_windows
+from tests.mpi import require_mpiexec
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

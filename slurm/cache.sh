@@ -37,7 +37,7 @@ if [[ -n ${SLURM_JOB_ID:-} ]]; then
   dry_run_exit srun --mpi=pmi2 "$PYTHON" -m pipeline.cache "${args[@]}"
   # The allocation's --ntasks-per-node sets the ranks; PMI2 hands mpi4py its rank and size.
   # A failed step is launched again (LAUNCH_ATTEMPTS, default 3): the stage resumes, keeping
-  # every finished shard, and a pmi2 hang in MPI_Init ends by its watchdog (pipeline.distributed).
+  # every finished shard, and a pmi2 hang in MPI_Init ends by its watchdog (pipeline.common.distributed).
   attempts=${LAUNCH_ATTEMPTS:-3}
   for ((i = 1; ; i++)); do
     rc=0

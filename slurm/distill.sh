@@ -8,7 +8,7 @@
 # Required: STUDENT, CACHE_DIR, RUN_DIR (and TEACHER with MODE=dense_kd or RECIPE=dense-kd).
 # Every other program flag is passed only when its variable is set, so its default is
 # pipeline.distill's (the recommended recipe, DeepSpeed config, steps); RECIPE=name-or-path
-# picks another recipe of pipeline/recipes/ and the loss variables (SELECT, CE_WEIGHT, ...)
+# picks another recipe of pipeline/stage2_distill/recipes/ and the loss variables (SELECT, CE_WEIGHT, ...)
 # override single keys of it; VAL_CACHE (+ VAL_EVERY) validates during training; EXTRA_ARGS
 # is appended verbatim. The variables: slurm/README.md.
 # Time limit: 120 s before it, SLURM sends USR1 to this shell, which passes it to the workers

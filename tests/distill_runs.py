@@ -66,7 +66,7 @@ def _steps_so_far(run: Path) -> list[int]:
 
 
 def _build_assets(root: Path) -> dict:
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root.mkdir(parents=True, exist_ok=True)

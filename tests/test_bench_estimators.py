@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.codec import RecordCodec
-from pipeline.sampling import sample_classes
+from pipeline.cache_format.codec import RecordCodec
+from pipeline.stage1_cache.class_sampler import sample_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_estimators", ROOT / "tools" / "bench_estimators.py")

@@ -35,10 +35,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import main as cache_main
-from pipeline.cache import window_generators
-from pipeline.codec import RecordCodec
-from pipeline.sampling import sample_classes
+from pipeline.stage1_cache.run import main as cache_main
+from pipeline.stage1_cache.run import window_generators
+from pipeline.cache_format.codec import RecordCodec
+from pipeline.stage1_cache.class_sampler import sample_classes
 from references import reference_windows
 from tests.mpi import require_mpiexec
 
@@ -1124,7 +1124,7 @@ import os, socket
 a, b = socket.socketpair()          # a PMI server that never answers
 os.set_inheritable(b.fileno(), True)
 os.environ.update(PMI_FD=str(b.fileno()), PMI_RANK="0", PMI_SIZE="2")
-from pipeline.distributed import init_distributed
+from pipeline.common.distributed import init_distributed
 init_distributed()
 print("MPI_Init returned")
 """
@@ -1212,7 +1212,7 @@ def test_qwen_vocab_ids_above_17_bits_round_trip(tmp_path, env):
     assert n_high >= 0.5 * 3 * T * U, f"only {n_high} records with ids >= {high}"
     assert m["stats"]["dropped_mass_max"] > 0
     # The reader returns the same high ids.
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
 
     batch = next(CacheReader(out, micro_batch=3, shuffle_buffer=0).batches(0))
     for b, key in enumerate(batch.keys):
@@ -1253,7 +1253,7 @@ def test_storage_at_2048_tokens_is_within_3_percent_of_41_bytes(env, tmp_path):
 
 def test_a_cache_written_before_sampler_chunk_was_recorded_resumes_only_with_its_value():
     """The sampler's draws depend on its chunk; old headers lack the key and used 2048."""
-    from pipeline.manifest import header_diff
+    from pipeline.cache_format.manifest import header_diff
 
     old = {"sampler": "priority", "seed": 0}                       # no sampler_chunk
     assert header_diff(old, {**old, "sampler_chunk": 2048}) == []

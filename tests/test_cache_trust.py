@@ -35,7 +35,7 @@ def base(tmp_path_factory) -> dict:
     """A tiny llama teacher, one jsonl file of ~10 KB cut into units of 2000 bytes (~5
     units of ~10 windows, 3 shards each), and its cache; --max-windows caps the last unit
     one window short of its end, so units.json records a window count."""
-    from pipeline.cache import main as cache_main
+    from pipeline.stage1_cache.run import main as cache_main
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("trust")
@@ -74,8 +74,8 @@ def copy_cache(base: dict, tmp_path: Path) -> tuple[Path, list[str]]:
 def rerun(args: list[str], capsys) -> tuple[int, str]:
     """(exit status, stderr) of `python -m pipeline.cache ARGS`, run in process (the same
     `clean_errors` wrapper as the command line)."""
-    from pipeline.cache import main as cache_main
-    from pipeline.errors import clean_errors
+    from pipeline.stage1_cache.run import main as cache_main
+    from pipeline.common.errors import clean_errors
 
     capsys.readouterr()
     try:
@@ -206,7 +206,7 @@ def test_a_lost_ledger_is_rebuilt_from_the_manifest_and_nothing_is_recomputed(
     from manifest.json (its shards verify), runs no teacher forward, keeps every shard
     (inode, mtime, bytes) and writes a manifest with the same shards, windows and
     statistics, numbered above the shards' launch; a second rerun changes nothing."""
-    import pipeline.cache
+    import pipeline.stage1_cache.run
 
     out, args = copy_cache(base, tmp_path)
     m0 = manifest(out)
@@ -215,7 +215,7 @@ def test_a_lost_ledger_is_rebuilt_from_the_manifest_and_nothing_is_recomputed(
 
     def no_forward(*a, **k):
         raise AssertionError("the teacher ran: a unit was recomputed")
-    monkeypatch.setattr(pipeline.cache, "_flush", no_forward)
+    monkeypatch.setattr(pipeline.stage1_cache.run, "_flush", no_forward)
     code, err = rerun(args, capsys)
     n = len(m0["units"])
     assert code == 0, err

@@ -1,4 +1,4 @@
-"""pipeline.chat: conversations -> windows + trainability masks, against references built by
+"""pipeline.common.chat: conversations -> windows + trainability masks, against references built by
 hand (one token per character, the special tokens whole) without the module's span logic."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import chat
+from pipeline.common import chat
 
 START, END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIALS = [EOT, START, END]

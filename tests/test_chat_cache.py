@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import main as cache_main
+from pipeline.stage1_cache.run import main as cache_main
 from test_cache import (build_teacher, decode_kd, done_records, jsonl_lines, load_model,
                         manifest_of, mpi_env, no_tmp_files, read_shards, recompute, run_mpi)
 
@@ -350,8 +350,8 @@ def test_messages_and_prompt_response_forms_give_the_same_cache(env, tmp_path):
 def test_text_cache_is_still_version_2_and_reads_all_trainable(env, tmp_path):
     """A text cache: format 2, members tokens.u32 and kd.bin only, records equal to the
     teacher recompute (the version-2 bytes), no chat keys; the reader gives trainable all True."""
-    from pipeline.manifest import LAYOUT
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.manifest import LAYOUT
+    from pipeline.cache_format.reader import CacheReader
 
     rng = np.random.default_rng(1)
     words = "the quick brown fox jumps over lazy dog".split()
@@ -385,7 +385,7 @@ def test_text_cache_is_still_version_2_and_reads_all_trainable(env, tmp_path):
 
 @pytest.mark.dist
 def test_reader_gives_the_chat_masks_and_refuses_a_sample_without_them(env, two_rank, tmp_path):
-    from pipeline.reader import CacheReader, ShardError
+    from pipeline.cache_format.reader import CacheReader, ShardError
 
     samples = read_shards(two_rank)
     reader = CacheReader(two_rank, micro_batch=2, seed=3)
@@ -490,10 +490,10 @@ def test_json_array_and_parquet_rows_pack_like_jsonl(env, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data import ChatDataSpec
+    from pipeline.common.text import ChatDataSpec
     from pipeline.demo.tiny import CHAT_TEMPLATE
-    from pipeline.packing import chat_unit_windows
-    from pipeline.units import UnitReader, plan_units
+    from pipeline.stage1_cache.packing import chat_unit_windows
+    from pipeline.stage1_cache.units import UnitReader, plan_units
 
     rows = [r if "messages" in r else {"messages": messages_of(r)} for r in rows_a()]
     want = expected_windows(rows, env["tok"], CHAT_TEMPLATE, False)

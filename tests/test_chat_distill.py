@@ -27,7 +27,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def chat_cache(tmp_path_factory):
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("chat_distill")

@@ -1,4 +1,4 @@
-"""Resume falls back to the newest checkpoint that verifies (pipeline.checkpoint, issue 26).
+"""Resume falls back to the newest checkpoint that verifies (pipeline.stage2_distill.checkpoint, issue 26).
 
 - `verify_checkpoint` / `write_file_record` / `candidates` on a hand-made directory, against
   sizes and sha256 computed here with hashlib.
@@ -32,7 +32,7 @@ def _sha(path: Path) -> str:
 # ------------------------------------------------------------------ the verification, by hand
 def _hand_made(d: Path) -> Path:
     """A checkpoint directory as 2 ranks write it (DeepSpeed's files faked), with records."""
-    from pipeline.checkpoint import write_file_record
+    from pipeline.stage2_distill.checkpoint import write_file_record
 
     d.mkdir(parents=True)
     (d / "sampledkd_meta.json").write_text(json.dumps({"step": 4, "world_size": 2, "config": {}}))
@@ -59,7 +59,7 @@ def test_file_records_hold_each_rank_files_with_size_and_sha256(tmp_path):
 
 
 def test_verify_names_each_damaged_file_and_why(tmp_path):
-    from pipeline.checkpoint import verify_checkpoint
+    from pipeline.stage2_distill.checkpoint import verify_checkpoint
 
     d = _hand_made(tmp_path / "step00000004")
     assert verify_checkpoint(d).problems == [] and not verify_checkpoint(d).legacy
@@ -85,7 +85,7 @@ def test_verify_names_each_damaged_file_and_why(tmp_path):
 
 
 def test_a_checkpoint_without_records_is_trusted_unless_visibly_truncated(tmp_path):
-    from pipeline.checkpoint import verify_checkpoint
+    from pipeline.stage2_distill.checkpoint import verify_checkpoint
 
     d = _hand_made(tmp_path / "step00000004")
     for r in range(2):
@@ -102,7 +102,7 @@ def test_a_checkpoint_without_records_is_trusted_unless_visibly_truncated(tmp_pa
 
 
 def test_candidates_are_latest_then_step_directories_newest_first(tmp_path):
-    from pipeline.checkpoint import candidates
+    from pipeline.stage2_distill.checkpoint import candidates
 
     for s in (2, 4, 10):
         (tmp_path / f"step{s:08d}").mkdir()
@@ -128,7 +128,7 @@ DAMAGES = {  # name: (driver file job, its file in the copy, its argument, the r
 
 @pytest.fixture(scope="module")
 def fallback(tmp_path_factory) -> dict:
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("ckpt_fallback")

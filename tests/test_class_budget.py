@@ -1,4 +1,4 @@
-"""Allocated U (pipeline.class_budget): the variance curves against a brute-force threshold,
+"""Allocated U (pipeline.stage1_cache.class_budget): the variance curves against a brute-force threshold,
 the greedy allocation against every allocation of a small window, and the sampler's
 unbiasedness at allocated sizes (z-scores of each class's mean weight over many draws)."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import class_budget as cb
+from pipeline.stage1_cache import class_budget as cb
 
 
 def _dist(V: int, alpha: float, seed: int) -> torch.Tensor:

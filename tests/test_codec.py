@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.codec import (MAX_VOCAB, EntropyCodebook, RecordCodec, WeightCodebook,
+from pipeline.cache_format.codec import (MAX_VOCAB, EntropyCodebook, RecordCodec, WeightCodebook,
                             stochastic_round)
 
 VOCABS = [1_000, 32_000, 49_152, 128_256, 151_936, 524_287]
@@ -137,7 +137,7 @@ def test_weight_max_covers_the_priority_threshold_tail():
     which is below the union bound; the chosen level passes and half of it (when > 2) fails."""
     import math
 
-    from pipeline.codec import WEIGHT_TAIL, weight_max
+    from pipeline.cache_format.codec import WEIGHT_TAIL, weight_max
 
     def tail(U, x, n=100_000):
         q = 1.0 / (n * x)
@@ -161,7 +161,7 @@ def test_priority_u4_weights_encode():
     30,000 rows hold some; all of them encode with the codec's U = 4 codebook."""
     import torch
 
-    from pipeline.sampling import sample_classes
+    from pipeline.stage1_cache.class_sampler import sample_classes
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.zeros(30_000, 1_000)

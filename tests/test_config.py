@@ -1,4 +1,4 @@
-"""pipeline.config: one parser for every entry point (flags, --config YAML, --help).
+"""pipeline.common.config: one parser for every entry point (flags, --config YAML, --help).
 
 The expectations are written out by hand here (the values a YAML file or a flag must
 produce), not derived from the parser under test.
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config as C
-from pipeline.cache import CacheConfig
-from pipeline.distill import DistillConfig
-from pipeline.evaluate import EvalConfig
-from pipeline.selection_config import SelectionConfig
-from pipeline.tasks import GROUPS
+from pipeline.common import config as C
+from pipeline.stage1_cache.run import CacheConfig
+from pipeline.stage2_distill.trainer import DistillConfig
+from pipeline.stage3_evaluate.run import EvalConfig
+from pipeline.stage2_distill.selection.config import SelectionConfig
+from pipeline.stage3_evaluate.tasks import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["--student", "s", "--cache", "c", "--out", "o"]

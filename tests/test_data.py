@@ -1,4 +1,4 @@
-"""pipeline.data: corpus -> windows of T tokens, against an independent tokenization.
+"""pipeline.common.text: corpus -> windows of T tokens, against an independent tokenization.
 
 The reference tokenizes every document on its own (`encode(doc, add_special_tokens=False)`
 plus EOS), concatenates in file order, cuts windows of T tokens and drops the tail; the
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import DataSpec, load_documents, token_stream, windows
+from pipeline.common.text import DataSpec, load_documents, token_stream, windows
 from references import reference_windows
 
 T = 16

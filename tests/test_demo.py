@@ -37,9 +37,9 @@ def test_demo_tiny_end_to_end(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(out / run / "export")
         assert model.config.num_hidden_layers == 1
     # The demo sets no recipe: the SampledKD student trains the recommended one, KD at every
-    # position (pipeline/recipes/kd-all.yaml: select all, no CE), read from its config.json.
+    # position (pipeline/stage2_distill/recipes/kd-all.yaml: select all, no CE), read from its config.json.
     import yaml
-    want = yaml.safe_load((REPO / "pipeline" / "recipes" / "kd-all.yaml").read_text())
+    want = yaml.safe_load((REPO / "pipeline" / "stage2_distill" / "recipes" / "kd-all.yaml").read_text())
     got = json.loads((out / "sampledkd" / "config.json").read_text())
     assert got["recipe"] == "recommended" and {k: got[k] for k in want} == want
     recs = [json.loads(x) for x in (out / "sampledkd" / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,7 @@ Process start-ups dominate the cost on a 2-core machine, so they are shared:
 - `shared_runs()` (once per session, also used by tests/test_export.py) builds a tiny
   teacher, a student (same tokenizer, other init) and caches in-process, then makes ONE
   `torchrun --nproc_per_node 2` launch of a test-only driver (tests/drivers/distill_jobs.py) that calls
-  `pipeline.distill.run` for: run A (sampledkd, topk on teacher entropy, 20 steps, a
+  `pipeline.stage2_distill.trainer.run` for: run A (sampledkd, topk on teacher entropy, 20 steps, a
   checkpoint every 2, export), the baselines no_kd / dense_kd / rskd_all (2 steps each),
   and every bad-input case. The driver adds two probes the CLI cannot give: the ZeRO-3
   partition facts of every parameter after setup, and the live engine's logits on a fixed
@@ -12,7 +12,7 @@ Process start-ups dominate the cost on a 2-core machine, so they are shared:
 - `interrupted()` runs the real CLI three times on one run directory: SIGUSR1 to rank 1
   only (-> checkpoint, exit 0), `--resume` killed with SIGKILL, `--resume` to the end.
 References are independent of the code under test: a plain-torch training loop (no
-DeepSpeed, no pipeline.losses / pipeline.selection / pipeline.training_setup) on the same global
+DeepSpeed, no pipeline.stage2_distill.losses / pipeline.stage2_distill.selection / pipeline.stage2_distill.training_setup) on the same global
 batches from `CacheReader`, with the learning-rate schedule written out from the flags' help
 (`documented_lr`, also compared with every step's logged `lr`), and dense step-1 losses for
 the baselines.
@@ -43,7 +43,7 @@ def runs(distill_runs) -> dict:
 # ------------------------------------------------------------------ independent references
 def _global_batches(cache: Path, world: int = 2, seed: int = 0):
     """((rank 0's batch, rank 1's batch), ...) epoch after epoch, as every rank reads them."""
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
 
     readers = [CacheReader(cache, r, world, micro_batch=1, seed=seed) for r in range(world)]
     epoch = 0
@@ -467,7 +467,7 @@ def test_dense_kd_distils_the_teacher_temperature_the_cache_was_built_with(runs)
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_resume_and_export(runs, tmp_path):
-    from pipeline.export import export_checkpoint
+    from pipeline.stage2_distill.export import export_checkpoint
 
     marker = runs["root"] / "EVIL_MARKER"
     r = runs["results"]["bad_resume_pickle"]
@@ -488,8 +488,8 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_resume_and_export(run
     (["--mode", "no_kd", "--ce-weight", "0"], ["--ce-weight"]),
 ])
 def test_bad_flags_are_rejected_by_name(flags, words, tmp_path):
-    from pipeline import config as C
-    from pipeline.distill import DistillConfig
+    from pipeline.common import config as C
+    from pipeline.stage2_distill.trainer import DistillConfig
 
     with pytest.raises(ValueError) as e:
         C.parse(DistillConfig, ["--student", "s", "--cache", "c", "--out", str(tmp_path), *flags])
@@ -499,7 +499,7 @@ def test_bad_flags_are_rejected_by_name(flags, words, tmp_path):
 
 def test_student_side_scores_see_lm_head_bias():
     """Student entropy from the selection's logits function == entropy of head(h), bias included."""
-    from pipeline.objectives import head_logits
+    from pipeline.stage2_distill.objectives import head_logits
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 30, bias=True)
@@ -515,7 +515,7 @@ def test_student_side_scores_see_lm_head_bias():
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
-    from pipeline.checkpoint import truncate_metrics
+    from pipeline.stage2_distill.checkpoint import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5)))

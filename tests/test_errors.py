@@ -1,4 +1,4 @@
-"""Expected errors end in one line, unexpected ones keep their traceback (pipeline.errors).
+"""Expected errors end in one line, unexpected ones keep their traceback (pipeline.common.errors).
 Each stage run as a user runs it (a subprocess), its stderr read as text."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import errors
+from pipeline.common import errors
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -24,7 +24,7 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_a_refusal_of_ours_is_expected_a_library_error_is_not():
-    from pipeline.config import raise_if
+    from pipeline.common.config import raise_if
 
     with pytest.raises(ValueError) as ours:
         raise_if(["x must be > 0"], "test")
@@ -78,7 +78,7 @@ def test_stage1_data_errors_are_one_line_and_leave_no_garbage_messages(tmp_path)
 def test_progress_lines_in_a_log_name_the_rank_the_unit_and_the_total(capsys):
     """In a SLURM log (no TTY) a progress line says which rank, what its count counts, of how
     many, and its bracketed prefix survives (rich markup would eat '[rank 1]')."""
-    from pipeline.progress import StageProgress
+    from pipeline.common.progress import StageProgress
 
     p = StageProgress("teacher cache", None, "tokens", every_s=0.0, prefix="[rank 1] ",
                       unit_of_steps="windows of 2048 tokens")
@@ -93,7 +93,7 @@ def test_progress_lines_in_a_log_name_the_rank_the_unit_and_the_total(capsys):
 
 
 def test_log_keeps_a_message_s_own_brackets(capsys):
-    from pipeline.distributed import log
+    from pipeline.common.distributed import log
 
     log("[ledger] launch 3 working (world size [2])")
     log("took units [1, 2]", all_ranks=True)

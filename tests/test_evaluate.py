@@ -19,9 +19,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import make_table
 
-from pipeline import evaluate
-from pipeline import tasks as registry
-from pipeline.evaluate import EvalConfig, gen_kwargs_for, model_dir_problems, parse_args, run
+from pipeline.stage3_evaluate import run as evaluate
+from pipeline.stage3_evaluate import tasks as registry
+from pipeline.stage3_evaluate.run import EvalConfig, gen_kwargs_for, model_dir_problems, parse_args, run
 from pipeline.demo.tiny import build_tiny_model
 
 FIX = registry.FIXTURES_DIR
@@ -285,7 +285,7 @@ def test_cli_flags_map_to_config():
 
 
 def test_heldout_through_evaluate(tiny, tmp_path):
-    from pipeline.heldout import heldout_metrics
+    from pipeline.common.heldout import heldout_metrics
 
     teacher = build_tiny_model(tmp_path / "teacher", seed=3)
     texts = tmp_path / "held.jsonl"
@@ -468,7 +468,7 @@ def _samples(path: Path) -> list:
 
 def test_heldout_chat_format_through_evaluate(tiny, tmp_path):
     """--heldout-format chat reaches heldout_metrics: the assistant tokens only are scored."""
-    from pipeline.heldout import heldout_metrics
+    from pipeline.common.heldout import heldout_metrics
 
     conv = [{"role": "user", "content": "Why does the fox jump over the lazy dog?"},
             {"role": "assistant", "content": "Because the dog sleeps and the fox is quick."}]

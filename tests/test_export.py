@@ -1,4 +1,4 @@
-"""HF export of a distillation run: pipeline/export.py and tools/export_hf.py.
+"""HF export of a distillation run: pipeline/stage2_distill/export.py and tools/export_hf.py.
 
 The reference for "the exported model is the trained model" is the live ZeRO-3 engine
 itself: the test-only driver of tests/test_distill.py runs a forward pass of
@@ -103,8 +103,8 @@ def test_export_hf_tool_from_checkpoint_equals_the_engine(runs, tmp_path, monkey
 
 
 def test_latest_tag_and_missing_meta_errors_name_the_path(tmp_path):
-    from pipeline.checkpoint import META, latest_tag
-    from pipeline.export import export_checkpoint
+    from pipeline.stage2_distill.checkpoint import META, latest_tag
+    from pipeline.stage2_distill.export import export_checkpoint
 
     with pytest.raises(FileNotFoundError, match="no 'latest' file"):
         latest_tag(tmp_path)
@@ -120,7 +120,7 @@ def test_latest_tag_and_missing_meta_errors_name_the_path(tmp_path):
 def test_save_hf_round_trips_a_wrapped_state_dict(tmp_path, tied):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.export import save_hf
+    from pipeline.stage2_distill.export import save_hf
     from pipeline.demo.tiny import build_tiny_model
 
     src = build_tiny_model(tmp_path / "src", hidden=16, layers=1, heads=2, seed=3,

@@ -1,6 +1,6 @@
 """The fused sparse-KD head under real ZeRO-3 partitioning, 2 ranks (torchrun, gloo).
 
-`pipeline.objectives.sparse` (the fused KD head) computes lm_head's gradients inside its
+`pipeline.stage2_distill.objectives.sparse` (the fused KD head) computes lm_head's gradients inside its
 forward. Under ZeRO-3 the
 head's weight is an empty partition outside its module's forward and backward; an untied
 head used to crash in the first backward ("The size of tensor a (0) must match ...").

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.selection import SelectionInputs, Selector
-from pipeline.selection_config import SelectionConfig
-from pipeline.selection_rules import proportional_counts
+from pipeline.stage2_distill.selection import SelectionInputs, Selector
+from pipeline.stage2_distill.selection.config import SelectionConfig
+from pipeline.stage2_distill.selection.rules import proportional_counts
 from tests.thread_ranks import ThreadComm, run_ranks
 
 Q, H, FRAC, STEPS, T = 1000, 8, 0.3, 14, 64

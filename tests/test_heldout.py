@@ -1,8 +1,8 @@
-"""pipeline.heldout against an independent float64 computation on tiny real models.
+"""pipeline.common.heldout against an independent float64 computation on tiny real models.
 
 The reference cuts windows by hand (tokenize each document, append EOS, concatenate,
 reshape), runs the whole model once in float64 for full [W,T,V] logits and computes NLL
-and KL(teacher || student) densely; the code under test uses pipeline.data, fp32, a
+and KL(teacher || student) densely; the code under test uses pipeline.common.text, fp32, a
 hidden-state/lm_head split, batches and position chunks that do not divide the sizes.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heldout import Calibration, heldout_metrics
+from pipeline.common.heldout import Calibration, heldout_metrics
 from pipeline.demo.tiny import build_tiny_model
 
 DOCS = [

@@ -39,7 +39,7 @@ def stage(tmp_path_factory) -> SimpleNamespace:
     draws) and truncates some (more than 12). Units of ~1000 bytes of jsonl cut the corpus
     into several units, and 3 windows per shard give some units more than one shard.
     `args`: the stage's arguments without --out (a rerun uses them)."""
-    from pipeline.cache import main as cache_main
+    from pipeline.stage1_cache.run import main as cache_main
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("inspect")
@@ -271,8 +271,8 @@ def test_manifest_layout_and_a_decoder_written_from_the_format_doc(cache):
     """The manifest carries `layout` (the header's, describing the same key and record
     layout as docs/CACHE_FORMAT.md), and decode_as_documented, which knows only the doc and
     the manifest's fields, decodes every shard to the ids, weights and entropies that
-    pipeline.codec gives; the keys and the shard entries agree with the doc's naming."""
-    from pipeline.codec import RecordCodec
+    pipeline.cache_format.codec gives; the keys and the shard entries agree with the doc's naming."""
+    from pipeline.cache_format.codec import RecordCodec
 
     m = json.loads((cache / "manifest.json").read_text())
     header = json.loads((cache / "header.json").read_text())
@@ -492,7 +492,7 @@ def test_quarantine_moves_damaged_units_and_a_rerun_recomputes_them(stage, tmp_p
     is untouched. A rerun of the cache stage with the same arguments recomputes units 1
     and 2 into shards with new names (launch 2), and the cache verifies with the same
     records per key as before the damage."""
-    from pipeline.cache import main as cache_main
+    from pipeline.stage1_cache.run import main as cache_main
 
     cache = stage.cache
     bad = tmp_path / "cache"
@@ -666,7 +666,7 @@ def test_version_1_cache_reports_and_verifies(cache, tmp_path):
     assert v["ok"] and v["bad_shards"] == [] and v["stats_match"] is True
     assert [r["file"] for r in v["shards"]] == [p.name for p in files]
 
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
 
     keys = set()
     for batch in CacheReader(v1, micro_batch=2).batches(epoch=0):

@@ -144,7 +144,7 @@ def test_required_variables_only_reach_python_and_no_demo_value(script, slurm, s
 def test_distill_sh_with_required_variables_only_trains_the_recommended_recipe(stubs, tmp_path):
     """What `sbatch slurm/distill.sh` with STUDENT, CACHE_DIR and RUN_DIR trains: the
     pipeline's resolved configuration (`--print-config` of the launched flags) holds every
-    value of pipeline/recipes/kd-all.yaml, read here with plain yaml."""
+    value of pipeline/stage2_distill/recipes/kd-all.yaml, read here with plain yaml."""
     import yaml
 
     values = required_values("distill.sh", tmp_path)
@@ -157,7 +157,7 @@ def test_distill_sh_with_required_variables_only_trains_the_recommended_recipe(s
                          capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
     resolved = json.loads(got.stdout)
-    text = (REPO / "pipeline" / "recipes" / "kd-all.yaml").read_text()
+    text = (REPO / "pipeline" / "stage2_distill" / "recipes" / "kd-all.yaml").read_text()
     assert "THE RECOMMENDED RECIPE" in text
     recipe = yaml.safe_load(text)
     assert recipe and {k: resolved[k] for k in recipe} == recipe, (recipe, resolved)
@@ -332,10 +332,10 @@ def test_readme_tables_are_the_scripts_variables(stubs, tmp_path):
 
 def test_readme_defaults_are_the_pipeline_configs():
     """A default in backticks is the config field's default; no value means None."""
-    from pipeline.cache import CacheConfig
-    from pipeline.config import ConfigParser, leaf_fields
-    from pipeline.distill import DistillConfig
-    from pipeline.evaluate import EvalConfig
+    from pipeline.stage1_cache.run import CacheConfig
+    from pipeline.common.config import ConfigParser, leaf_fields
+    from pipeline.stage2_distill.trainer import DistillConfig
+    from pipeline.stage3_evaluate.run import EvalConfig
 
     configs = {"cache.sh": CacheConfig, "distill.sh": DistillConfig, "eval.sh": EvalConfig}
     for md in (SLURM / "README.md", REPO / "README.md"):

@@ -1,4 +1,4 @@
-"""pipeline.ledger: work-unit claims on a shared directory, launches, leases and takeover.
+"""pipeline.stage1_cache.ledger: work-unit claims on a shared directory, launches, leases and takeover.
 
 Real processes (multiprocessing, fork) and real files in tmp_path. The references are
 independent of the ledger: what each process reports it returned from claim_next, the files
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ledger import (LaunchEnded, LaunchRefused, Ledger, begin_launch, claim_name,
+from pipeline.stage1_cache.ledger import (LaunchEnded, LaunchRefused, Ledger, begin_launch, claim_name,
                              done_name, launch_name)
 
 LEASE = 1.0

@@ -1,4 +1,4 @@
-"""Tests for pipeline.losses against independent float64 references written here."""
+"""Tests for pipeline.stage2_distill.losses against independent float64 references written here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.stage2_distill.losses import (
     ce,
     dense_kd,
     sparse_kd,
@@ -16,7 +16,7 @@ from pipeline.losses import (
     sparse_kd_per_position,
     sparse_kl_estimate,
 )
-from pipeline.sampled_softmax import sampled_ce, sampled_softmax_kd
+from pipeline.stage2_distill.sampled_softmax import sampled_ce, sampled_softmax_kd
 
 SENTINEL_18 = 2**18 - 1  # the codec's padding id at V = 151,936
 

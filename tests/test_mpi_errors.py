@@ -28,12 +28,12 @@ from tests.mpi import require_mpiexec
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
-# Rank 1 raises inside the wrapper pipeline.cache.run uses while rank 0 waits in a gather,
+# Rank 1 raises inside the wrapper pipeline.stage1_cache.run.run uses while rank 0 waits in a gather,
 # as rank 0 of the cache stage does once its own windows are written. No torch: a run
 # takes ~2 s (mostly the pause before MPI_Abort), so 30 of them stay cheap.
 _DRIVER = """
 import sys
-from pipeline.distributed import abort_job_on_error, init_distributed
+from pipeline.common.distributed import abort_job_on_error, init_distributed
 
 message, out = sys.argv[1], sys.argv[2]
 info, comm = init_distributed()
@@ -160,7 +160,7 @@ def test_cache_stage_rank_failure_reaches_stderr_and_its_error_file(tmp_path):
 
 
 def _hold_launch(out: str, ready, release) -> None:
-    from pipeline.ledger import begin_launch
+    from pipeline.stage1_cache.ledger import begin_launch
 
     launch = begin_launch(Path(out), 1, lease_s=1.0, log=lambda m: None)
     ready.set()

@@ -1,4 +1,4 @@
-"""pipeline.objectives in one process, against dense log-softmax references written here:
+"""pipeline.stage2_distill.objectives in one process, against dense log-softmax references written here:
 the fused CE + KD pass (CE at the unselected rows, KD at the selected ones, one lm_head
 pass) gives the same loss and gradients as the two terms computed densely."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.objectives import LossSettings, StepInputs, sparse
+from pipeline.stage2_distill.objectives import LossSettings, StepInputs, sparse
 
 B, T, H, V, U = 2, 7, 6, 23, 4
 

@@ -1,16 +1,16 @@
 """tools/plan_run.py against independent references.
 
-- Cache: a real cache written by `pipeline.cache.main` (tiny teacher, a folder of identical
+- Cache: a real cache written by `pipeline.stage1_cache.run.main` (tiny teacher, a folder of identical
   .txt documents, several units and shards): the planner, given the corpus path and the true
   token count (counted here with the teacher's tokenizer), predicts the shard files' summed
   os.stat sizes, the number of shards, units, windows (read from the tars) and files (listed)
-  exactly. Shards written by `pipeline.shards.UnitWriter` at other T, U, --shard-samples and
+  exactly. Shards written by `pipeline.cache_format.shards.UnitWriter` at other T, U, --shard-samples and
   window counts (and with webdataset's maxsize split) check the tar arithmetic more widely.
 - Parameters: counted by transformers itself (the model built on the meta device) for every
   shorthand and for bias/untied/qk-norm variants; the published totals of Qwen2.5-0.5B,
   Qwen2.5-7B, Llama-3.1-8B; the real SmolLM2-135M checkpoint's safetensors header.
 - FLOPs: written out by hand for a small Llama config and for Qwen2.5-0.5B.
-- GLS traffic: the shares of `pipeline.selection_rules.proportional_counts`.
+- GLS traffic: the shares of `pipeline.stage2_distill.selection.rules.proportional_counts`.
 - Every refusal: exit 2, one line on stderr, no traceback.
 """
 
@@ -63,7 +63,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teache
 def real_cache(tmp_path_factory) -> dict:
     from transformers import AutoTokenizer
 
-    from pipeline.cache import main as cache_main
+    from pipeline.stage1_cache.run import main as cache_main
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("plan")
@@ -130,7 +130,7 @@ def test_cache_prediction_equals_the_real_cache(real_cache, capsys):
 
 def _write_units(out: Path, seq_len: int, num_classes: int, shard_samples: int,
                  windows: list[int]) -> None:
-    from pipeline.shards import UnitWriter
+    from pipeline.cache_format.shards import UnitWriter
 
     rng = np.random.default_rng(0)
     header = {"num_classes": num_classes, "shard_samples": shard_samples, "format_version": 2}
@@ -319,7 +319,7 @@ def test_flops_qwen25_05b_by_hand(capsys):
 @pytest.mark.parametrize("world,micro,seq_len", [(1, 1, 2048), (64, 1, 2048), (7, 2, 1000),
                                                  (3, 1, 4096)])
 def test_gls_traffic_against_proportional_counts(world, micro, seq_len):
-    from pipeline.selection_rules import proportional_counts
+    from pipeline.stage2_distill.selection.rules import proportional_counts
 
     g = pr.gls_traffic(world, micro, seq_len, queue=30_000, steps=8)
     counts = [micro * seq_len] * world
@@ -333,9 +333,9 @@ def test_gls_traffic_against_proportional_counts(world, micro, seq_len):
 # ----------------------------------------------------------------------------- defaults
 
 def test_defaults_are_the_stages_defaults():
-    from pipeline.cache import CacheConfig
-    from pipeline.distill_config import DistillConfig
-    from pipeline.selection_config import SelectionConfig
+    from pipeline.stage1_cache.run import CacheConfig
+    from pipeline.stage2_distill.distill_config import DistillConfig
+    from pipeline.stage2_distill.selection.config import SelectionConfig
 
     def default(cls, name):
         return next(f.default for f in dataclasses.fields(cls) if f.name == name)

@@ -1,4 +1,4 @@
-"""pipeline.reader.CacheReader on a real cache written by pipeline.cache (tiny teacher).
+"""pipeline.cache_format.reader.CacheReader on a real cache written by pipeline.cache (tiny teacher).
 
 References are independent of the reader: shards are read with `tarfile` and the 24-bit
 records unpacked by hand with the manifest's codebooks.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.reader import CacheReader, ShardError
+from pipeline.cache_format.reader import CacheReader, ShardError
 from references import move_shard_outside
 
 T = 64
@@ -29,7 +29,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teache
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    from pipeline.cache import main as cache_main
+    from pipeline.stage1_cache.run import main as cache_main
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("reader")
@@ -307,7 +307,7 @@ def test_token_id_outside_v_raises_shard_error_naming_it(cache, tmp_path):
 def few_shards(cache) -> dict[str, Path]:
     """{"one": 9 windows in 1 shard, "three": 14 windows in 3 shards of 5, 5, 4}, written by the
     real stage with the `cache` fixture's teacher and corpus."""
-    from pipeline.cache import main as cache_main
+    from pipeline.stage1_cache.run import main as cache_main
 
     m = manifest_of(cache)
     out = {}

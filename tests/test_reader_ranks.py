@@ -5,7 +5,7 @@ Two caches written by the real stage: ONE of 9 windows in 1 shard, trained on 2 
 (4 steps per epoch, 1 window left over per epoch), and THREE of 14 windows in 3 shards
 (5, 5, 4), trained on 4 ranks (3 steps per epoch, 2 left over). Before issue 10 both were
 refused ("N shard(s) for W ranks"). One `torchrun` launch per world size runs a test-only
-driver that calls `pipeline.distill.run` exactly as `python -m pipeline.distill` does
+driver that calls `pipeline.stage2_distill.trainer.run` exactly as `python -m pipeline.distill` does
 (process start-up dominates on 2 cores), for:
   full      10 (ONE) or 8 (THREE) steps, crossing two epoch boundaries, a checkpoint every
             3 or 4 steps;
@@ -45,7 +45,7 @@ def argv(student: Path, cache: Path, out: Path, steps: int, ckpt: int, resume: b
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("reader_ranks")

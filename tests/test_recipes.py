@@ -1,4 +1,4 @@
-"""Recipes as files (pipeline/recipes/): every file loads and resolves to what it says, the
+"""Recipes as files (pipeline/stage2_distill/recipes/): every file loads and resolves to what it says, the
 default is the recommended one, a recipe measured worse than no KD warns (by name or typed
 as flags), an unknown name lists the recipes. The files are read here with plain yaml."""
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config as C
-from pipeline import recipes
-from pipeline.distill_config import DistillConfig, recipe_warnings
+from pipeline.common import config as C
+from pipeline.stage2_distill import recipes
+from pipeline.stage2_distill.distill_config import DistillConfig, recipe_warnings
 
-DIR = Path(__file__).resolve().parents[1] / "pipeline" / "recipes"
+DIR = Path(__file__).resolve().parents[1] / "pipeline" / "stage2_distill" / "recipes"
 REQUIRED = ["--student", "s", "--cache", "c", "--out", "o"]
 FILES = sorted(DIR.glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""pipeline.sampled_softmax's helpers for distill: the exact-class set and the negatives'
+"""pipeline.stage2_distill.sampled_softmax's helpers for distill: the exact-class set and the negatives'
 random stream (the estimator itself is tested in tests/test_losses.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.sampled_softmax import frequent_classes, negatives_generator
+from pipeline.stage2_distill.sampled_softmax import frequent_classes, negatives_generator
 
 
 def test_frequent_classes_hand_example():

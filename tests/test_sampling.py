@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sampling import sample_classes
+from pipeline.stage1_cache.class_sampler import sample_classes
 
 U = 12
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.selection: scores vs a dense reference, rules vs brute force, GLS vs a
+"""Tests for pipeline.stage2_distill.selection: scores vs a dense reference, rules vs brute force, GLS vs a
 plain-list FIFO across simulated ranks, positional unbiasedness, checkpoint round-trips."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.selection import (RULES, SCORES, RuleContext, Selection, SelectionConfig,
+from pipeline.stage2_distill.selection import (RULES, SCORES, RuleContext, Selection, SelectionConfig,
                                 SelectionInputs, Selector, all_gather_rows, compute_scores,
                                 compute_signals, next_token_labels, percentile_band_rule,
                                 positional_rule, topk_rule)
-from pipeline.selection_config import Curriculum
+from pipeline.stage2_distill.selection.config import Curriculum
 from thread_ranks import run_ranks
 
 
@@ -177,7 +177,7 @@ def _ref_inclusion(q: list[float], k: int) -> list[float]:
 def _entropy_like(n: int, gen: torch.Generator) -> torch.Tensor:
     """Teacher entropies as the cache stores them: 30% of positions confident (Exp(1e-4)
     nats, mostly decoding to byte 0, i.e. exactly 0), the others LogNormal(ln 1.5, 1)."""
-    from pipeline.codec import EntropyCodebook
+    from pipeline.cache_format.codec import EntropyCodebook
     conf = torch.rand(n, generator=gen) < 0.3
     h = torch.where(conf, -1e-4 * torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)),
                     (math.log(1.5) + torch.randn(n, generator=gen, dtype=torch.float64)).exp())

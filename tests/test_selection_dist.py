@@ -1,6 +1,6 @@
 """Position selection inside the real 2-rank ZeRO-3 distillation (pipeline.distill) on CPU.
 
-ONE `torchrun --nproc_per_node 2` launch of a test-only driver calls `pipeline.distill.run`
+ONE `torchrun --nproc_per_node 2` launch of a test-only driver calls `pipeline.stage2_distill.trainer.run`
 for every job below (process start-up dominates on 2 cores); tiny Llama models (hidden 32,
 1 layer), a 16-window cache of 32 positions (8 steps per epoch per rank at micro-batch 1).
 
@@ -92,7 +92,7 @@ def argv(a: dict, out: Path, **flags) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Assets, then the one driver launch; returns paths, the driver's results and its log."""
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("selection_dist")
@@ -130,7 +130,7 @@ def rank_state(run: Path, step: int, rank: int) -> dict:
 def entropy_scores(cache: Path, steps: int, seed: int = 0) -> tuple[list[np.ndarray], list[list[str]]]:
     """Per step: the global batch's cached entropies [2*T] (rank 0's window, then rank 1's,
     row-major) and the window keys, epoch after epoch, as each rank's reader yields them."""
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
 
     readers = [CacheReader(cache, r, 2, micro_batch=1, seed=seed) for r in range(2)]
     scores, keys, epoch = [], [], 0
@@ -144,7 +144,7 @@ def entropy_scores(cache: Path, steps: int, seed: int = 0) -> tuple[list[np.ndar
 
 def random_scores(steps: int, seed: int = 0) -> list[np.ndarray]:
     """Per step: each rank's U[0,1) scores [1,T] from its own stream, rank order."""
-    from pipeline.selection import rank_seed
+    from pipeline.stage2_distill.selection import rank_seed
 
     gens = [torch.Generator().manual_seed(rank_seed(seed, r)) for r in range(2)]
     return [np.concatenate([torch.rand((1, SEQ), generator=g).double().numpy().ravel() for g in gens])

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline.selection import SelectionConfig, SelectionInputs, Selector, next_token_labels, topk_rule
-from pipeline.selection_learned import FEATURES, LearnedSelector
+from pipeline.stage2_distill.selection import SelectionConfig, SelectionInputs, Selector, next_token_labels, topk_rule
+from pipeline.stage2_distill.selection.learned import FEATURES, LearnedSelector
 from thread_ranks import run_ranks
 
 F = len(FEATURES)

@@ -30,7 +30,7 @@ def test_pipeline_sh_runs_three_chained_jobs(cluster, tmp_path):
                CACHE_DIR=str(tmp_path / "cache"), RUN_DIR=str(tmp_path / "run"),
                EVAL_DIR=str(tmp_path / "eval"), SEQ_LEN="64", MAX_WINDOWS="16", STEPS="2",
                MICRO_BATCH="2", SELECT="topk", DS_CONFIG="ds_configs/zero3_test.json",
-               TASKS="quick", EVAL_DATA_DIR=str(REPO / "pipeline/tasks/fixtures"), LIMIT="1",
+               TASKS="quick", EVAL_DATA_DIR=str(REPO / "pipeline/stage3_evaluate/tasks/fixtures"), LIMIT="1",
                NODES="2", WAIT="1", POLL_S="1", LOG_DIR=str(tmp_path / "logs"),
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
                CACHE_ARGS="--shard-samples 4 --unit-bytes 1500")

@@ -25,7 +25,7 @@ def _study(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("study_assets")
-    paras = list(dict.fromkeys(p for f in sorted((REPO / "pipeline").glob("*.py"))
+    paras = list(dict.fromkeys(p for f in sorted((REPO / "pipeline").rglob("*.py"))
                                for p in f.read_text().split("\n\n") if p.strip()))   # unique
     for name, lines in (("train.jsonl", paras[40:]), ("heldout.jsonl", paras[:40])):
         (d / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))

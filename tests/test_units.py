@@ -1,4 +1,4 @@
-"""pipeline.units: work units of a corpus, against independent references.
+"""pipeline.stage1_cache.units: work units of a corpus, against independent references.
 
 References: every .jsonl file read with `json.loads` line by line here (line starts found by
 scanning for b"\\n"); parquet read whole with `pyarrow.parquet.read_table`; a .txt file's
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import DataSpec, load_documents
-from pipeline.units import UnitReader, UnitStats, check_plan, plan_units, unit_windows
+from pipeline.common.text import DataSpec, load_documents
+from pipeline.stage1_cache.units import UnitReader, UnitStats, check_plan, plan_units, unit_windows
 from references import reference_windows
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teacher", "student",
@@ -131,7 +131,7 @@ def write_jsonl_folder(root: Path, seed: int = 0) -> tuple[DataSpec, list[Path]]
 # ---------------------------------------------------------------- the plan
 
 def test_module_api():
-    import pipeline.units as units
+    import pipeline.stage1_cache.units as units
 
     for name in ("plan_units", "check_plan", "UnitReader", "unit_windows", "UnitStats"):
         assert hasattr(units, name), name

@@ -1,4 +1,4 @@
-"""Validation during training (`--val-cache`, `--val-every`; pipeline.validation).
+"""Validation during training (`--val-cache`, `--val-every`; pipeline.stage2_distill.validation).
 
 Two launches of tests/drivers/distill_jobs.py: 1 rank (the step-0 metrics, the refusals)
 and 2 ranks (run A: 6 steps, validation every 2, TensorBoard; run B: A rewound to its step-4
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 HELD = [f"Held-out page {i}: a violin plays {3 * i} notes while the zebra counts quartz pebbles "
         f"near a mango tree, again and again." for i in range(60)]
 T, VAL_WINDOWS = 64, 20
-# Training documents longer than pipeline.validation.MIN_DOC_TOKENS (48 tokens each here).
+# Training documents longer than pipeline.stage2_distill.validation.MIN_DOC_TOKENS (48 tokens each here).
 LONG = [f"{t} {t}" for t in TEXTS]
 
 
@@ -34,7 +34,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("validation")
@@ -86,7 +86,7 @@ def _dense_reference(a: dict) -> dict:
     L_t - H_t from the decoded records, and the exact KL(teacher || student)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
 
     reader = CacheReader(a["val"])
     samples = reader.first_windows(VAL_WINDOWS)
@@ -173,8 +173,8 @@ def test_validation_caches_that_do_not_fit_are_refused_naming_both(runs):
 
 
 def test_val_every_needs_a_val_cache(tmp_path):
-    from pipeline import config as C
-    from pipeline.distill_config import DistillConfig
+    from pipeline.common import config as C
+    from pipeline.stage2_distill.distill_config import DistillConfig
 
     with pytest.raises(ValueError, match="--val-every 5 needs --val-cache"):
         C.parse(DistillConfig, ["--student", "s", "--cache", "c", "--out", str(tmp_path), "--val-every", "5"])
@@ -183,7 +183,7 @@ def test_val_every_needs_a_val_cache(tmp_path):
 def test_documents_are_the_runs_between_two_eos():
     import numpy as np
 
-    from pipeline.validation import MIN_DOC_TOKENS, documents
+    from pipeline.stage2_distill.validation import MIN_DOC_TOKENS, documents
 
     eos, doc = 0, np.arange(1, MIN_DOC_TOKENS + 1)
     w = np.concatenate([[5, 6, eos], doc, [eos], doc[:-1], [eos], doc + 100])   # partial last one

@@ -41,7 +41,7 @@ def _masked(c: torch.Tensor, V: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    from pipeline import cache
+    from pipeline.stage1_cache import run as cache
     from pipeline.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("vocab")
@@ -94,7 +94,7 @@ def _windows(cache_dir: Path) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]]
 
 
 def test_split_padded_against_float64():
-    from pipeline.cache import split_padded
+    from pipeline.stage1_cache.run import split_padded
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(6, 700, generator=g) * 4
@@ -120,7 +120,7 @@ def test_split_padded_against_float64():
 def test_cache_v_is_the_tokenizers_and_a_short_teacher_is_refused(assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.cache import cache_vocab_size, tokenizer_classes
+    from pipeline.stage1_cache.run import cache_vocab_size, tokenizer_classes
     from pipeline.demo.tiny import tiny_config
 
     tok = AutoTokenizer.from_pretrained(assets["teacher"])
@@ -189,7 +189,7 @@ def test_neginf_teacher_caches_and_no_record_names_a_masked_class(assets):
 def test_padded_student_distils_exports_and_evaluates(assets, tmp_path):
     from transformers import AutoConfig
 
-    from pipeline import evaluate
+    from pipeline.stage3_evaluate import run as evaluate
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -205,7 +205,7 @@ def test_padded_student_distils_exports_and_evaluates(assets, tmp_path):
 
     out = tmp_path / "eval"
     evaluate.main(["--model", str(run / "export"), "--tasks", "arc_easy", "--out", str(out),
-                   "--data-dir", str(REPO / "pipeline" / "tasks" / "fixtures"), "--limit", "2",
+                   "--data-dir", str(REPO / "pipeline" / "stage3_evaluate" / "tasks" / "fixtures"), "--limit", "2",
                    "--batch-size", "2", "--bootstrap-iters", "0", "--device", "cpu"])
     res = json.loads((out / "results.json").read_text())
     assert 0.0 <= res["results"]["arc_easy"]["acc,none"] <= 1.0
@@ -214,7 +214,7 @@ def test_padded_student_distils_exports_and_evaluates(assets, tmp_path):
 def test_student_with_fewer_logits_than_v_is_refused(assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
     from pipeline.demo.tiny import tiny_config
 
     tok = AutoTokenizer.from_pretrained(assets["student"])

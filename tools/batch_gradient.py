@@ -14,7 +14,7 @@ expectation as full KD's gradient w.r.t. the logits:
     log-form  L = mean_t -sum_i w_i log s_i          grad s * sum(w) - w   (the pipeline's)
     z-form    L = mean_t logsumexp(z) - sum_i w_i z_i grad s - w
 Formats: priority U (4, 12, 24, 32), top-k 12 (renormalised), allocated U at 37 B (B = 35/3
-records a position on average and a count byte; pipeline.class_budget), all with fp32 weights
+records a position on average and a count byte; pipeline.stage1_cache.class_budget), all with fp32 weights
 (the codebook's quantization is the frontier's subject). Per format and student, over --draws
 draws: the mean angle (degrees) and norm ratio ||g_hat|| / ||g||, and the angle of the mean
 gradient (what remains when draws average out: bias). Deterministic for a seed.
@@ -34,14 +34,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import class_budget as cb  # noqa: E402
-from pipeline.sampling import sample_classes  # noqa: E402
+from pipeline.stage1_cache import class_budget as cb  # noqa: E402
+from pipeline.stage1_cache.class_sampler import sample_classes  # noqa: E402
 
 FORMATS = ("priority:4", "priority:12", "priority:24", "priority:32", "topk:12", "allocated:37")
 
 
 def _batch(assets: Path, tok, windows: int, T: int) -> torch.Tensor:
-    from pipeline.data import DataSpec, load_documents, token_stream, windows as cut
+    from pipeline.common.text import DataSpec, load_documents, token_stream, windows as cut
 
     docs = load_documents(DataSpec(path=str(assets / "corpus" / "heldout.jsonl"), text_field="text"))
     return torch.tensor([w.astype("int64").tolist() for _, w in zip(range(windows),

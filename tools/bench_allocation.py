@@ -4,7 +4,7 @@
 
 The demo's SmolLM2-135M teacher (assets_cache/) on the first --windows windows of its
 held-out Wikipedia text. For every position t: the threshold-form variance V_t(k) of a size-k
-priority sample (pipeline.class_budget: sum_i Var[p_hat_i], the error of the sparse KD
+priority sample (pipeline.stage1_cache.class_budget: sum_i Var[p_hat_i], the error of the sparse KD
 gradient's target), for fixed U (every position k records) and for allocated U (the window's
 round(B x T) records spread greedily, floor 1, ceiling 48). Printed: the mean total variance
 per position and its ratio to fixed U = 12, the bytes per position (fixed: 3U + 1; allocated:
@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import class_budget as cb  # noqa: E402
+from pipeline.stage1_cache import class_budget as cb  # noqa: E402
 
 FIXED = (4, 12, 24, 32, 48)
 BUDGETS = (35 / 3, 12.0, 24.0)      # 35/3: 37 B a position with the count byte
@@ -37,7 +37,7 @@ def teacher_rows(assets: Path, windows: int, T: int):
     """(p [N, V] float32, entropy [N]) of the teacher on held-out windows, window-major."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.data import DataSpec, load_documents, token_stream, windows as cut
+    from pipeline.common.text import DataSpec, load_documents, token_stream, windows as cut
 
     tok = AutoTokenizer.from_pretrained(assets / "teacher")
     model = AutoModelForCausalLM.from_pretrained(assets / "teacher", dtype=torch.float32).eval()

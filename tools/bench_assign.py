@@ -3,7 +3,7 @@
     python tools/bench_assign.py                 # 4 ranks, rank 1 slowed, 3 interleaved repeats
     python tools/bench_assign.py --ranks 4 --slow-rank 1 --slow-s 0.03 --repeats 3
 
-The cache stage's ranks claim work units from the ledger (pipeline.ledger), so a fast rank
+The cache stage's ranks claim work units from the ledger (pipeline.stage1_cache.ledger), so a fast rank
 takes more units. The static split gives unit u to rank u % world (test hook
 SAMPLEDKD_TEST_STATIC_UNITS=1, the assignment of a fixed rank-to-data mapping). One rank is
 slowed by SAMPLEDKD_TEST_SLOW_RANK="R:S": S seconds of sleep after each of its teacher

@@ -10,9 +10,9 @@ Per T, `--repeats` interleaved rounds of two processes with the same threads and
              tokenizing, forward, sampling, packing, hashing and writing; the manifest's
              `this_launch[0].wall_time_s`), model loading excluded;
   (a) floor  the same windows (read back from (b)'s cache) in batches of --batch-size
-             through `pipeline.teacher.teacher_logit_chunks`: the decoder once per batch,
+             through `pipeline.stage1_cache.teacher.teacher_logit_chunks`: the decoder once per batch,
              lm_head chunk by chunk (--chunk-positions rows), logits discarded; then, in the
-             same process, the stage's own per-batch function (`pipeline.cache._flush`) on
+             same process, the stage's own per-batch function (`pipeline.stage1_cache.run._flush`) on
              the same batches into a scratch directory, with its phases timed: forward,
              lm_head, sample (entropy + priority sampling), pack (codec), write (tar,
              sha256). The rest of (b)'s time is reading, tokenizing and the ledger.
@@ -46,13 +46,13 @@ def floor_and_phases(cache: Path, teacher: Path, batch_size: int, chunk: int, re
     import numpy as np
     import torch
 
-    from pipeline import cache as stage
-    from pipeline.codec import RecordCodec
-    from pipeline.manifest import load_manifest
-    from pipeline.phases import PhaseTimer
-    from pipeline.reader import CacheReader
-    from pipeline.shards import UnitWriter
-    from pipeline.teacher import teacher_logit_chunks
+    from pipeline.stage1_cache import run as stage
+    from pipeline.cache_format.codec import RecordCodec
+    from pipeline.cache_format.manifest import load_manifest
+    from pipeline.common.phases import PhaseTimer
+    from pipeline.cache_format.reader import CacheReader
+    from pipeline.cache_format.shards import UnitWriter
+    from pipeline.stage1_cache.teacher import teacher_logit_chunks
 
     m = load_manifest(cache)
     reader = CacheReader(cache, 0, 1, micro_batch=batch_size, seed=0, shuffle_buffer=1)

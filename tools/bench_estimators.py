@@ -58,8 +58,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.codec import RecordCodec, WeightCodebook  # noqa: E402
-from pipeline.sampling import METHODS, sample_classes  # noqa: E402
+from pipeline.cache_format.codec import RecordCodec, WeightCodebook  # noqa: E402
+from pipeline.stage1_cache.class_sampler import METHODS, sample_classes  # noqa: E402
 
 TARGETS = ("unbiased", "selfnorm")
 console = Console(width=240)

@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.losses import (  # noqa: E402
+from pipeline.stage2_distill.losses import (  # noqa: E402
     dense_kd,
     sparse_kd,
     sparse_kd_linear,
 )
-from pipeline.sampled_softmax import sampled_softmax_kd  # noqa: E402
-from pipeline.sampling import sample_classes  # noqa: E402
+from pipeline.stage2_distill.sampled_softmax import sampled_softmax_kd  # noqa: E402
+from pipeline.stage1_cache.class_sampler import sample_classes  # noqa: E402
 
 CASES = ("dense", "sparse_linear", "sparse", "sparse_autograd", "sampled", "sampled_exact")
 LABELS = {

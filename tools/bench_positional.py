@@ -16,7 +16,7 @@ Estimators (score = teacher entropy, alpha = 1):
 - `priority, floor F`: the same sampling with the new relative floor
   `q = max(score, F * mean score)`: its tau is random (a (K+1)-th order statistic of q/u),
   so even floored weights have no fixed bound; shown to justify the change of sampler.
-- `new, floor F`: `pipeline.selection.positional_rule` (fixed inclusion probabilities
+- `new, floor F`: `pipeline.stage2_distill.selection.positional_rule` (fixed inclusion probabilities
   `pi = min(1, q/tau)`, systematic sampling, `w = 1/pi <= (1 + F) / (F * frac)`).
 - `uniform`: the new rule at alpha = 0 (every position pi = K/T, w = T/K), for scale.
 
@@ -24,7 +24,7 @@ Data (synthetic, fixed seed; a real cache needs the real teacher, and `pipeline.
 random models give near-uniform entropies with no zeros at all): `--seqs` sequences of T
 positions. Teacher entropy per position: with probability 0.3 "confident", h ~ Exp(mean
 1e-4 nats), else h ~ LogNormal(ln 1.5, 1.0) clipped to ln V; then quantized to the cache's
-entropy byte and decoded (`pipeline.codec.EntropyCodebook`, V = 151,936: levels 0, 1.8e-4,
+entropy byte and decoded (`pipeline.cache_format.codec.EntropyCodebook`, V = 151,936: levels 0, 1.8e-4,
 7.3e-4, ...), so ~18% of positions decode to exactly 0 and ~12% to the next levels.
 Per-position KD loss (nats), correlated with the entropy: `x = 0.4 h LogNormal(0, 0.5) +
 Exp(mean 0.01) + B Exp(mean 2)`, B ~ Bernoulli(0.03) (`--miss-rate`): the student now and
@@ -44,8 +44,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.codec import EntropyCodebook
-from pipeline.selection import RuleContext, k_per_row, positional_rule
+from pipeline.cache_format.codec import EntropyCodebook
+from pipeline.stage2_distill.selection import RuleContext, k_per_row, positional_rule
 
 VOCAB = 151_936
 

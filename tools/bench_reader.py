@@ -5,7 +5,7 @@
     python tools/bench_reader.py --part stage --stage-windows 32 --repeats 5
 
 (a) reader: a synthetic cache written without a teacher (random ids/weights/entropies,
-    valid records: pipeline.shards.UnitWriter + pipeline.codec, the same shards and
+    valid records: pipeline.cache_format.shards.UnitWriter + pipeline.cache_format.codec, the same shards and
     manifest the stage writes) at T=2048, U=12, V=151,936; CacheReader.batches() decodes
     it into training tensors on ONE core (torch.set_num_threads(1), CPU affinity pinned to
     one core). positions/s = B x T per batch / wall time of one epoch, with and without the
@@ -49,8 +49,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.codec import FORMAT_VERSION, RecordCodec
-from pipeline.manifest import MANIFEST, merge_units, write_json_atomic
+from pipeline.cache_format.codec import FORMAT_VERSION, RecordCodec
+from pipeline.cache_format.manifest import MANIFEST, merge_units, write_json_atomic
 
 console = Console(highlight=False, width=max(Console().width, 120))
 WORDS = ("the quick brown fox jumps over lazy dog knowledge distillation trains small student "
@@ -78,7 +78,7 @@ def synthetic_records(codec: RecordCodec, T: int, rng: np.random.Generator,
 def write_synthetic_cache(out: Path, windows: int, T: int, V: int, U: int, shard_samples: int,
                           seed: int = 0) -> dict:
     """A complete cache directory (shards + manifest.json) without a teacher: one unit."""
-    from pipeline.cache import UnitWriter
+    from pipeline.stage1_cache.run import UnitWriter
 
     codec = RecordCodec(V, U)
     header = {
@@ -126,7 +126,7 @@ def median_time(fn, repeats: int) -> tuple[float, float, list[float]]:
 
 def reader_epoch(cache: Path, micro_batch: int, verify: bool) -> int:
     """One epoch of CacheReader batches; returns the positions delivered."""
-    from pipeline.reader import CacheReader
+    from pipeline.cache_format.reader import CacheReader
 
     reader = CacheReader(cache, 0, 1, micro_batch=micro_batch, seed=0, verify=verify)
     n = 0
@@ -257,7 +257,7 @@ def write_corpus(path: Path, docs: int, seed: int = 0) -> None:
 # shared, loaded machine.
 LOOP_CPU_WRAPPER = """
 import json, os, sys, time
-import pipeline.cache as c
+import pipeline.stage1_cache.run as c
 cache_units = c._cache_units
 def timed(cfg, info, *a, **k):
     t0 = time.process_time()

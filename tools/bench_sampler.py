@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.codec import RecordCodec
-from pipeline.sampling import sample_classes
+from pipeline.cache_format.codec import RecordCodec
+from pipeline.stage1_cache.class_sampler import sample_classes
 
 
 def lm_like_logits(P: int, V: int, seed: int, flat: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.selection import SelectionConfig, SelectionInputs, Selector, next_token_labels, topk_rule
+from pipeline.stage2_distill.selection import SelectionConfig, SelectionInputs, Selector, next_token_labels, topk_rule
 
 CONFIGS: list[tuple[str, dict]] = [
     ("baseline (no selection)", {}),

@@ -3,13 +3,13 @@
     python tools/bench_step.py [--shapes demo qwen] [--repeats 5] [--work DIR] [--json FILE]
 
 Each shape is ONE `torchrun --nproc_per_node 2` launch (ZeRO-3, ds_configs/zero3.json,
-gloo on CPU) that builds a `pipeline.distill.Trainer` per case, runs warm-up steps, then
+gloo on CPU) that builds a `pipeline.stage2_distill.trainer.Trainer` per case, runs warm-up steps, then
 times `Trainer.train_step` (forward, selection, loss, backward, optimizer step) for every
 case in turn, `--repeats` rounds, the case order rotated each round. Printed: the median
 step time, its ratio to `no_kd` of the same launch, the step's peak memory above what was
 resident before it (CPU: the process's high-water RSS, reset before the step through
 /proc/self/clear_refs, allocations >= 64 KiB returned to the OS on free; CUDA:
-max_memory_allocated), and the median of each phase (pipeline.phases):
+max_memory_allocated), and the median of each phase (pipeline.common.phases):
   body_fwd     the decoder's forward          select     scores + rule (+ GLS all-gather)
   head_loss    lm_head and the loss (one fused pass where the recipe allows)
   teacher_fwd  dense_kd's online teacher      stats      the all-reduce of sums and counts
@@ -22,7 +22,7 @@ Shapes:
         a cache of the demo corpus at T = 256, 2 windows per rank (the demo's settings)
   qwen  a Qwen2 body of 1 layer, hidden 256, V = 151,936 (tied) on a T = 1,024 cache of the
         same corpus (a 512-class tokenizer: the head's cost is V's, the targets are real)
-Cases (recipes of pipeline/recipes/): no-kd (CE everywhere); kd-all (the recommended: KD
+Cases (recipes of pipeline/stage2_distill/recipes/): no-kd (CE everywhere); kd-all (the recommended: KD
 everywhere); gls25-kd-ce-rest (GLS top 25% by teacher entropy: KD there, CE on the rest,
 0.75/0.75); KD only at the GLS 25% with the fused head; the same with --kd-loss
 sampled_softmax; se-kd-student-entropy (a no-grad lm_head pass for the student's entropy);
@@ -42,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("SAMPLEDKD_ASSETS", REPO / "assets_cache"))
-# Every case is a recipe of pipeline/recipes/ (`--recipe`), plus at most a flag or two.
+# Every case is a recipe of pipeline/stage2_distill/recipes/ (`--recipe`), plus at most a flag or two.
 CASES = {
     "no_kd": ["--recipe", "no-kd"],
     "kd-all (recommended: KD everywhere)": ["--recipe", "kd-all"],
@@ -109,9 +109,9 @@ def _status_kib(key: str) -> int:
 def worker(spec_path: str) -> None:
     import torch
 
-    from pipeline import config as C
-    from pipeline.checkpoint import DataPosition
-    from pipeline.distill import DistillConfig, Trainer, batches_forever
+    from pipeline.common import config as C
+    from pipeline.stage2_distill.checkpoint import DataPosition
+    from pipeline.stage2_distill.trainer import DistillConfig, Trainer, batches_forever
 
     spec = json.loads(Path(spec_path).read_text())
     cases = {}

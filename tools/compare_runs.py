@@ -9,7 +9,7 @@ format: a `results` object keyed by task name whose metric keys read "metric,fil
 or a folder holding one; `LABEL=RUN` names the row (default: `run_info.json`'s `name`,
 else the folder's name, skipping a trailing `eval`). Rows are runs; columns are the nine
 tasks (those that at least one run has, in the paper's order) with their headline metric
-(`pipeline.tasks.HEADLINE`) in percent, and their mean `Avg` (only for runs that have
+(`pipeline.stage3_evaluate.tasks.HEADLINE`) in percent, and their mean `Avg` (only for runs that have
 every column; "-" otherwise).
 
 `run_info.json` (optional, in the results file's folder or the folder above it) adds
@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.tasks import HEADLINE, PAPER_TASKS
+from pipeline.stage3_evaluate.tasks import HEADLINE, PAPER_TASKS
 
 SHORT = {"gsm8k": "GSM8K", "svamp": "SVAMP", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
          "hellaswag": "HellaSwag", "piqa": "PIQA", "lambada_openai": "LAMBADA", "aime25": "AIME25",

@@ -11,7 +11,7 @@ limits) live in scripts/demo.env and nowhere else; a variable set in the environ
 2. stage 1 through slurm/cache.sh (mpiexec, 2 ranks, U=12 priority samples, T=256);
    and of the held-out pages (the validation set);
 3. stage 2 through slurm/distill.sh (torchrun, 2 ranks, ZeRO-3): the SampledKD student
-   (the pipeline's default, the recommended recipe: pipeline/recipes/) and a no-KD student
+   (the pipeline's default, the recommended recipe: pipeline/stage2_distill/recipes/) and a no-KD student
    (RECIPE=no-kd: CE on every position) on the same windows and steps, both validated on
    the held-out pages every VAL_EVERY steps;
 4. stage 3: held-out perplexity and KL to the teacher for teacher, initial student, no-KD
@@ -75,7 +75,7 @@ def tiny_assets(out: Path) -> dict:
     from pipeline.demo.tiny import build_tiny_model
 
     d = out / "tiny-assets"
-    text = [p for f in sorted((REPO / "pipeline").glob("*.py")) for p in f.read_text().split("\n\n")]
+    text = [p for f in sorted((REPO / "pipeline").rglob("*.py")) for p in f.read_text().split("\n\n")]
     d.mkdir(parents=True, exist_ok=True)
     for name, lines in (("train.jsonl", text * 3), ("heldout.jsonl", text[:20])):
         with open(d / name, "w") as f:

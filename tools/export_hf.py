@@ -8,7 +8,7 @@ tokenizer: `AutoModelForCausalLM.from_pretrained(OUT)` and lm-eval load it direc
 
 import argparse
 
-from pipeline.export import export_checkpoint
+from pipeline.stage2_distill.export import export_checkpoint
 
 
 def main() -> None:

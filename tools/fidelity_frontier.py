@@ -15,7 +15,7 @@ Student: s = softmax(z / TEMP + NOISE * N(0, 1)), `--student NAME:TEMP:NOISE` (r
 default near:1.0:0.5, the first of bench_estimators' default students).
 
 Formats (`--formats`, FAMILY:PARAM; the default is the list below). Bytes per position count
-the cache's records: 3 bytes per stored class (id_bits + w_bits = 24, pipeline/codec.py)
+the cache's records: 3 bytes per stored class (id_bits + w_bits = 24, pipeline/cache_format/codec.py)
 plus the entropy byte.
   priority:U     priority sampling, U = 4, 8, 12, 24, 48 (what the cache stores; unbiased);
                  3U + 1 bytes (37 at U = 12).
@@ -84,7 +84,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.codec import RECORD_BITS, WeightCodebook, weight_max  # noqa: E402
+from pipeline.cache_format.codec import RECORD_BITS, WeightCodebook, weight_max  # noqa: E402
 
 
 def _load_bench_estimators():
@@ -134,7 +134,7 @@ def parse_format(spec: str) -> Format:
 
 def weight_codebook(V: int, U: int = 12) -> WeightCodebook:
     """The cache's weight codebook for vocabulary V (w_bits = 24 - bit_length(V)) and U
-    records (its top level is `pipeline.codec.weight_max(U)`: 256 at U = 4, 2 from U = 12)."""
+    records (its top level is `pipeline.cache_format.codec.weight_max(U)`: 256 at U = 4, 2 from U = 12)."""
     return WeightCodebook(RECORD_BITS - int(V).bit_length(), w_max=weight_max(U))
 
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if ok:
         ok = _run("evaluate (lm-eval, fixtures, 2 items)",
                   [py, "-m", "pipeline.evaluate", "--model", str(out / "run1" / "export"),
-                   "--tasks", "arc_easy,piqa", "--data-dir", "pipeline/tasks/fixtures", "--limit", "2",
+                   "--tasks", "arc_easy,piqa", "--data-dir", "pipeline/stage3_evaluate/tasks/fixtures", "--limit", "2",
                    "--out", str(out / "eval"), "--device", "cuda"], out / "eval.log", rows, env)
     name = torch.cuda.get_device_name(0)
     lines = [f"GPU check on {gpus} x {name}, torch {torch.__version__}, CUDA {torch.version.cuda}", "",

@@ -29,7 +29,7 @@ position is trainable (fraction 1).
 (no `../`, no absolute path: such a shard is reported bad and never opened), then re-hashes
 every shard against the manifest (size, sha256), reads every sample
 (tar members, `tokens.u32` of 4T bytes, `kd.bin` of (3U+1)T bytes) and decodes its records
-with pipeline.codec: ids < V or the sentinel, weight code 0 in sentinel slots, no repeated
+with pipeline.cache_format.codec: ids < V or the sentinel, weight code 0 in sentinel slots, no repeated
 id within a position, tokens < V, keys unique and of the shard's unit (version 2:
 `u{unit:07d}-w{window:07d}` in `cache-u{unit:07d}-l{launch:06d}-{n:04d}.tar`, and the windows
 its entry records) or rank (version 1: `{rank:04d}-{window:09d}`), sample/position counts as
@@ -77,9 +77,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.codec import RecordCodec
-from pipeline.ledger import LEDGER_DIR, done_name, ledger_dir
-from pipeline.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE, UNITS,
+from pipeline.cache_format.codec import RecordCodec
+from pipeline.stage1_cache.ledger import LEDGER_DIR, done_name, ledger_dir
+from pipeline.cache_format.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE, UNITS,
                                load_manifest, read_json, shard_path, unit_disagreements)
 
 TOP_K_BASELINE = 128            # a top-k logit cache as DistillKit-style pipelines store it
@@ -430,7 +430,7 @@ def check_units(cache_dir: Path, h: dict, m: dict | None,
                 ) -> tuple[dict[int, list[str]], list[int]]:
     """What each unit's sources say about it, against each other: its done record
     (ledger/), its shard files on disk, manifest.json (`m`; None: none) and units.json
-    (pipeline.manifest.unit_disagreements: window counts, shard entries, launch), and its
+    (pipeline.cache_format.manifest.unit_disagreements: window counts, shard entries, launch), and its
     record's statistics against the histograms of its shards (`per_unit`: {unit: acc},
     None when a shard is bad); `h`: the header. Returns ({unit: problems}, the units whose
     statistics differ). A version-1 cache has no units; a copy without ledger/ (only

@@ -10,7 +10,7 @@
 (`MODELS`: published shapes of qwen2.5-0.5b/1.5b/7b, qwen3-0.6b, llama-3.1-8b, smollm2-135m).
 Decoders counted: model_type llama, mistral, qwen2, qwen3 (others are refused).
 
-Corpus. `--corpus PATH` is cut by the cache stage's own `pipeline.units.plan_units` (file
+Corpus. `--corpus PATH` is cut by the cache stage's own `pipeline.stage1_cache.units.plan_units` (file
 sizes and parquet footers, the text is never read); a unit's tokens are estimated as its bytes
 / bytes-per-token (a .jsonl unit: its byte range, JSON framing included; .txt/.json: whole
 files; .parquet: the uncompressed size of the text column of its row groups). Bytes per token
@@ -62,7 +62,7 @@ transformers defaults of these models (num_key_value_heads = heads, no biases, u
 
 Stage 2 reading: positions per rank per step = micro_batch x grad_accum x T; read bandwidth
 per rank = cache bytes on disk per position x that x steps/s (--steps-per-s, else steps / the
-wall estimate). GLS (`--select gls`; pipeline/selection_rules.py `gather_gls_sample`), per
+wall estimate). GLS (`--select gls`; pipeline/stage2_distill/selection/rules.py `gather_gls_sample`), per
 micro-step: an all-gather of each rank's count (int64) and of its valid scores (float32, no
 mask: the counts delimit them); every score (world x micro_batch x T of a text cache) while
 that fits in --gls-queue Q, else a rank-stratified sample of ceil(Q / --gls-steps) scores,
@@ -84,9 +84,9 @@ from pathlib import Path
 # Defaults of the stages (tests/test_plan_run.py checks they equal the stages' own).
 CACHE_UNIT_BYTES = 32 << 20            # pipeline.cache CacheConfig.unit_bytes
 CACHE_SHARD_SAMPLES = 256              # CacheConfig.shard_samples
-DISTILL_MICRO_BATCH = 1                # pipeline.distill_config micro_batch, grad_accum
+DISTILL_MICRO_BATCH = 1                # pipeline.stage2_distill.distill_config micro_batch, grad_accum
 DISTILL_GRAD_ACCUM = 1
-GLS_QUEUE, GLS_STEPS = 30_000, 8       # pipeline.selection_config gls_queue, gls_steps
+GLS_QUEUE, GLS_STEPS = 30_000, 8       # pipeline.stage2_distill.selection.config gls_queue, gls_steps
 BYTES_PER_TOKEN = 4.55                 # measured: module docstring
 BYTES_PER_TOKEN_SOURCE = ("default 4.55: SmolLM2 tokenizer on assets_cache/corpus/train.jsonl "
                           "(English Wikipedia .jsonl, EOS counted)")
@@ -298,8 +298,8 @@ def plan_cache(unit_tokens: list[int], seq_len: int, num_classes: int, shard_sam
 
 def corpus_unit_bytes(path: str, unit_bytes: int, text_field: str) -> list[int]:
     """Bytes of every unit of the cache stage's unit plan of `path` (module docstring)."""
-    from pipeline.data import DataSpec
-    from pipeline.units import plan_units
+    from pipeline.common.text import DataSpec
+    from pipeline.stage1_cache.units import plan_units
 
     spec = DataSpec(path=path, text_field=text_field)
     try:

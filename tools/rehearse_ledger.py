@@ -1,4 +1,4 @@
-"""Rehearse the cache stage's work protocol (pipeline.ledger) with hundreds of light processes.
+"""Rehearse the cache stage's work protocol (pipeline.stage1_cache.ledger) with hundreds of light processes.
 
     python tools/rehearse_ledger.py                            # 256 workers, 5,000 units
     python tools/rehearse_ledger.py --workers 24 --units 300 --workers2 8 --delay-ms 20 \
@@ -8,7 +8,7 @@ No teacher and no torch: each worker is a forked process running the stage's loo
 unit. Launch 1 (`--workers` ranks) claims units with `Ledger.claim_next`, "computes" each for
 an exponential delay (mean `--delay-ms`: the first quarter holding only the claim, the rest
 streaming a small shard `shard-u{unit}-l{launch}.bin.tmp` in 4 chunks, fsynced and renamed
-to `.bin`, as pipeline.shards does), then `mark_done`s it with a record listing the shard and
+to `.bin`, as pipeline.cache_format.shards does), then `mark_done`s it with a record listing the shard and
 its sha256. While it runs, a random `--kill-frac` of its workers are SIGKILLed, each when the
 units done reach a random count below the crash point; when `--crash-after` of the units are
 done the whole job dies the way a cancelled job does: its rank 0 (the process holding the
@@ -16,7 +16,7 @@ heartbeat thread) and every remaining worker get SIGKILL, so the launch is never
 finished. Launch 2 (`--workers2` ranks) then starts as a restart does: `begin_launch` waits
 out the lease (`--lease-s`) and declares launch 1 dead, `take_over_stale` frees its unfinished
 claims and removes its temporary ledger files, rank 0 deletes the shards no done record
-vouches for (what pipeline.cache_launch does before any rank claims), and the workers run to
+vouches for (what pipeline.stage1_cache.launch does before any rank claims), and the workers run to
 the end.
 
 Checked from the files on disk: every unit has exactly one done record, its shard exists
@@ -51,7 +51,7 @@ from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.ledger import Ledger, begin_launch, ledger_dir  # noqa: E402
+from pipeline.stage1_cache.ledger import Ledger, begin_launch, ledger_dir  # noqa: E402
 
 CTX = mp.get_context("fork")
 
@@ -187,7 +187,7 @@ def launcher(sh: Shared, li: int, conn) -> None:
     waited = time.monotonic() - t
     led = Ledger(sh.out, sh.units, launch.number, 0, sh.worlds[li], log=logs.append)
     taken = led.take_over_stale()
-    # pipeline.cache_launch: a shard no done record names belongs to a unit an earlier launch
+    # pipeline.stage1_cache.launch: a shard no done record names belongs to a unit an earlier launch
     # did not finish (killed mid-write, or between rename and done record): delete it.
     keep = {s["file"] for rec in led.done().values() for s in rec["shards"]}
     removed = {"shard": 0, "shard_tmp": 0}

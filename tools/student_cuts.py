@@ -4,7 +4,7 @@
         [--cuts 4 6 0,1,28,29 0,1,2,27,28,29 0,6,12,18,24,29 0,1,2,3,26,27,28,29]
 
 Each cut is made by `pipeline.demo.assets.cut_student` (the demo's own builder) into a
-temporary folder and scored by `pipeline.heldout.heldout_metrics` on the first
+temporary folder and scored by `pipeline.common.heldout.heldout_metrics` on the first
 --windows held-out windows (the demo's text and window cutting), next to the teacher.
 A count k keeps layers 0..k-1; a list keeps those layers.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     from rich.table import Table
 
     from pipeline.demo.assets import cut_student, prepare_assets, student_layer_list
-    from pipeline.heldout import heldout_metrics
+    from pipeline.common.heldout import heldout_metrics
 
     paths = prepare_assets(args.assets)
     teacher, heldout = paths["teacher"], paths["heldout"]

@@ -13,19 +13,19 @@ row B seed s train on the same windows in the same order. The rows (ROWS below):
   topk_12              recipe kd-all on a top-k cache, k = 12 (same bytes, biased)
   rskd_U12             recipe rskd-paper on an rskd-sampler cache (N = 50 draws, 12 records kept)
   no_kd                recipe no-kd: CE on every position
-  recipe rows (--recipe-seeds): the other recipes of pipeline/recipes/ on the priority U=12
+  recipe rows (--recipe-seeds): the other recipes of pipeline/stage2_distill/recipes/ on the priority U=12
   cache (kd-all-ce-all, gls25-kd-ce-rest, gls20-teacher-entropy, se-kd-student-entropy): the
   evidence for the recommended recipe.
   extra rows (--extra-seeds): priority_U4, priority_U32 (the storage axis) and KD on the
   per-sequence top 25% of positions only, by teacher entropy, student entropy or at random.
 
-Every row is a recipe file (`--recipe`, pipeline/recipes/) plus at most a flag or two; a
+Every row is a recipe file (`--recipe`, pipeline/stage2_distill/recipes/) plus at most a flag or two; a
 row's result records the recipe's values, so a changed recipe file is not mixed into a table.
 Every cache is built once under OUT/caches (same corpus, T, windows; one teacher pass each).
 Every run is its own process tree under OUT/runs/ROW/seedS and ends with `result.json`:
 held-out metrics on windows of --heldout (text no run trained on): KL(teacher || student)
 per token, perplexity and the expected calibration error of the next-token prediction (15
-bins of top-1 confidence, pipeline.heldout), the median step time, the cache's bytes per
+bins of top-1 confidence, pipeline.common.heldout), the median step time, the cache's bytes per
 position, and the settings it ran with. A rerun skips every run with a result (an
 interrupted run restarts from its last checkpoint, or from scratch); a result made with
 other settings stops the study rather than join its table.
@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))      # this checkout's pipeline, also when run from a worktree
 PY = sys.executable
 
-from pipeline import recipes  # noqa: E402  (after the path: this checkout's recipes)
+from pipeline.stage2_distill import recipes  # noqa: E402  (after the path: this checkout's recipes)
 RESULT = "result.json"
 
 
@@ -80,7 +80,7 @@ class Row:
     name: str
     label: str
     cache: CacheSpec               # the cache the run reads (windows; targets where the mode uses them)
-    recipe: str                    # a recipe of pipeline/recipes/ (`--recipe`)
+    recipe: str                    # a recipe of pipeline/stage2_distill/recipes/ (`--recipe`)
     flags: str = ""                # pipeline.distill flags on top of the recipe
     group: str = "main"            # main (--seeds), extra (--extra-seeds), recipe (--recipe-seeds)
     format_point: bool = False     # a cache format on the KL-vs-bytes plot (KD at every position)
@@ -156,7 +156,7 @@ def _sha256(path: Path) -> str:
 
 def study_settings(args) -> dict:
     """What every result of one table must share (checked when the table is made)."""
-    from pipeline.teacher import teacher_weight_hashes
+    from pipeline.stage1_cache.teacher import teacher_weight_hashes
 
     curve = {"val_every": args.val_every} if args.curve else {}
     return {**curve, "steps": args.steps, "micro_batch": args.micro_batch, "nproc": args.nproc,
@@ -182,7 +182,7 @@ def check_inputs(args) -> None:
     """Held-out text disjoint from the training text; one tokenizer for teacher and student."""
     from transformers import AutoTokenizer
 
-    from pipeline.data import tokenizer_fingerprint
+    from pipeline.common.text import tokenizer_fingerprint
 
     shared = _texts(args.train) & _texts(args.heldout)
     if shared:
@@ -197,7 +197,7 @@ def check_inputs(args) -> None:
 
 def check_cache(name: str, m: dict, args, teacher_weights: dict | None, tok_fp: str) -> None:
     """A cache the study may use: this teacher, tokenizer, corpus, T and windows."""
-    from pipeline.data import DataSpec
+    from pipeline.common.text import DataSpec
 
     where = args.out / "caches" / name
     problems = []
@@ -222,8 +222,8 @@ VAL_CACHE = "val_priority_U12"
 
 def build_val_cache(args, teacher_weights, tok_fp: str) -> None:
     """--curve: the validation cache, priority U=12 on --heldout (the first
-    --heldout-windows windows: the windows pipeline.heldout scores at the end)."""
-    from pipeline.manifest import load_manifest
+    --heldout-windows windows: the windows pipeline.common.heldout scores at the end)."""
+    from pipeline.cache_format.manifest import load_manifest
 
     d = args.out / "caches" / VAL_CACHE
     if not (d / "manifest.json").exists():
@@ -262,7 +262,7 @@ def curve_points(recs: list[dict], val_path: Path) -> list[dict]:
 
 
 def build_cache(spec: CacheSpec, args, teacher_weights, tok_fp: str) -> dict:
-    from pipeline.manifest import load_manifest
+    from pipeline.cache_format.manifest import load_manifest
 
     d = args.out / "caches" / spec.name
     if not (d / "manifest.json").exists():
@@ -286,8 +286,8 @@ def build_cache(spec: CacheSpec, args, teacher_weights, tok_fp: str) -> dict:
 
 def run_one(row: Row, seed: int, args, manifest: dict, settings: dict, teacher_cache: dict) -> dict:
     """Train (or resume) one run and evaluate it; returns its result (also in result.json)."""
-    from pipeline.heldout import heldout_metrics
-    from pipeline.manifest import cache_identity
+    from pipeline.common.heldout import heldout_metrics
+    from pipeline.cache_format.manifest import cache_identity
 
     d = args.out / "runs" / row.name / f"seed{seed}"
     row_settings = {"recipe": row.recipe, "recipe_values": recipes.read(row.recipe)[1], "flags": row.flags,
@@ -362,7 +362,7 @@ def _diff(res: dict, settings: dict, row_settings: dict) -> str:
 
 def reference_rows(args, settings: dict, teacher_cache: dict) -> dict:
     """Held-out metrics of the teacher and of the untrained student (computed once)."""
-    from pipeline.heldout import heldout_metrics
+    from pipeline.common.heldout import heldout_metrics
 
     path = args.out / "references.json"
     if path.exists():
@@ -586,8 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     from transformers import AutoTokenizer
 
-    from pipeline.data import tokenizer_fingerprint
-    from pipeline.teacher import teacher_weight_hashes
+    from pipeline.common.text import tokenizer_fingerprint
+    from pipeline.stage1_cache.teacher import teacher_weight_hashes
 
     check_inputs(args)
     settings = study_settings(args)

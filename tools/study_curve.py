@@ -59,7 +59,7 @@ def markdown(summary: dict) -> str:
     s = summary["settings"]
     head = ("| row | seeds | " + " | ".join(f"KL @ {a}" for a in at) + " | "
             + " | ".join(f"gap to dense @ {a}" for a in at) + " | exact held-out KL at the end |")
-    lines = [f"Validation KL (the cached-class estimate, pipeline.validation) on {s['heldout_windows']} "
+    lines = [f"Validation KL (the cached-class estimate, pipeline.stage2_distill.validation) on {s['heldout_windows']} "
              f"held-out windows of {s['seq_len']} tokens, every {s.get('val_every')} steps; gap = paired "
              "KL(row) - KL(dense KD) at the same step and seed, mean ± sd over seeds.", "",
              head, "|" + "---|" * (3 + 2 * len(at))]

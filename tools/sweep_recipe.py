@@ -9,7 +9,7 @@ first --windows held-out windows, KL to --teacher). Runs happen one after the ot
 their train times are comparable; the table prints perplexity, KL and train seconds. Every
 run is repeated for each --seeds value (the data order and the sampling draws), because at
 demo scale two seeds of one recipe differ more than two recipes do: compare within a seed.
-Without --run, every recipe of pipeline/recipes/ but dense-kd (which needs the teacher online).
+Without --run, every recipe of pipeline/stage2_distill/recipes/ but dense-kd (which needs the teacher online).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The recipes of pipeline/recipes/ by name: each run is `--recipe NAME` (no recipe is
+# The recipes of pipeline/stage2_distill/recipes/ by name: each run is `--recipe NAME` (no recipe is
 # written twice); --run NAME="FLAGS" adds other runs (FLAGS may start with --recipe).
 sys.path.insert(0, str(REPO))
-from pipeline import recipes  # noqa: E402
+from pipeline.stage2_distill import recipes  # noqa: E402
 
 DEFAULT_RUNS = {name: f"--recipe {name}" for name in recipes.names() if name != "dense-kd"}
 

@@ -4,7 +4,7 @@ and damages it, and resumes every copy, so process start-ups are paid once.
     torchrun --nproc_per_node 2 tests/drivers/checkpoint_fallback.py SPEC.json
 
 SPEC: {"jobs": [...], "result": path}. Jobs, in order:
-  {"name": N, "argv": [...]}      `pipeline.distill.run` on these flags; a ValueError is
+  {"name": N, "argv": [...]}      `pipeline.stage2_distill.trainer.run` on these flags; a ValueError is
                                   recorded, not raised; so is the step `Trainer.resume` returned
   {"copy": [src, dst]}            rank 0 copies a directory
   {"truncate": [path, n]}         rank 0 keeps the first n bytes of a file
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import pipeline.distill as D
-from pipeline import config as C
+import pipeline.stage2_distill.trainer as D
+from pipeline.common import config as C
 
 
 def recording_trainer(facts: dict):

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N tests/drivers/distill_jobs.py SPEC.json
 
 SPEC: {"jobs": [...], "result": path (optional), "probe": [[token ids]] (optional)}. Jobs:
-  {"name": N, "argv": [...]}   `pipeline.distill.run` on these flags (= `python -m
+  {"name": N, "argv": [...]}   `pipeline.stage2_distill.trainer.run` on these flags (= `python -m
                                pipeline.distill ARGV`); a ValueError is recorded, not raised
   {"rewind": [src, dst, tag]}  copy run directory src to dst, keep checkpoints up to tag
   {"copy": [src, dst]}         copy a directory
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import pipeline.distill as D
-from pipeline import config as C
+import pipeline.stage2_distill.trainer as D
+from pipeline.common import config as C
 
 
 class Evil:
@@ -79,7 +79,7 @@ def file_job(job: dict) -> None:
             shutil.rmtree(dst)
             shutil.copytree(src, dst)
         if "poison" in job:
-            from pipeline.safe_load import safe_globals
+            from pipeline.common.safe_load import safe_globals
 
             ckpt, marker = map(Path, job["poison"])
             # every rank's optimizer file: each rank loads its own (one rank failing alone
@@ -91,7 +91,7 @@ def file_job(job: dict) -> None:
                 sd["evil"] = Evil(str(marker))
                 torch.save(sd, target)
             # and its file records: they catch accidents (a truncated file), not tampering
-            from pipeline.checkpoint import write_file_record
+            from pipeline.stage2_distill.checkpoint import write_file_record
 
             world = len(list(tag_dir.glob("rank*_files.json")))
             for r in range(world):

@@ -1,6 +1,6 @@
 """Test driver of tests/test_fused_head_zero3.py: four tiny models (head tied or untied,
 with or without bias), one SGD step each under real ZeRO-3 through the fused KD head of
-`pipeline.objectives.sparse`, and the plain-torch reference step in the same process.
+`pipeline.stage2_distill.objectives.sparse`, and the plain-torch reference step in the same process.
 
     torchrun --nproc_per_node 2 tests/drivers/fused_head.py DS_CONFIG.json RESULT.json
 """
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline.objectives import LossSettings, StepInputs, sparse
+from pipeline.stage2_distill.objectives import LossSettings, StepInputs, sparse
 
 V, H, N, U = 50, 8, 12, 4
 

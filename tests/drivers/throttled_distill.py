@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-import pipeline.distill as D
+import pipeline.stage2_distill.trainer as D
 
 
 class Throttled(D.Trainer):

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from pipeline.stage1_cache.run import main as cache_main
-from test_cache import (build_teacher, decode_kd, done_records, jsonl_lines, load_model,
-                        manifest_of, mpi_env, no_tmp_files, read_shards, recompute, run_mpi)
+from cache_stage import (build_teacher, decode_kd, done_records, jsonl_lines, load_model,
+                         manifest_of, mpi_env, no_tmp_files, read_shards, recompute, run_mpi)
 
 REPO = Path(__file__).resolve().parents[1]
 INSPECT = REPO / "tools" / "inspect_cache.py"

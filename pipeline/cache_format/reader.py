@@ -29,23 +29,25 @@ The order is a pure function of (seed, epoch, rank, world), so a resumed run ski
 batches it already consumed (collated and decoded only from `skip` on) and continues
 exactly.
 
-Shards are verified against the manifest's sha256 as they are opened: a truncated or
-flipped shard raises an error naming the file instead of yielding wrong data. Shard names
-are checked at construction (plain `cache-*.tar` shard names inside the cache directory: a
-manifest never makes the reader open a file elsewhere). Samples are decoded from raw bytes
-(no pickle) and dequantized by codebook lookup; record ids and tokens must be < V.
+Shards are verified against the manifest's sha256 as they are opened
+(checks.shard_file_problem): a truncated or flipped shard raises an error naming the file
+instead of yielding wrong data. Shard names are checked at construction (plain
+`cache-*.tar` shard names inside the cache directory: a manifest never makes the reader open
+a file elsewhere). Samples are decoded from raw bytes (no pickle) and checked by
+checks.check_sample (keys, member sizes, tokens and record ids < V, empty slots unweighted,
+no class twice in a position, version 3's trainable.bits), then dequantized by codebook
+lookup; a sample that fails is a ShardError naming the shard, the sample and each problem.
 
 `trainable` (format version 3, chat caches): position p is a training target iff bit p of
 the sample's `trainable.bits` is set (np.packbits, bitorder little). Masked positions hold
-only sentinel records, but the reader does not rely on it: a consumer must AND `trainable`
-into every position that gets a loss or enters a statistic. Versions 1 and 2 (text caches)
-have no such member: every position is trainable. A version-3 sample without the member,
-or with one of another size or nonzero padding bits, is a ShardError.
+only sentinel records (checked), and a consumer must still AND `trainable` into every
+position that gets a loss or enters a statistic. Versions 1 and 2 (text caches) have no
+such member: every position is trainable. A version-3 sample without the member, or with
+one of another size or nonzero padding bits, is a ShardError.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 from collections.abc import Iterator
@@ -55,8 +57,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache_format.checks import check_sample, shard_file_problem, shard_owner
 from pipeline.cache_format.codec import RecordCodec
-from pipeline.cache_format.manifest import MASKED_FORMAT_VERSION, load_manifest, shard_path
+from pipeline.cache_format.manifest import load_manifest, shard_path
 
 
 @dataclass
@@ -96,7 +99,6 @@ class CacheReader:
         self.weight_levels = np.asarray(m["weight_codebook"], dtype=np.float32)
         self.entropy_levels = np.asarray(m["entropy_codebook"], dtype=np.float32)
         self.seq_len = m["seq_len"]
-        self.masked = m["format_version"] >= MASKED_FORMAT_VERSION   # samples carry trainable.bits
         self.shards = m["shards"]
         # Every shard entry names a file inside the cache directory (manifest.shard_path),
         # checked before anything is opened: a bad manifest fails at setup, not mid-epoch.
@@ -175,13 +177,8 @@ class CacheReader:
                 data = path.read_bytes()
             except OSError as e:
                 raise ShardError(f"shard {path}: cannot read ({e})") from e
-            if self.verify:
-                if len(data) != s["bytes"]:
-                    raise ShardError(f"shard {path}: {len(data)} bytes, manifest says {s['bytes']} "
-                                     "(truncated?); re-cache it or restore it")
-                if hashlib.sha256(data).hexdigest() != s["sha256"]:
-                    raise ShardError(f"shard {path}: sha256 mismatch with manifest.json (corrupted); "
-                                     "re-cache it or restore it")
+            if self.verify and (problem := shard_file_problem(path, s, data=data)) is not None:
+                raise ShardError(f"shard {problem}; re-cache it or restore it")
             yield {"url": str(path), "stream": io.BytesIO(data), "shard": s, "take": item["take"]}
             del data
 
@@ -209,45 +206,19 @@ class CacheReader:
             item = want = sample = None     # free this shard before the next one is read
 
     def _decode(self, sample: dict) -> dict:
+        """A webdataset sample ({"__key__", "__url__", extension: bytes}) -> arrays, after
+        checks.check_sample; any problem is a ShardError naming the shard and the sample."""
         url, key = sample.get("__url__"), sample.get("__key__")
-        T, B = self.seq_len, self.codec.bytes_per_position
-        tok, kd = sample.get("tokens.u32"), sample.get("kd.bin")
-        if tok is None or kd is None or len(tok) != 4 * T or len(kd) != B * T:
-            raise ShardError(f"shard {url}, sample {key}: expected tokens.u32 of {4 * T} B and "
-                             f"kd.bin of {B * T} B, got {len(tok or b'')} and {len(kd or b'')}")
-        tokens = np.frombuffer(tok, dtype="<u4")
-        if (tokens >= self.codec.vocab_size).any():
-            pos = int(np.argmax(tokens >= self.codec.vocab_size))
-            raise ShardError(f"shard {url}, sample {key}: token id {int(tokens[pos])} at position "
-                             f"{pos} >= V={self.codec.vocab_size} (the student's embedding has V "
-                             "rows); the shard is damaged or was written with another "
-                             "tokenizer: check it with `python tools/inspect_cache.py "
-                             f"{self.dir} --verify`, then re-cache it or restore it")
-        ids, wc, ec = self.codec.unpack(kd)
-        bad = (ids >= self.codec.vocab_size) & (ids != self.codec.sentinel)
-        if bad.any() or (wc[ids == self.codec.sentinel] != 0).any():
-            raise ShardError(f"shard {url}, sample {key}: records with ids outside V="
-                             f"{self.codec.vocab_size} or weighted padding; the shard is damaged")
-        return {"key": key, "tokens": tokens, "ids": ids, "weights": self.weight_levels[wc],
-                "entropy": self.entropy_levels[ec], "trainable": self._trainable(sample)}
-
-    def _trainable(self, sample: dict) -> np.ndarray:
-        """[T] bool: from `trainable.bits` (version 3), else all True."""
-        T = self.seq_len
-        if not self.masked:
-            return np.ones(T, dtype=bool)
-        bits, n = sample.get("trainable.bits"), (T + 7) // 8
-        where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')}"
-        if bits is None or len(bits) != n:
-            raise ShardError(f"{where}: format version {self.manifest['format_version']} needs a "
-                             f"trainable.bits member of {n} B, got "
-                             f"{'none' if bits is None else f'{len(bits)} B'}; the shard is "
-                             "damaged: re-cache it or restore it")
-        flags = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")
-        if flags[T:].any():
-            raise ShardError(f"{where}: trainable.bits has padding bits set beyond T={T}; the "
-                             "shard is damaged: re-cache it or restore it")
-        return flags[:T].astype(bool)
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        problems, s = check_sample(self.codec, self.seq_len, self.manifest["format_version"], key,
+                                   members, shard_owner(Path(url).name if url else None))
+        if problems:
+            raise ShardError(f"shard {url}, {'; '.join(problems)}; the shard is damaged: check it "
+                             f"with `python tools/inspect_cache.py {self.dir} --verify`, then "
+                             "re-cache it or restore it")
+        return {"key": key, "tokens": s.tokens, "ids": s.ids,
+                "weights": self.weight_levels[s.weight_codes],
+                "entropy": self.entropy_levels[s.entropy_codes], "trainable": s.trainable}
 
     @staticmethod
     def _collate(samples: list[dict]) -> CacheBatch:

@@ -3,7 +3,9 @@
 `UnitWriter` writes a unit's windows as WebDataset shards (`*.tar.tmp`, fsynced, hashed,
 renamed) and returns the entries its done record lists; `encode_window` rounds and packs a
 window's sampled classes into records; `window_generators` gives window k of a unit its
-random streams; `empty_stats` / `add_stats` keep the per-unit statistics the manifest sums.
+random streams; `empty_stats` / `add_stats` keep the per-unit statistics the manifest sums,
+and `add_sample_stats` / `add_shard_stats` recompute them from written records
+(checks.check_sample decodes them).
 
 Chat caches (format version 3) pass each window's `trainable` flags [T]: masked positions
 (False) are packed as U sentinel records of weight code 0 (their entropy byte is kept), the
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache_format.checks import Sample, check_sample, shard_owner, tar_samples
 from pipeline.cache_format.codec import RecordCodec
 from pipeline.cache_format.manifest import MASKED_FORMAT_VERSION, sha256_file, unit_shard_name, window_key
 
@@ -125,6 +128,27 @@ def add_stats(st: dict, ecodes, n_distinct, truncated: int, positions: int,
     if dropped_mass is not None and len(dropped_mass):
         st["dropped_mass_sum"] += float(np.sum(dropped_mass, dtype=np.float64))
         st["dropped_mass_max"] = max(st["dropped_mass_max"], float(np.max(dropped_mass)))
+
+
+def add_sample_stats(st: dict, sample: Sample, masked: bool) -> None:
+    """Add a decoded sample's record statistics as its writer did (`add_stats`: entropy and
+    distinct-class histograms, over trainable positions when `masked`; positions, samples).
+    The teacher-side counts (rskd truncations, dropped mass) are not in the records."""
+    add_stats(st, sample.entropy_codes, sample.distinct, 0, len(sample.entropy_codes), None,
+              sample.trainable if masked else None)
+
+
+def add_shard_stats(st: dict, path: Path, codec: RecordCodec, seq_len: int,
+                    format_version: int) -> None:
+    """Add every sample of the shard at `path` to `st` (`add_sample_stats`). A sample that
+    does not decode or check (checks.check_sample) raises ValueError naming the shard."""
+    masked = format_version >= MASKED_FORMAT_VERSION
+    for key, members in tar_samples(path.read_bytes()):
+        problems, sample = check_sample(codec, seq_len, format_version, key, members,
+                                        shard_owner(path.name))
+        if problems:
+            raise ValueError(f"shard {path}: {'; '.join(problems)}")
+        add_sample_stats(st, sample, masked)
 
 
 def encode_window(codec: RecordCodec, ids, w, h, rng: np.random.Generator,

@@ -15,23 +15,20 @@ these; `cfg` is its CacheConfig. docs/CACHE_FORMAT.md ("What a restart trusts") 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import tarfile
 from pathlib import Path
 
-import numpy as np
-
+from pipeline.cache_format.checks import shard_file_problem
 from pipeline.cache_format.codec import RecordCodec
 from pipeline.common.text import DataSpec
 from pipeline.common.distributed import DistInfo, log
 from pipeline.stage1_cache.ledger import LEDGER_DIR, Ledger, done_name, launch_name, ledger_dir
 from pipeline.cache_format.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE, UNITS,
                                UNIT_SHARD_RE, check_compatible, read_json, repair_command,
-                               sha256_file, shard_path, unit_disagreements, write_json_atomic)
-from pipeline.cache_format.shards import add_stats, empty_stats
+                               shard_path, unit_disagreements, write_json_atomic)
+from pipeline.cache_format.shards import add_shard_stats, empty_stats
 from pipeline.stage1_cache.units import UnitReader, check_plan, plan_units, unit_windows
 
 
@@ -198,7 +195,7 @@ def check_units(out: Path, plan: dict, header: dict, done: dict[int, dict],
             on_disk=on_disk)
         if rec is None and mu is not None and not problems:
             problems = [f"{x} (no done record; listed in {MANIFEST})"
-                        for x in _entry_problems(out, u, m_shards.get(u, []), MANIFEST)]
+                        for x in _entry_problems(out, m_shards.get(u, []), MANIFEST)]
             if not problems:
                 restore.append(u)
         if problems:
@@ -252,7 +249,8 @@ def restored_records(out: Path, header: dict, done: dict[int, dict], manifest: d
     for u in units:
         stats = empty_stats(header["num_classes"], masked)
         for s in m_shards.get(u, []):
-            _add_shard_stats(stats, out / s["file"], codec, masked)
+            add_shard_stats(stats, out / s["file"], codec, header["seq_len"],
+                            header["format_version"])
         mu = m_units[u]
         recs[u] = {"shards": m_shards.get(u, []),
                    **{k: mu[k] for k in ("windows", "documents", "tokens", "sha256")},
@@ -280,34 +278,11 @@ def restored_records(out: Path, header: dict, done: dict[int, dict], manifest: d
     return recs
 
 
-def _add_shard_stats(stats: dict, path: Path, codec: RecordCodec, masked: bool) -> None:
-    """Add every sample of the shard at `path` to `stats` as its writer did."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:") as tf:
-        for m in tf:
-            f = tf.extractfile(m) if m.isfile() else None
-            if f is not None:
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = f.read()
-    for group in samples.values():
-        ids, _, ec = codec.unpack(group["kd.bin"])
-        trainable = None
-        if masked:
-            bits = np.frombuffer(group["trainable.bits"], np.uint8)
-            trainable = np.unpackbits(bits, bitorder="little")[:len(ec)].astype(bool)
-        add_stats(stats, ec, (ids != codec.sentinel).sum(1), 0, len(ec), None, trainable)
-
-
-def _entry_problems(out: Path, u: int, entries: list[dict], source: str) -> list[str]:
-    """Each shard entry's file present with the entry's size and sha256."""
-    problems = []
-    for s in entries:
-        path = shard_path(out, s["file"], source=source)
-        if not path.exists():
-            problems.append(f"{path} (unit {u}) is missing")
-        elif path.stat().st_size != s["bytes"] or sha256_file(path) != s["sha256"]:
-            problems.append(f"{path} (unit {u}): size or sha256 differs from {source}")
-    return problems
+def _entry_problems(out: Path, entries: list[dict], source: str) -> list[str]:
+    """Each shard entry's file present with the entry's size and sha256
+    (checks.shard_file_problem: one line per problem, naming the file and its unit)."""
+    return [p for s in entries
+            if (p := shard_file_problem(shard_path(out, s["file"], source=source), s, source))]
 
 
 def verify_done(out: Path, done: dict[int, dict], info: DistInfo) -> list[str]:
@@ -316,5 +291,5 @@ def verify_done(out: Path, done: dict[int, dict], info: DistInfo) -> list[str]:
     problems = []
     for u, rec in done.items():
         if u % info.world_size == info.rank:
-            problems += _entry_problems(out, u, rec["shards"], f"{LEDGER_DIR}/{done_name(u)}")
+            problems += _entry_problems(out, rec["shards"], f"{LEDGER_DIR}/{done_name(u)}")
     return problems

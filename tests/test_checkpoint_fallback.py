@@ -2,7 +2,7 @@
 
 - `verify_checkpoint` / `write_file_record` / `candidates` on a hand-made directory, against
   sizes and sha256 computed here with hashlib.
-- ONE `torchrun --nproc_per_node 2` launch of tests/drivers/checkpoint_fallback.py: a tiny
+- ONE `torchrun --nproc_per_node 2` launch of tests/drivers/distill_jobs.py: a tiny
   run (6 steps, a checkpoint every 2), copies of it whose newest checkpoint is damaged as a
   job killed while writing leaves it (a rank's optimizer shard or state file truncated, the
   meta truncated, `latest` naming no directory), one with every checkpoint damaged, one
@@ -161,7 +161,7 @@ def fallback(tmp_path_factory) -> dict:
              {"name": "legacy", "argv": args(legacy, steps=8, resume=True)}]
     spec = root / "spec.json"
     spec.write_text(json.dumps({"jobs": jobs, "result": str(root / "result.json")}, default=str))
-    proc = subprocess.run(torchrun([str(DRIVERS / "checkpoint_fallback.py"), str(spec)]), cwd=REPO,
+    proc = subprocess.run(torchrun([str(DRIVERS / "distill_jobs.py"), str(spec)]), cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = {r["name"]: r for r in json.loads((root / "result.json").read_text())}

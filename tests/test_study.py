@@ -4,6 +4,7 @@ the training corpus, results of other settings)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -131,12 +132,18 @@ def test_refuses_heldout_from_the_training_corpus(assets, tmp_path):
     assert not (tmp_path / "out" / "caches").exists()       # refused before any work
 
 
-def test_summarize_refuses_mixed_settings():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import study as tool
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+def _load_tool(name: str, monkeypatch):
+    """tools/NAME.py loaded from its file as a module (tools/ is no package; not put on sys.path).
+    It sits in sys.modules while the test runs, as dataclasses need of a module being run."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summarize_refuses_mixed_settings(monkeypatch):
+    tool = _load_tool("study", monkeypatch)
     base = {"row": "no_kd", "seed": 0, "settings": {"steps": 3}, "row_settings": {"flags": "x"},
             "kl": 1.0, "perplexity": 2.0, "ece": 0.1, "step_s": 1.0, "cache_bytes_per_position": 37,
             "bytes_per_position": None}

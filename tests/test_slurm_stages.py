@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.hooks import hook_env
+
 REPO = Path(__file__).resolve().parents[1]
 NODES = {"node1", "node2"}
 T = 64
@@ -86,8 +88,8 @@ def test_cache_sh_two_nodes_then_one_node_resumes_the_same_cache(cluster, tmp_pa
     cache = tmp_path / "cache"
     first = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}",
                             str(REPO / "slurm" / "cache.sh")],
-                           env=_job_env(CACHE_DIR=str(cache), LAUNCH_ATTEMPTS="1",
-                                        SAMPLEDKD_TEST_SLOW_RANK="*:0.5", **common),
+                           env=hook_env(_job_env(CACHE_DIR=str(cache), LAUNCH_ATTEMPTS="1",
+                                                 SAMPLEDKD_TEST_SLOW_RANK="*:0.5", **common)),
                            capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     job = first.stdout.strip().split(";")[0]

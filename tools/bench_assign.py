@@ -4,11 +4,13 @@
     python tools/bench_assign.py --ranks 4 --slow-rank 1 --slow-s 0.03 --repeats 3
 
 The cache stage's ranks claim work units from the ledger (pipeline.stage1_cache.ledger), so a fast rank
-takes more units. The static split gives unit u to rank u % world (test hook
-SAMPLEDKD_TEST_STATIC_UNITS=1, the assignment of a fixed rank-to-data mapping). One rank is
-slowed by SAMPLEDKD_TEST_SLOW_RANK="R:S": S seconds of sleep after each of its teacher
-batches, which makes it about 4x slower per unit at the defaults (a node with a slower GPU,
-a noisy neighbour). Both modes cache the same units of the same tiny-teacher corpus with
+takes more units. The static split gives unit u to rank u % world (the stage's test hook
+`Hooks.static_units`, the assignment of a fixed rank-to-data mapping). One rank is slowed by
+the hook `Hooks.after_batch`: S seconds of sleep after each of its teacher batches, which
+makes it about 4x slower per unit at the defaults (a node with a slower GPU, a noisy
+neighbour). The hooks reach the ranks as in the tests (tests/hooks: SAMPLEDKD_TEST_STATIC_UNITS=1
+and SAMPLEDKD_TEST_SLOW_RANK="R:S", read by its sitecustomize, never by the stage). Both
+modes cache the same units of the same tiny-teacher corpus with
 `mpiexec -n RANKS python -m pipeline.cache`; runs are interleaved (dynamic, static, dynamic,
 ...) so drift hits both alike. Reported: the stage's loop wall time (manifest wall_time_s,
 max over ranks), the units and windows each rank cached, and the ratio static/dynamic; every
@@ -33,6 +35,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))      # tests.hooks: how the hooks reach the ranks
+
+from tests.hooks import hook_env  # noqa: E402
+
 console = Console()
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "teacher", "student",
          "knowledge", "distillation", "answer", "question", "because"]
@@ -50,9 +57,10 @@ def digests(out: Path) -> dict[str, str]:
 
 def run(mode: str, args, teacher: Path, data: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "SAMPLEDKD_TEST_SLOW_RANK": f"{args.slow_rank}:{args.slow_s}",
-                        "SAMPLEDKD_TEST_STATIC_UNITS": "1" if mode == "static" else "0"}
+    env = hook_env(os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                 "TOKENIZERS_PARALLELISM": "false",
+                                 "SAMPLEDKD_TEST_SLOW_RANK": f"{args.slow_rank}:{args.slow_s}",
+                                 "SAMPLEDKD_TEST_STATIC_UNITS": "1" if mode == "static" else "0"})
     mpiexec = Path(sys.executable).parent / "mpiexec"
     cmd = [str(mpiexec), "-n", str(args.ranks), sys.executable, "-m", "pipeline.cache",
            "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--seq-len",

@@ -79,7 +79,7 @@ def floor_and_phases(cache: Path, teacher: Path, batch_size: int, chunk: int, re
     t0 = time.perf_counter()
     for i, ids in enumerate(batches):
         batch = [(i * batch_size + j, ids[j].numpy().astype(np.int32)) for j in range(ids.shape[0])]
-        stage._flush(cfg, model, codec, torch.device("cpu"), 0, batch, writer, _NoProgress(), 0.0, timer)
+        stage._flush(cfg, model, codec, torch.device("cpu"), 0, batch, writer, _NoProgress(), timer)
     writer.close()
     flush = time.perf_counter() - t0
     result.write_text(json.dumps({"bare_s": bare, "flush_s": flush, **timer.pop()}))

@@ -15,9 +15,11 @@ a field whose type is itself a dataclass is a nested section (`DistillConfig.sel
   Unknown keys are errors that list the valid ones, as are unknown flags; values are
   checked against the field types; flags win over the file. A run directory's
   `config.json` (`to_json`) is such a file.
-- A dataclass may name a *preset* field (`DistillConfig.recipe`): a YAML file of the same
-  keys chosen by name or path (`--recipe kd-all`), applied under the `--config` file and
-  the flags. Layers, lowest first: the field defaults, the preset, `--config`, the flags.
+- One field of a dataclass may be a *preset*, declared with `opt(..., preset=Preset(...))`
+  (`DistillConfig.recipe`): its value names a YAML file of the same keys (`--recipe
+  kd-all`: a name or a path, which the `Preset` resolves), applied under the `--config`
+  file and the flags. Layers, lowest first: the field defaults, the preset, `--config`,
+  the flags. The machinery knows the preset only by that declaration.
 - YAML files are read strictly: a key given twice (also once flat and once in its
   section) is an error naming both places, and `1e-4` is the float a person means (YAML
   1.1 wants `1.0e-4`).
@@ -33,13 +35,31 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def opt(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with help text (and optional argparse `choices`)."""
+_PRESET = "preset"      # the metadata key of a preset field (not an argparse keyword)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What makes a field a preset (`opt(..., preset=Preset(...))`): its value names a YAML
+    file of the config's own keys, laid under `--config` and the flags."""
+
+    file: Callable[[str], Path]
+    """A name or path -> the YAML file; raises ValueError for an unknown name."""
+    body: Callable[[dict], dict] = dict
+    """The file's mapping -> its option values (drops keys that describe the file)."""
+
+
+def opt(default: Any, help: str, preset: Preset | None = None, **kw) -> Any:
+    """A dataclass field with help text (and optional argparse `choices`); `preset` makes it
+    the config's preset field (module docstring)."""
     meta = {"help": help.replace("%", "%%"), **kw}     # argparse formats help with %
+    if preset is not None:
+        meta[_PRESET] = preset
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -54,6 +74,16 @@ def _sections(cls) -> dict[str, type]:
     hints = _hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)
             if f.init and dataclasses.is_dataclass(hints[f.name])}
+
+
+def preset_field(cls) -> tuple[str, Preset] | None:
+    """(name, Preset) of the field of `cls` (or of its sections) declared a preset; None
+    when there is none. Two are an error: which file would lie under which?"""
+    found = [(name, f.metadata[_PRESET]) for name, (f, _) in leaf_fields(cls).items()
+             if _PRESET in f.metadata]
+    if len(found) > 1:
+        raise TypeError(f"{cls.__name__}: more than one preset field: {[n for n, _ in found]}")
+    return found[0] if found else None
 
 
 def leaf_fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -86,6 +116,7 @@ class ConfigParser:
 
         self.cls = cls
         self.fields = leaf_fields(cls)
+        self.preset = preset_field(cls)      # (name, Preset) or None
         self.sections: set[str] = set()      # names of nested sections (YAML may nest them)
         self.parser = HfArgumentParser([], prog=prog, description=description,
                                        formatter_class=_HelpFormatter)
@@ -95,9 +126,8 @@ class ConfigParser:
                                  help="print the resolved configuration as JSON (a valid --config "
                                       "file) and exit")
         self._add(cls, self.parser)
-        preset = getattr(cls, "PRESET_FIELD", None)
-        if preset:    # --help shows the default preset's values as the defaults
-            self.parser.set_defaults(**self.preset_values(self.fields[preset][0].default))
+        if self.preset is not None:    # --help shows the default preset's values as the defaults
+            self.parser.set_defaults(**self.preset_values(self.fields[self.preset[0]][0].default))
 
     def _add(self, cls, group) -> None:
         hints, nested = _hints(cls), _sections(cls)
@@ -112,6 +142,9 @@ class ConfigParser:
                 continue
             g = copy.copy(f)                 # HfArgumentParser rewrites `.type` in place
             g.type = hints[f.name]
+            # HfArgumentParser passes the metadata to add_argument: argparse's keys only
+            g.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items()
+                                                 if k != _PRESET})
             before = len(self.parser._actions)
             self.parser._parse_dataclass_field(group, g)
             if g.type is bool and g.default is False:
@@ -126,13 +159,13 @@ class ConfigParser:
     def parse(self, argv: list[str] | None = None, validate: bool = True):
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", type=Path, default=None)
-        preset = getattr(self.cls, "PRESET_FIELD", None)
-        if preset:
-            pre.add_argument(f"--{preset.replace('_', '-')}", f"--{preset}", dest=preset, default=None)
+        field = self.preset[0] if self.preset is not None else None
+        if field is not None:
+            pre.add_argument(f"--{field.replace('_', '-')}", f"--{field}", dest=field, default=None)
         known, _ = pre.parse_known_args(argv)
         from_file = self.load_yaml(known.config) if known.config is not None else {}
-        if preset:
-            name = getattr(known, preset) or from_file.get(preset) or self.fields[preset][0].default
+        if field is not None:
+            name = getattr(known, field) or from_file.get(field) or self.fields[field][0].default
             self.parser.set_defaults(**self.preset_values(name))
         self.parser.set_defaults(**from_file)
         values = vars(self.parser.parse_args(argv))   # unknown flags: usage + exit 2
@@ -148,12 +181,11 @@ class ConfigParser:
         return cfg
 
     def preset_values(self, name: str) -> dict[str, Any]:
-        """The values of the preset `name` (`cls.preset_file(name)` finds its file)."""
-        path = self.cls.preset_file(name)
-        field = self.cls.PRESET_FIELD
-        return self.check_values(self.cls.preset_body(read_yaml(path, f"--{field.replace('_', '-')} "
-                                                                       f"{name} ({path})")),
-                                 f"--{field.replace('_', '-')} {name} ({path})")
+        """The values of the preset file `name` (its `Preset.file` finds it)."""
+        field, preset = self.preset
+        path = preset.file(name)
+        where = f"--{field.replace('_', '-')} {name} ({path})"
+        return self.check_values(preset.body(read_yaml(path, where)), where)
 
     def load_yaml(self, path: Path) -> dict[str, Any]:
         """The file's values by flat field name, type-checked; unknown keys are errors."""

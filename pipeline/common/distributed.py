@@ -14,17 +14,22 @@ leave every rank in MPI_Init forever. The watchdog (faulthandler's C thread: MPI
 the GIL) prints where it hung and exits 1, so the job fails instead of hanging and
 slurm/cache.sh can launch the resumable stage again.
 The stage-2 trainer uses torch.distributed (through DeepSpeed); `TorchComm` adapts it to the
-small communicator interface that selection.py (GLS) expects.
+small communicator interface that selection (GLS, the learned selector) expects, and
+`SingleComm` is that interface for one process, for every stage.
 
 A rank that fails under MPI must end the whole job (`mpiexec` leaves the other ranks waiting
 in their next collective forever) without losing its error: `abort_job_on_error` writes the
 traceback to `OUT/errors/rank{rank:04d}.txt` and to stderr, gives mpiexec's proxy time to
-forward it, then calls MPI_Abort. This module imports no torch (the MPI tests launch it alone).
+forward it, then calls MPI_Abort. This module imports only the standard library when it is
+imported (rich when `log` first prints, mpi4py in `init_distributed`, torch in `TorchComm`):
+the MPI tests launch it alone, and position selection can take `SingleComm` from here
+without importing more than it does.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import sys
 import time
@@ -34,8 +39,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-
-from rich.console import Console
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID",
             "PMI_FD")
@@ -77,6 +80,10 @@ class MPIComm:
 
 
 class SingleComm:
+    """The communicator of a single process (rank 0 of 1): every collective returns this
+    rank's own value. `init_distributed` gives it to a process without a launcher; it also
+    meets position selection's `Communicator` protocol (`all_gather`, `rank`, `world_size`)."""
+
     rank = 0
     world_size = 1
 
@@ -93,6 +100,7 @@ class SingleComm:
         pass
 
     def all_gather(self, tensor):
+        """[`tensor`]: the list of every rank's tensor, index = rank."""
         return [tensor]
 
 
@@ -179,7 +187,11 @@ def init_distributed(use_mpi: bool | None = None) -> tuple[DistInfo, Any]:
     return DistInfo(0, 1, 0, "single", node), SingleComm()
 
 
-_console = Console(stderr=True, highlight=False)
+@functools.cache
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def log(msg: str, info: DistInfo | None = None, all_ranks: bool = False) -> None:
@@ -187,9 +199,9 @@ def log(msg: str, info: DistInfo | None = None, all_ranks: bool = False) -> None
     rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
     # markup=False: a message's own brackets ("[ledger] ...", paths, lists) are text
     if all_ranks:
-        _console.print(f"[rank {rank}] {msg}", markup=False)
+        _console().print(f"[rank {rank}] {msg}", markup=False)
     elif rank == 0:
-        _console.print(msg, markup=False)
+        _console().print(msg, markup=False)
 
 
 def print0(msg: str) -> None:

@@ -40,15 +40,15 @@ log = logging.getLogger(__name__)
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _load(model_dir: str | Path, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from a saved HF directory, eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(model_dir: str | Path, flag: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer) from a saved HF directory (pipeline.common.models), eval mode, on
+    `device`; refused when its logits are more than `lm_head(hidden)`."""
+    from pipeline.common.models import load_model
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a model saved with save_pretrained")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tok, model = load_model(path, flag, dtype, device)
     for attr in _LOGIT_TRANSFORMS:
         if getattr(model.config, attr, None) not in (None, 1.0):  # HF config: optional attribute
             raise ValueError(f"{path}: {type(model).__name__} transforms its logits ({attr}="
@@ -178,10 +178,10 @@ def heldout_metrics(model_dir: str | Path, texts_jsonl: str | Path, seq_len: int
     if not texts.is_file():
         raise FileNotFoundError(f"--heldout {texts}: no such file (JSONL with a 'text' field)")
 
-    student, tok = _load(model_dir, dtype, device)
+    student, tok = _load(model_dir, "--model", dtype, device)
     teacher = None
     if teacher_dir is not None:
-        teacher, t_tok = _load(teacher_dir, dtype, device)
+        teacher, t_tok = _load(teacher_dir, "--teacher", dtype, device)
         reason = teacher_mismatch(student, tok, teacher, t_tok)
         if reason is not None:
             log.warning("heldout: no kl_to_teacher for teacher %s: %s", teacher_dir, reason)

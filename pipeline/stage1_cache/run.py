@@ -42,8 +42,8 @@ aborts the whole job, after writing its traceback to stderr and OUT/errors/rank{
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +68,10 @@ from pipeline.stage1_cache.teacher import (cache_vocab_size, load_teacher, split
                               teacher_weight_hashes, tokenizer_classes)
 from pipeline.stage1_cache.packing import (chat_unit_windows, resolve_chat_template, template_sha256,
                               unit_windows)
-from pipeline.stage1_cache.units import UnitReader, UnitStats
+from pipeline.stage1_cache.units import DEFAULT_UNIT_BYTES, UnitReader, UnitStats
 
 # Names tests and tools import from this module, wherever they are defined.
-__all__ = ["CacheConfig", "UnitWriter", "build_header", "cache_vocab_size", "load_teacher",
+__all__ = ["CacheConfig", "Hooks", "UnitWriter", "build_header", "cache_vocab_size", "load_teacher",
            "main", "run", "split_padded", "tokenizer_classes", "window_generators"]
 
 
@@ -105,9 +105,9 @@ class CacheConfig:
     max_windows: int | None = C.opt(None, "use only the first N windows of the corpus (in unit "
                                     "order; rank 0 tokenizes that prefix once to plan it)")
     shard_samples: int = C.opt(256, "windows per shard (256 x 2048 tokens = 21 MB)")
-    unit_bytes: int = C.opt(32 << 20, "work unit size in bytes of corpus text (32 MiB ~ 8M tokens: "
-                            "the dropped last partial window of a unit loses ~T/2 tokens, 0.013% "
-                            "at T=2048)")
+    unit_bytes: int = C.opt(DEFAULT_UNIT_BYTES, "work unit size in bytes of corpus text (32 MiB "
+                            "~ 8M tokens: the dropped last partial window of a unit loses ~T/2 "
+                            "tokens, 0.013% at T=2048)")
     lease_s: float = C.opt(60.0, "a launch whose heartbeat is older than this is dead: its "
                            "unfinished units are taken over (a restart after a kill waits this long)")
     device: str = C.opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, or cuda")
@@ -156,6 +156,23 @@ class CacheConfig:
     @property
     def sampler_args(self) -> dict:
         return {"num_draws": self.rskd_draws, "tau_s": self.rskd_tau} if self.sampler == "rskd" else {}
+
+
+def _no_op(rank: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What tests and benchmarks change in a launch, given to `main`/`run`; the defaults are
+    the stage's own behaviour. (`python -m pipeline.cache` under mpiexec gets them from
+    tests/hooks/sitecustomize.py, which test helpers put on PYTHONPATH.)"""
+
+    after_batch: Callable[[int], None] = _no_op
+    """Called with the rank after each teacher batch (tests slow ranks down to kill or race them)."""
+    static_units: bool = False
+    """Unit u goes to rank u % world instead of the ledger's next free unit: the static split
+    that dynamic claiming is measured against (tools/bench_assign.py)."""
 
 
 def _pick_device(cfg: CacheConfig, info: DistInfo) -> torch.device:
@@ -214,7 +231,7 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
     }
 
 
-def run(cfg: CacheConfig) -> dict | None:
+def run(cfg: CacheConfig, hooks: Hooks = Hooks()) -> dict | None:
     """Cache the corpus; returns the merged manifest on rank 0, None on other ranks."""
     info, comm = init_distributed()
     if comm is None:                                  # torchrun / srun without MPI
@@ -225,10 +242,10 @@ def run(cfg: CacheConfig) -> dict | None:
     # Under MPI a rank that raises would leave the others blocked in a collective forever:
     # its traceback goes to OUT/errors/rank{rank:04d}.txt and stderr, then every rank aborts.
     with abort_job_on_error(info, comm, "pipeline.cache", cfg.out):
-        return _run(cfg, info, comm)
+        return _run(cfg, info, comm, hooks)
 
 
-def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
+def _run(cfg: CacheConfig, info: DistInfo, comm, hooks: Hooks) -> dict | None:
     device = _pick_device(cfg, info)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +265,8 @@ def _run(cfg: CacheConfig, info: DistInfo, comm) -> dict | None:
     try:
         if info.rank == 0:
             setup, launch = _rank0_setup(cfg, out, tok, model, codec, info, template)
-        return _work(cfg, info, comm, out, setup, launch, tok, model, codec, V, device, template)
+        return _work(cfg, info, comm, out, setup, launch, tok, model, codec, V, device, template,
+                     hooks)
     except BaseException as e:
         # One process: end the launch here (its heartbeat thread would otherwise outlive the
         # error in this process). Several ranks: the job is aborted (MPI) or torn down
@@ -272,7 +290,7 @@ def _rank0_setup(cfg: CacheConfig, out: Path, tok, model, codec: RecordCodec, in
 
 
 def _work(cfg: CacheConfig, info: DistInfo, comm, out: Path, setup, launch, tok, model,
-          codec: RecordCodec, V: int, device, template: str | None) -> dict | None:
+          codec: RecordCodec, V: int, device, template: str | None, hooks: Hooks) -> dict | None:
     # The broadcast is also the barrier the ledger needs: no rank claims before rank 0 has
     # taken over the units of dead launches.
     header, plan, launch_no = comm.bcast_object(setup)
@@ -285,7 +303,7 @@ def _work(cfg: CacheConfig, info: DistInfo, comm, out: Path, setup, launch, tok,
                          f"damaged units' shards into {out}/quarantine/ and drops their done "
                          "records), then rerun this command: those units are recomputed")
     mine = _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device,
-                        template)
+                        template, hooks)
     everyone = comm.gather_object(mine)       # every rank has finished claiming and writing
     if info.rank != 0:
         return None
@@ -315,15 +333,11 @@ def _windows_of(cfg: CacheConfig, tok, template: str | None):
 
 
 def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, device,
-                 template) -> dict:
+                 template, hooks: Hooks) -> dict:
     """Claim units until none is left; cache each. Returns this rank's reading counts."""
     prog = StageProgress("teacher cache", None, "tokens", prefix=f"[rank {info.rank}] ",
                          unit_of_steps=f"windows of {cfg.seq_len} tokens")
-    delay = _test_delay(info.rank)
-    # Benchmark hook: SAMPLEDKD_TEST_STATIC_UNITS=1 gives unit u to rank u % world (the static
-    # split that dynamic claiming is measured against in tools/bench_assign.py).
-    only = ((lambda u: u % info.world_size == info.rank)
-            if os.environ.get("SAMPLEDKD_TEST_STATIC_UNITS") == "1" else None)
+    only = (lambda u: u % info.world_size == info.rank) if hooks.static_units else None
     mine = {"rank": info.rank, "launch": ledger.launch, "node": info.node, "units": [],
             "documents": 0, "tokens": 0, "bytes": 0, "windows": 0}
     t0 = time.perf_counter()
@@ -331,7 +345,7 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
     try:
         while (u := ledger.claim_next(only)) is not None:
             _cache_unit(cfg, info, out, ledger, plan, header, u, windows_of, model, codec, V, device,
-                        prog, delay, mine)
+                        prog, hooks, mine)
     finally:
         prog.close()      # before any error message: no progress text glued to it
     mine["wall_time_s"] = time.perf_counter() - t0
@@ -339,7 +353,7 @@ def _cache_units(cfg, info, out, ledger, plan, header, tok, model, codec, V, dev
 
 
 def _cache_unit(cfg, info, out, ledger, plan, header, u: int, windows_of, model, codec, V, device,
-                prog, delay, mine: dict) -> None:
+                prog, hooks: Hooks, mine: dict) -> None:
     """Cache unit `u` and record it done (its done record in the ledger)."""
     unit = plan["units"][u]
     reader = UnitReader(cfg.data_spec, plan, u)
@@ -356,9 +370,11 @@ def _cache_unit(cfg, info, out, ledger, plan, header, u: int, windows_of, model,
                 raise ValueError(f"unit {u}, window {k}: token id {int(tokens.max())} >= teacher V={V}")
             batch.append((k, tokens, trainable))
             if len(batch) == cfg.batch_size:
-                _flush(cfg, model, codec, device, u, batch, writer, prog, delay)
+                _flush(cfg, model, codec, device, u, batch, writer, prog)
+                hooks.after_batch(info.rank)
         if batch:
-            _flush(cfg, model, codec, device, u, batch, writer, prog, delay)
+            _flush(cfg, model, codec, device, u, batch, writer, prog)
+            hooks.after_batch(info.rank)
     except BaseException:
         writer.abandon()
         raise
@@ -378,7 +394,7 @@ def _cache_unit(cfg, info, out, ledger, plan, header, u: int, windows_of, model,
         mine[k] += rec[k]
 
 
-def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog, delay: float,
+def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog,
            timer: PhaseTimer | None = None) -> None:
     """Cache one batch of windows: teacher logits chunk by chunk, sampling, packing, writing.
     `timer` (tools/bench_cache.py) times each of those phases."""
@@ -411,19 +427,6 @@ def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog
                          trainable)
     prog.update(len(batch), len(batch) * cfg.seq_len)
     batch.clear()
-    if delay:
-        time.sleep(delay)
-
-
-def _test_delay(rank: int) -> float:
-    """Test hook: SAMPLEDKD_TEST_SLOW_RANK="R:SECONDS" sleeps SECONDS after every batch of
-    rank R, or of every rank with R = "*" (the dynamic-assignment test and benchmark slow one
-    rank down; kill and resume tests slow them all)."""
-    spec = os.environ.get("SAMPLEDKD_TEST_SLOW_RANK")
-    if not spec:
-        return 0.0
-    r, _, s = spec.partition(":")
-    return float(s) if r == "*" or int(r) == rank else 0.0
 
 
 def _summary(m: dict, out: Path) -> None:
@@ -445,14 +448,14 @@ def _summary(m: dict, out: Path) -> None:
     Console(stderr=True).print(t)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, hooks: Hooks = Hooks()) -> None:
     """The stage on `argv`; bad input raises ValueError (the command line prints it as one
-    line, pipeline.common.errors)."""
+    line, pipeline.common.errors). `hooks`: what tests and benchmarks change (`Hooks`)."""
     from pipeline.common.errors import alike_on_every_rank
 
     with alike_on_every_rank():
         cfg = C.parse(CacheConfig, argv, __doc__)
-    run(cfg)
+    run(cfg, hooks)
     import torch.distributed as dist
 
     if dist.is_initialized():     # torchrun/srun without MPI: as pipeline.stage2_distill.trainer.main

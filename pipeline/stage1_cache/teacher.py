@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.common.models import load_model, resolve_dtype
 from pipeline.common.phases import PhaseTimer
 
 from pipeline.cache_format.manifest import sha256_file
@@ -20,21 +21,10 @@ from pipeline.cache_format.manifest import sha256_file
 
 def load_teacher(cfg, device: torch.device):
     """(tokenizer, model in eval mode) of `cfg.teacher` (a pipeline.stage1_cache.run.CacheConfig: its
-    teacher, dtype and device_map), on `device` unless a device_map spreads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.teacher)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--teacher {cfg.teacher}: cannot load its tokenizer ({e})") from e
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    kw = {"device_map": cfg.device_map} if cfg.device_map else {}
-    model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, **kw)
-    if not cfg.device_map:
-        model.to(device)
-    model.eval()
-    return tok, model
+    teacher, dtype and device_map), on `device` unless a device_map spreads it. The stage's
+    checks of it follow: `cache_vocab_size`, the context length (run.py)."""
+    return load_model(cfg.teacher, "--teacher", resolve_dtype(cfg.dtype, device), device,
+                      cfg.device_map)
 
 
 def _is_weight_file(name: str) -> bool:

@@ -29,11 +29,12 @@ corpus (`data.ChatDataSpec`, `--data-format chat`) is read as rows (`UnitReader.
 packed by `pipeline.stage1_cache.packing.chat_unit_windows` (conversations, no EOS; .txt refused).
 
 Tokens lost to the dropped partial windows: `tokens_u mod T` per unit, on average T/2 (at
-most T-1). At the default 64 MiB per unit and ~4 bytes/token (English BPE text), a unit
-holds ~16.8M tokens: T=2048 loses ~1,024 tokens per unit = 0.006% (at most 0.012%);
-T=8192 0.024%; T=32768 0.10%. Measured: a generated 260 MiB .jsonl corpus of English
-words (cut into 5 units of 52 MiB), the tiny test tokenizer (4.69 bytes/token, 11.6M tokens
-per unit), T=2048: 309 to 1,768 tokens lost per unit (mean 877), 4,387 of 58.2M = 0.0075%.
+most T-1). At the default 32 MiB per unit (`DEFAULT_UNIT_BYTES`, the default of the cache
+stage's --unit-bytes) and ~4 bytes/token (English BPE text), a unit holds ~8.4M tokens:
+T=2048 loses ~1,024 tokens per unit = 0.012% (at most 0.024%); T=8192 0.049%; T=32768
+0.20%. Measured with 64 MiB units: a generated 260 MiB .jsonl corpus of English words (cut
+into 5 units of 52 MiB), the tiny test tokenizer (4.69 bytes/token, 11.6M tokens per unit),
+T=2048: 309 to 1,768 tokens lost per unit (mean 877), 4,387 of 58.2M = 0.0075%.
 The expected loss (T/2)/(tokens per unit) stays < 0.5% while units average > 100*T tokens
 (~800 KiB of text at T=2048). A unit holds at most `unit_bytes` (a parquet unit: plus its
 last row group; a .txt/.json file larger than that is a unit alone), and at least
@@ -64,7 +65,7 @@ from pipeline.common.text import _BUILDERS, DataSpec, _local_files, _not_utf8
 from pipeline.stage1_cache.packing import UnitStats, unit_windows  # noqa: F401
 
 PLAN_VERSION = 1
-DEFAULT_UNIT_BYTES = 64 << 20
+DEFAULT_UNIT_BYTES = 32 << 20     # 32 MiB: the default of the cache stage's --unit-bytes (docstring above)
 _KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
 _BOM = b"\xef\xbb\xbf"
 _SKIP_CHUNK = 1 << 16

@@ -1,5 +1,6 @@
 """Stage 2's configuration: `DistillConfig`, its flags (pipeline.common.config), the loss weights
-each mode brings, and the selection a mode actually runs."""
+each mode brings, and the selection a mode actually runs (both from the table of modes,
+`pipeline.stage2_distill.modes`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ from dataclasses import dataclass
 
 from pipeline.common import config as C
 from pipeline.stage2_distill import recipes
-from pipeline.stage2_distill.objectives import KD_LOSSES, MODES
+from pipeline.stage2_distill.modes import MODES
+from pipeline.stage2_distill.objectives import KD_LOSSES
 from pipeline.stage2_distill.selection.config import SelectionConfig
-
-# The loss weights each mode brings when --kd-weight / --ce-weight are not given.
-MODE_WEIGHTS = {"sampledkd": (1.0, 0.0), "rskd_all": (1.0, 0.0), "dense_kd": (1.0, 0.0),
-                "no_kd": (0.0, 1.0)}
 
 RECIPE_HELP = (
     "the loss recipe: a name in pipeline/stage2_distill/recipes/ or a path to a YAML file of these keys, laid "
@@ -23,17 +21,19 @@ RECIPE_HELP = (
     "and 3.026 for online dense KD; BENCHMARKS.md). `--recipe list` lists them")
 
 
+# `--recipe` is the config's preset (pipeline.common.config): its file's values sit under
+# --config and the flags; the file's meta keys (recipes.META_KEYS) are not options.
+RECIPE_PRESET = C.Preset(file=recipes.path_of, body=lambda data: recipes.split_meta(data)[0])
+
+
 @dataclass(frozen=True)
 class DistillConfig:
-    # `--recipe` is a preset (pipeline.common.config): its file's values sit under --config and flags.
-    PRESET_FIELD = "recipe"
-
-    recipe: str = C.opt("recommended", RECIPE_HELP)
+    recipe: str = C.opt("recommended", RECIPE_HELP, preset=RECIPE_PRESET)
     student: str = C.opt(None, "student: HF checkpoint directory, hub id, or a config.json path")
     cache: str = C.opt(None, "teacher cache directory (pipeline.cache output)")
     out: str = C.opt(None, "run directory: metrics, checkpoints (ckpt/), export (export/)")
     deepspeed: str = C.opt("ds_configs/zero3.json", "DeepSpeed config (ZeRO and precision only)")
-    mode: str = C.opt("sampledkd", "what the loss distils; each mode brings its loss weights", choices=MODES)
+    mode: str = C.opt("sampledkd", "what the loss distils; each mode brings its loss weights", choices=tuple(MODES))
     teacher: str | None = C.opt(None, "online teacher for --mode dense_kd")
     steps: int = C.opt(100, "optimizer steps")
     micro_batch: int = C.opt(1, "windows per rank per micro-step")
@@ -58,7 +58,7 @@ class DistillConfig:
     kd_loss: str = C.opt("sparse", "KD loss at the selected rows: 'sparse' (exact softmax over the "
                          "vocabulary) or 'sampled_softmax' (exact logits for the cached and the "
                          "--exact-classes classes, --num-negatives sampled ones for the rest: no "
-                         "[n, V] logits)", choices=KD_LOSSES)
+                         "[n, V] logits)", choices=tuple(KD_LOSSES))
     num_negatives: int = C.opt(1024, "sampled_softmax: negatives M drawn per micro-step")
     exact_classes: int = C.opt(1024, "sampled_softmax: classes K with the most cached teacher mass "
                                "whose logits are always exact (cuts the estimator's bias ~10x)")
@@ -80,16 +80,10 @@ class DistillConfig:
     shuffle_buffer: int = C.opt(64, "windows in the reader's shuffle buffer")
     dtype: str = C.opt("auto", "bf16 on GPU, fp32 on CPU when auto", choices=("auto", "float32", "bfloat16"))
 
-    @staticmethod
-    def preset_file(name: str):
-        return recipes.path_of(name)
-
-    @staticmethod
-    def preset_body(data: dict) -> dict:
-        return recipes.split_meta(data)[0]
-
     def __post_init__(self):
-        kd, ce = MODE_WEIGHTS.get(self.mode, (1.0, 0.0))
+        # the weights the mode brings (an unknown --mode, reported by validate: KD 1, CE 0)
+        mode = MODES.get(self.mode)
+        kd, ce = (mode.kd_weight, mode.ce_weight) if mode else (1.0, 0.0)
         if self.kd_weight is None:
             object.__setattr__(self, "kd_weight", kd)
         if self.ce_weight is None:
@@ -97,21 +91,25 @@ class DistillConfig:
 
     @property
     def active_selection(self) -> SelectionConfig:
-        """The selection that runs: rskd_all, no_kd and dense_kd train every position
-        (`all`) whatever `--select` says; sampledkd runs `selection`."""
-        if self.mode == "sampledkd" or self.selection.select == "all":
+        """The selection that runs: the mode's (`Mode.select`: rskd_all, no_kd and dense_kd
+        train every position, `all`) whatever `--select` says, else `selection` (sampledkd).
+        An unknown --mode (validate reports it) runs `all`."""
+        mode = MODES.get(self.mode)
+        forced = mode.select if mode else "all"
+        if forced is None or self.selection.select == forced:
             return self.selection
-        return dataclasses.replace(self.selection, select="all")
+        return dataclasses.replace(self.selection, select=forced)
 
     def validate(self) -> None:
         p = []
         for name, val in (("student", self.student), ("cache", self.cache), ("out", self.out)):
             if not val:
                 p.append(f"--{name} is required")
-        if self.mode not in MODES:
-            p.append(f"--mode {self.mode!r} must be one of {MODES}")
-        if self.mode == "dense_kd" and not self.teacher:
-            p.append("--mode dense_kd needs --teacher (the online teacher)")
+        mode = MODES.get(self.mode)
+        if mode is None:
+            p.append(f"--mode {self.mode!r} must be one of {tuple(MODES)}")
+        elif mode.online_teacher and not self.teacher:
+            p.append(f"--mode {self.mode} needs --teacher (the online teacher)")
         if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
             p.append(f"--steps {self.steps}, --micro-batch {self.micro_batch}, --grad-accum "
                      f"{self.grad_accum} must all be >= 1")
@@ -120,19 +118,20 @@ class DistillConfig:
         if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
             p.append(f"--kd-weight {self.kd_weight} and --ce-weight {self.ce_weight} must be >= 0, "
                      "not both 0")
-        if self.mode == "no_kd" and self.ce_weight == 0:
-            p.append("--mode no_kd trains on CE only: --ce-weight must be > 0")
+        if mode is not None and not mode.distils and self.ce_weight == 0:
+            p.append(f"--mode {self.mode} trains on CE only: --ce-weight must be > 0")
         if self.kd_loss == "sampled_softmax":
-            if self.mode not in ("sampledkd", "rskd_all"):
-                p.append(f"--kd-loss sampled_softmax reads the cache: use it with --mode sampledkd "
-                         f"or rskd_all, not {self.mode}")
+            if not (mode is not None and mode.reads_cache):
+                cached = " or ".join(n for n, m in MODES.items() if m.reads_cache)
+                p.append(f"--kd-loss sampled_softmax reads the cache: use it with --mode {cached}, "
+                         f"not {self.mode}")
             if self.num_negatives < 1 or self.exact_classes < 0:
                 p.append(f"--num-negatives {self.num_negatives} must be >= 1 and --exact-classes "
                          f"{self.exact_classes} >= 0")
         from pipeline.stage2_distill.validation import val_dir_problems
         p += val_dir_problems(self.val_cache, self.val_every, self.val_windows)
         try:
-            self.active_selection.validate(has_targets=self.mode != "no_kd")
+            self.active_selection.validate(has_targets=mode is None or mode.reads_cache)
         except ValueError as e:
             p.append(str(e))
         C.raise_if(p, "distill")

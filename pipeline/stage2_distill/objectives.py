@@ -1,17 +1,21 @@
-"""The loss of one micro-batch, one small function per training mode.
+"""The loss of one micro-batch, one small function per training mode (the table of modes,
+`pipeline.stage2_distill.modes`, names each mode's function).
 
 Each function takes the student's hidden states and the batch's targets (`StepInputs`),
-the run's fixed loss settings (`LossSettings`) and returns `Terms`: local (this rank's)
-sums and counts; `pipeline.distill` all-reduces them and divides (global means).
+the run's fixed loss settings (`LossSettings`) and returns `Terms`: the loss to
+backpropagate, `kd_weight * KD + ce_weight * CE`, each term a global mean (its local sum
+over its count summed over ranks: one all-reduce of two numbers, `StepInputs.sum_over_ranks`),
+and the local sums and counts it came from (the trainer's metrics).
 
     no_kd            CE on every position; lm_head on all rows
     dense_kd         the online teacher's full distribution at every position (and CE)
-    sparse           the cached classes at the selected rows (sampledkd, rskd_all):
-                     `--kd-head fused` makes lm_head's logits chunk by chunk with their
-                     gradients; with CE at other rows, ONE lm_head pass serves both
-    sampled_softmax  the cached classes plus K exact classes and M sampled negatives per
-                     row (`pipeline.stage2_distill.sampled_softmax`): no [n, V] logits anywhere; its CE
-                     (if any) is the sampled CE on the same draws
+    cached_kd        the cached classes at the selected rows (sampledkd, rskd_all) with
+                     `--kd-loss` (`KD_LOSSES`), and the KL estimate from the cached entropy:
+    sparse             `--kd-head fused` makes lm_head's logits chunk by chunk with their
+                       gradients; with CE at other rows, ONE lm_head pass serves both
+    sampled_softmax    the cached classes plus K exact classes and M sampled negatives per
+                       row (`pipeline.stage2_distill.sampled_softmax`): no [n, V] logits
+                       anywhere; its CE (if any) is the sampled CE on the same draws
 
 Under ZeRO-3 lm_head's weight is partitioned outside its module's forward and backward; a
 loss that reads the weight itself runs *as lm_head's forward* (`forward_replaced`), so
@@ -21,7 +25,7 @@ ZeRO-3's hooks gather it for the forward and again when the gradient arrives.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,9 +34,6 @@ from torch import Tensor
 
 from pipeline.stage2_distill import losses
 from pipeline.stage2_distill.sampled_softmax import sampled_ce, sampled_softmax_kd
-
-MODES = ("sampledkd", "no_kd", "dense_kd", "rskd_all")
-KD_LOSSES = ("sparse", "sampled_softmax")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class LossSettings:
     teacher_temperature: float = 1.0
     num_negatives: int = 1024
     exact_ids: Tensor | None = None
+    kd_loss: str = "sparse"             # sparse | sampled_softmax (KD_LOSSES), for cached_kd
 
 
 @dataclass
@@ -62,24 +64,48 @@ class StepInputs:
     mask: Tensor
     ids: Tensor | None = None             # [B, T, U]
     weights: Tensor | None = None         # [B, T, U]
-    position_weights: Tensor | None = None  # [B, T] (positional rule) or None
+    position_weights: Tensor | None = None  # [B, T] a weighting selection's (`Selection.loss_weights`)
     input_ids: Tensor | None = None
     generator: torch.Generator | None = None
-    kd_denominator: Tensor | None = None    # local KD count when not the rows' (positional)
-    sum_over_ranks: Callable[[Tensor], Tensor] | None = None  # a tensor summed over ranks
+    kd_denominator: Tensor | None = None    # local KD count when not the rows' (`Selection.loss_denominator`)
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None  # a tensor summed over ranks (None: one process)
+    entropy: Tensor | None = None         # [B, T] the cached teacher entropy (cached_kd's KL estimate)
+    teacher_logits: Tensor | None = None  # [B*T, V] the online teacher's (`teacher_logits`; dense_kd)
 
 
 @dataclass
 class Terms:
-    """Local loss terms of one micro-batch: sums carry gradients, counts do not.
-    `per_position`: the KD loss of each selected row (for the learned selector)."""
+    """One micro-batch's loss. `loss`: the scalar to backpropagate (global means, weighted).
+    The local terms it came from: sums carry gradients, counts do not; `kl`: the local sum of
+    the KL estimate (cached modes; 0 else). `per_position`: the KD loss of each selected row
+    (for the learned selector)."""
 
     kd_sum: Tensor
     kd_cnt: Tensor
     ce_sum: Tensor
     ce_cnt: Tensor
     per_position: Tensor | None = None
-    loss: Tensor | None = None    # set when already weighted and globally normalised (fused CE+KD)
+    loss: Tensor | None = None    # set by every objective before it returns
+    kl: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+def weighted_loss(kd_weight: float, ce_weight: float, kd, ce, kd_count: float = 1.0,
+                  ce_count: float = 1.0):
+    """`kd_weight * kd / kd_count + ce_weight * ce / ce_count`, each count floored at 1: the
+    loss of every mode, of sums and their global counts (the objectives) or of means with
+    counts 1 (the metrics' `loss`). Tensors or floats."""
+    return kd_weight * kd / max(kd_count, 1.0) + ce_weight * ce / max(ce_count, 1.0)
+
+
+def _finish(t: Terms, x: StepInputs, s: LossSettings) -> Terms:
+    """`t` with its loss: each term's sum over its count summed over ranks (one all-reduce of
+    the two counts; this process's counts when `x.sum_over_ranks` is None), weighted."""
+    counts = torch.stack([t.kd_cnt, t.ce_cnt]).float()
+    if x.sum_over_ranks is not None:
+        counts = x.sum_over_ranks(counts)
+    kd_count, ce_count = counts.tolist()
+    t.loss = weighted_loss(s.kd_weight, s.ce_weight, t.kd_sum, t.ce_sum, kd_count, ce_count)
+    return t
 
 
 def _zero(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,8 +136,9 @@ def forward_replaced(module: torch.nn.Module, fn):
 
 
 def no_kd(head, x: StepInputs, s: LossSettings) -> Terms:
+    """CE on every row (the mode selects `all`); no KD term."""
     logits = head(x.h.reshape(-1, x.h.shape[-1]))
-    return Terms(*_zero(x.h), *losses.ce(logits, x.labels.reshape(-1)))
+    return _finish(Terms(*_zero(x.h), *losses.ce(logits, x.labels.reshape(-1))), x, s)
 
 
 @torch.no_grad()
@@ -126,17 +153,18 @@ def teacher_logits(teacher, input_ids: Tensor, s: LossSettings) -> Tensor:
     return t_logits
 
 
-def dense_kd(head, x: StepInputs, s: LossSettings, t_logits: Tensor) -> Terms:
-    """Full KD against `teacher_logits` at the selected rows (every trainable position: the
-    mode selects `all`) and CE there if weighted."""
+def dense_kd(head, x: StepInputs, s: LossSettings) -> Terms:
+    """Full KD against `x.teacher_logits` (`teacher_logits`) at the selected rows (every
+    trainable position: the mode selects `all`) and CE there if weighted."""
     h, labels, m = x.h.reshape(-1, x.h.shape[-1]), x.labels.reshape(-1), x.mask.reshape(-1)
+    t_logits = x.teacher_logits
     if not bool(m.all()):                    # a chat cache's masked positions: no row copy otherwise
         h, labels, t_logits = h[m], labels[m], t_logits[m]
     logits = head(h)
     # The teacher distribution is the one the cache holds: softmax(y / T_teacher).
     kd = losses.dense_kd(logits, t_logits, s.kd_temperature, teacher_temperature=s.teacher_temperature)
     ce = losses.ce(logits, labels) if s.ce_weight else _zero(x.h)
-    return Terms(*kd, *ce)
+    return _finish(Terms(*kd, *ce), x, s)
 
 
 def _kd_count(x: StepInputs, rows_count: Tensor) -> Tensor:
@@ -166,7 +194,7 @@ def sparse(head, x: StepInputs, s: LossSettings) -> Terms:
 
         with forward_replaced(head, fused):
             kd_sum, cnt, per_pos = head(x.h[m])
-        return Terms(kd_sum, _kd_count(x, cnt), *ce, per_position=per_pos)
+        return _finish(Terms(kd_sum, _kd_count(x, cnt), *ce, per_position=per_pos), x, s)
     if s.ce_weight and s.ce_positions != "selected":
         # CE needs (nearly) every row's logits: run lm_head once and take the KD rows from
         # them, instead of a second lm_head pass over the selected rows.
@@ -181,7 +209,8 @@ def sparse(head, x: StepInputs, s: LossSettings) -> Terms:
             ce = losses.ce(logits, x.labels[m])
     per_pos = losses.sparse_kd_per_position(logits, ids, w, s.kd_temperature, s.self_normalize)
     r = ((ids < s.vocab).any(1)).float() * (1.0 if pw is None else pw)
-    return Terms((per_pos * r).sum(), _kd_count(x, r.sum()), *ce, per_position=per_pos.detach())
+    return _finish(Terms((per_pos * r).sum(), _kd_count(x, r.sum()), *ce, per_position=per_pos.detach()),
+                   x, s)
 
 
 def sampled_softmax(head, x: StepInputs, s: LossSettings) -> Terms:
@@ -208,7 +237,8 @@ def sampled_softmax(head, x: StepInputs, s: LossSettings) -> Terms:
 
     with forward_replaced(head, fn):
         kd_sum, kd_cnt, per_pos, ce_sum, ce_cnt = head(flat_h)
-    return Terms(kd_sum, _kd_count(x, kd_cnt), ce_sum, ce_cnt.detach(), per_position=per_pos)
+    return _finish(Terms(kd_sum, _kd_count(x, kd_cnt), ce_sum, ce_cnt.detach(), per_position=per_pos),
+                   x, s)
 
 
 def _fused_ce_and_kd(head, x: StepInputs, s: LossSettings, ids, w, pw) -> Terms:
@@ -241,5 +271,19 @@ def _fused_ce_and_kd(head, x: StepInputs, s: LossSettings, ids, w, pw) -> Terms:
     with forward_replaced(head, fused):
         total, _, per_row = head(x.h.reshape(-1, x.h.shape[-1]))
     kd_per = per_row[m]
+    # `total` is the loss already: its rows carry their weights over the global counts.
     return Terms((kd_per * kd_r).sum(), kd_cnt, per_row[ce_rows].sum(),
                  ce_rows.sum().float(), per_position=kd_per, loss=total)
+
+
+KD_LOSSES = {"sparse": sparse, "sampled_softmax": sampled_softmax}   # --kd-loss
+
+
+def cached_kd(head, x: StepInputs, s: LossSettings) -> Terms:
+    """The cached modes' loss: `--kd-loss` (`KD_LOSSES`) on the cached classes at the selected
+    rows, and `kl`, the KL estimate of those rows from the cached entropy
+    (`losses.sparse_kl_estimate`)."""
+    t = KD_LOSSES[s.kd_loss](head, x, s)
+    ids, _, pw = _kd_rows(x)
+    t.kl = losses.sparse_kl_estimate(t.kd_sum, x.entropy[x.mask], ids, s.vocab, pw, s.kd_temperature)
+    return t

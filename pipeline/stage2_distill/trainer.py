@@ -6,7 +6,8 @@
 
 Per micro-batch: the student's decoder gives hidden states [B, T, H]; the selection policy
 (pipeline.stage2_distill.selection) picks positions; the loss of the mode (pipeline.stage2_distill.objectives) runs
-`lm_head` where it needs logits. Modes (each brings its natural loss weights):
+`lm_head` where it needs logits. Modes (the table: pipeline.stage2_distill.modes; each brings
+its natural loss weights):
   sampledkd  cache targets at the selected positions (the product)      kd 1, ce 0
   rskd_all   cache targets at every position (RS-KD: selection `all`)    kd 1, ce 0
   no_kd      cross-entropy on every position, no teacher                 kd 0, ce 1
@@ -46,13 +47,14 @@ from pathlib import Path
 import torch
 
 from pipeline.common import config as C
-from pipeline.stage2_distill import losses, objectives
+from pipeline.stage2_distill import objectives
 from pipeline.stage2_distill.checkpoint import Checkpointer, DataPosition, truncate_metrics
 from pipeline.common.distributed import TorchComm, log
 from pipeline.common.errors import alike_on_every_rank
 from pipeline.stage2_distill.export import save_hf
 from pipeline.cache_format.manifest import cache_identity
 from pipeline.stage2_distill.distill_config import DistillConfig, recipe_warnings
+from pipeline.stage2_distill.modes import MODES
 from pipeline.stage2_distill.objectives import LossSettings, StepInputs, Terms
 from pipeline.common.phases import PhaseTimer
 from pipeline.cache_format.reader import CacheBatch, CacheReader
@@ -113,8 +115,9 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.comm = TorchComm()
+        self.mode = MODES[cfg.mode]
         check_model_path("--student", cfg.student)
-        if cfg.mode == "dense_kd":
+        if self.mode.online_teacher:
             check_model_path("--teacher", cfg.teacher)
         self.reader = CacheReader(cfg.cache, self.rank, self.world, cfg.micro_batch, cfg.seed,
                                   cfg.shuffle_buffer)
@@ -129,10 +132,10 @@ class Trainer:
         self.reader.check_student(self.tok, self.vocab)
         self.cache_vocab = int(self.reader.manifest["vocab_size"])
         sel_cfg = cfg.active_selection
-        sel_cfg.validate(has_targets=cfg.mode != "no_kd")
+        sel_cfg.validate(has_targets=self.mode.reads_cache)
         self.selector = Selector(sel_cfg, comm=self.comm, device=self.device, seed=cfg.seed)
         self.teacher = (load_teacher(cfg.teacher, cfg.student, self.tok, self.device)
-                        if cfg.mode == "dense_kd" else None)
+                        if self.mode.online_teacher else None)
         self.validator = None
         if cfg.val_cache:
             val = CacheReader(cfg.val_cache, self.rank, self.world)
@@ -148,7 +151,6 @@ class Trainer:
         self.model = self.engine.module
         self.timer = PhaseTimer(enabled=False, device=self.device)   # tools/bench_step.py enables it
         self.ckpt = Checkpointer(self.out, self.engine, self.comm, self.rank, self.world)
-        self.first_epoch = True
         self.last_validation: dict | None = None    # the latest validation metrics (run_info.json)
 
     def _loss_settings(self) -> LossSettings:
@@ -166,7 +168,7 @@ class Trainer:
                             kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, ce_positions=cfg.ce_positions,
                             kd_head=cfg.kd_head,
                             teacher_temperature=self.reader.manifest["teacher_temperature"],
-                            num_negatives=cfg.num_negatives, exact_ids=exact)
+                            num_negatives=cfg.num_negatives, exact_ids=exact, kd_loss=cfg.kd_loss)
 
     def _summed(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over ranks (a copy, all-reduced on this rank's device; on t's device)."""
@@ -175,8 +177,8 @@ class Trainer:
         return out.to(t.device)
 
     # -- one micro-batch --------------------------------------------------------------------
-    def micro_losses(self, b: CacheBatch, step: int, micro: int) -> tuple[Terms, Selection, torch.Tensor]:
-        """This rank's loss terms of one micro-batch, its selection and its KL estimate."""
+    def micro_losses(self, b: CacheBatch, step: int, micro: int) -> tuple[Terms, Selection]:
+        """The loss of one micro-batch (the mode's objective) and its selection."""
         cfg, head, s = self.cfg, self.model.get_output_embeddings(), self.settings
         if self.vocab > self.cache_vocab:
             # A padded student (more logits than the cache's V): an unused slot holds the
@@ -202,61 +204,45 @@ class Trainer:
                     sel = self.selector.select(inp, objectives.head_logits(head), step)
             else:
                 sel = self.selector.select(inp, None, step)
-        positional = self.selector.cfg.select == "positional"
         x = StepInputs(h, labels, sel.mask, ids=b.ids, weights=b.weights, input_ids=b.input_ids,
-                       position_weights=sel.weights if positional else None,
-                       kd_denominator=sel.denominator if positional else None,
-                       sum_over_ranks=self._summed)
-        if cfg.mode == "no_kd":
-            with timer("head_loss"):
-                return objectives.no_kd(head, x, s), sel, torch.zeros(())
-        if cfg.mode == "dense_kd":
+                       position_weights=sel.loss_weights, kd_denominator=sel.loss_denominator,
+                       sum_over_ranks=self._summed, entropy=b.entropy)
+        if self.mode.online_teacher:
             with timer("teacher_fwd"):
-                t_logits = objectives.teacher_logits(self.teacher, b.input_ids, s)
-            with timer("head_loss"):
-                return objectives.dense_kd(head, x, s, t_logits), sel, torch.zeros(())
+                x.teacher_logits = objectives.teacher_logits(self.teacher, b.input_ids, s)
         with timer("head_loss"):
             if cfg.kd_loss == "sampled_softmax":
                 x.generator = negatives_generator(cfg.seed, self.rank, step, micro, self.device)
-                t = objectives.sampled_softmax(head, x, s)
-            else:
-                t = objectives.sparse(head, x, s)
-        pw = x.position_weights[sel.mask] if positional else None
-        kl = losses.sparse_kl_estimate(t.kd_sum, b.entropy[sel.mask], b.ids[sel.mask], self.vocab, pw,
-                                       cfg.kd_temperature)
-        self.selector.observe(sel, t.per_position)
-        return t, sel, kl
+            t = self.mode.objective(head, x, s)
+        self.selector.observe(sel, t.per_position)    # trains a learned selector; else a no-op
+        return t, sel
 
-    def train_step(self, batches: list[CacheBatch], step: int) -> dict:
-        """One optimizer step over `grad_accum` micro-batches: the global sums and counts."""
-        cfg = self.cfg
+    def train_step(self, batches: list[CacheBatch], step: int, epoch: int = 0) -> dict:
+        """One optimizer step over `grad_accum` micro-batches of data epoch `epoch`: the global
+        sums and counts."""
         stats = dict.fromkeys(STATS, 0.0)
         threshold = None
         for micro, b in enumerate(batches):
             # A training window holding a document of the validation set (first epoch only:
             # later epochs repeat the windows) makes every validation number meaningless.
             shared = sum(self.validator.shared_document(w) for w in b.input_ids) \
-                if self.validator is not None and self.first_epoch else 0
+                if self.validator is not None and epoch == 0 else 0
             if shared:
                 log(f"window(s) of {b.keys} hold documents of --val-cache {self.cfg.val_cache}",
                     all_ranks=True)
             b = b.to(self.device)
-            t, sel, kl = self.micro_losses(b, step, micro)
-            # One all-reduce per micro-step gives the global sums and counts: each term is
-            # normalised by its count over all ranks, then scaled by world because
-            # DeepSpeed averages gradients over ranks.
+            t, sel = self.micro_losses(b, step, micro)
+            # The step's statistics summed over ranks (metrics.jsonl; the loss itself was
+            # normalised by its global counts in the objective).
             local = torch.stack([t.kd_sum.detach(), t.kd_cnt, t.ce_sum.detach(), t.ce_cnt,
-                                 kl.to(t.kd_cnt), sel.mask.sum().float(),
+                                 t.kl.to(t.kd_cnt), sel.mask.sum().float(),
                                  torch.tensor(float(b.input_ids.numel()), device=self.device),
                                  b.trainable.sum().float(),
                                  torch.tensor(float(shared), device=self.device)]).float()
             with self.timer("stats"):
                 self.comm.dist.all_reduce(local)
                 g = dict(zip(STATS, local.tolist()))
-            if t.loss is None:
-                t.loss = (cfg.kd_weight * t.kd_sum / max(g["kd_cnt"], 1.0)
-                          + cfg.ce_weight * t.ce_sum / max(g["ce_cnt"], 1.0))
-            loss = t.loss * self.world
+            loss = t.loss * self.world          # DeepSpeed averages gradients over ranks
             with self.timer("backward"):
                 self.engine.backward(loss)
             with self.timer("optimizer"):
@@ -319,7 +305,6 @@ class Trainer:
 def batches_forever(tr: Trainer, pos: DataPosition):
     """Micro-batches from `pos` on, epoch after epoch; advances `pos` as it yields."""
     while True:
-        tr.first_epoch = pos.epoch == 0
         steps = tr.reader.steps_per_epoch(pos.epoch) // tr.cfg.grad_accum * tr.cfg.grad_accum
         for b in tr.reader.batches(pos.epoch, skip=pos.batch_in_epoch):
             if pos.batch_in_epoch >= steps:
@@ -336,7 +321,8 @@ def metrics_record(cfg: DistillConfig, s: dict, pos: DataPosition, rank: int, lr
         return s[num] / max(s[den], 1)
 
     return {"step": pos.step, "epoch": pos.epoch, "rank": rank,
-            "loss": cfg.kd_weight * mean("kd_sum", "kd_cnt") + cfg.ce_weight * mean("ce_sum", "ce_cnt"),
+            "loss": objectives.weighted_loss(cfg.kd_weight, cfg.ce_weight, mean("kd_sum", "kd_cnt"),
+                                             mean("ce_sum", "ce_cnt")),
             "kd_loss": mean("kd_sum", "kd_cnt"), "ce_loss": mean("ce_sum", "ce_cnt"),
             "kl_est": mean("kl", "kd_cnt"), "selected_frac": mean("selected", "trainable"),
             "trainable_frac": mean("trainable", "positions"),
@@ -395,7 +381,7 @@ def train(tr: Trainer, stop: StopFlag, pos: DataPosition) -> bool:
             lr = tr.sched.get_last_lr()[0]          # the rate this step uses
             micro = [next(data) for _ in range(cfg.grad_accum)]
             rank_keys = [k for b in micro for k in b.keys]
-            s = tr.train_step(micro, pos.step)
+            s = tr.train_step(micro, pos.step, pos.epoch)    # `pos` is at these batches' epoch
             pos.step += 1
             dt = time.perf_counter() - t0
             val = {}

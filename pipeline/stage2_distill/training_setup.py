@@ -84,19 +84,19 @@ def lr_lambda(cfg):
 
 
 def load_teacher(path: str, student: str, student_tok, device: torch.device):
-    """A frozen replica of the online teacher per rank, outside ZeRO (it is never trained);
-    its tokenizer must be the student's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A frozen fp32 replica of the online teacher per rank, outside ZeRO (it is never
+    trained; pipeline.common.models loads it); its tokenizer must be the student's."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    from pipeline.common.models import load_model
     from pipeline.common.text import tokenizer_fingerprint
 
-    unset_hf_deepspeed_config()
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    if tokenizer_fingerprint(AutoTokenizer.from_pretrained(path)) != tokenizer_fingerprint(student_tok):
+    unset_hf_deepspeed_config()     # else ZeRO-3 would partition the teacher as it loads
+    tok, teacher = load_model(path, "--teacher", torch.float32, device)
+    if tokenizer_fingerprint(tok) != tokenizer_fingerprint(student_tok):
         raise ValueError(f"--teacher {path} and --student {student} have different tokenizers; "
                          "dense KD needs a shared vocabulary")
-    teacher.eval().requires_grad_(False)
+    teacher.requires_grad_(False)
     return teacher
 
 
@@ -108,10 +108,11 @@ def check_inputs(cfg) -> str:
     from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.cache_format.reader import CacheReader
+    from pipeline.stage2_distill.modes import MODES
     from pipeline.stage2_distill.validation import check_val_cache
 
     check_model_path("--student", cfg.student)
-    if cfg.mode == "dense_kd":
+    if MODES[cfg.mode].online_teacher:
         check_model_path("--teacher", cfg.teacher)
     reader = CacheReader(cfg.cache, verify=False)
     src = Path(cfg.student)

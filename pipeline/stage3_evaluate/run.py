@@ -2,7 +2,7 @@
 
     python -m pipeline.evaluate --model runs/sampledkd/export --tasks paper --out runs/sampledkd/eval
     python -m pipeline.evaluate --model M --tasks quick --out E --data-dir pipeline/stage3_evaluate/tasks/fixtures --limit 2
-    python -m pipeline.evaluate --model M --out E --heldout held.jsonl --teacher TEACHER --seq-len 512
+    python -m pipeline.evaluate --model RUN/export --out E --heldout held.jsonl --teacher TEACHER
 
 Tasks keep lm-eval's registry names (gsm8k, arc_easy, arc_challenge, hellaswag, piqa,
 lambada_openai, aime25, ifeval) plus our `svamp`; groups: `paper` (all nine), `quick`
@@ -28,6 +28,12 @@ Outputs:
   --tasks ...`.
 - `OUT/samples_{task}.jsonl` with `--log-samples`.
 
+Held-out windows are as long as the windows the student was distilled on: `--seq-len`
+when given; else, when `--model` is an export of pipeline.distill, the `seq_len` of the
+cache its run read (`heldout_seq_len`: RUN/export -> RUN/config.json; an export written by
+tools/export_hf.py -> its sampledkd_export.json -> the checkpoint's sampledkd_meta.json;
+then the cache's manifest.json); else DEFAULT_SEQ_LEN = 512 tokens (said in the log).
+
 A generation task's `max_gen_toks` is the task's own (lm-eval's default 256 where it sets
 none) unless `--max-gen-toks` is given; a task default above half the model's context
 (AIME'25 asks for 32,768) is cut to half the context with a warning, recorded in
@@ -48,9 +54,15 @@ from pipeline.common import config as C
 from pipeline.stage3_evaluate import tasks as task_registry
 from pipeline.common.config import opt
 from pipeline.stage3_evaluate.lm_eval_quiet import env_info_once, quiet_libraries
+from pipeline.stage3_evaluate.report import headline, markdown, print_summary
 from pipeline.common.tracking import log_results
 
 log = logging.getLogger("pipeline.evaluate")
+
+DEFAULT_SEQ_LEN = 512
+"""Held-out window length T without --seq-len for a model not distilled by this pipeline (or
+whose cache is not found): the default of every earlier version, kept so that such numbers
+stay comparable. (The cache stage's default T is 2,048.)"""
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -87,7 +99,9 @@ class EvalConfig:
     bootstrap_iters: int = opt(100_000, "bootstrap resamples for the stderr of non-mean metrics (0: skip)")
     heldout: str | None = opt(None, "JSONL with a 'text' field: held-out perplexity (and KL with --teacher)")
     teacher: str | None = opt(None, "teacher HF directory for the held-out KL(teacher || student)")
-    seq_len: int = opt(512, "held-out window length T (as the cache stage cut its corpus)")
+    seq_len: int | None = opt(None, "held-out window length T (default: the T of the cache the "
+                              "student was distilled from, found through its run; else "
+                              f"{DEFAULT_SEQ_LEN})")
     heldout_max_windows: int | None = opt(None, "cap on held-out windows")
     heldout_batch_size: int = opt(4, "windows per held-out forward pass")
     heldout_format: str = opt("text", "'chat': --heldout rows are conversations (messages or "
@@ -209,6 +223,32 @@ def model_dir_problems(model: str, tokenizer: str | None) -> list[str]:
     return []
 
 
+def heldout_seq_len(cfg: EvalConfig) -> tuple[int, str]:
+    """(T, where it came from) of the held-out windows: `--seq-len`; else the `seq_len` of
+    the cache the run that exported `--model` read (module docstring); else DEFAULT_SEQ_LEN."""
+    if cfg.seq_len is not None:
+        return cfg.seq_len, "--seq-len"
+    model = Path(cfg.model)
+    export = model / "sampledkd_export.json"         # written by tools/export_hf.py
+    try:
+        if export.is_file():
+            where = Path(json.loads(export.read_text())["checkpoint"]) / "sampledkd_meta.json"
+            run_config = json.loads(where.read_text())["config"]
+        elif (model.parent / "config.json").is_file():          # pipeline.distill's RUN/export
+            where = model.parent / "config.json"
+            run_config = json.loads(where.read_text())
+        else:
+            return DEFAULT_SEQ_LEN, f"the default: {model} is no pipeline.distill export"
+        if not isinstance(run_config, dict) or "cache" not in run_config:
+            return DEFAULT_SEQ_LEN, f"the default: {where} is no pipeline.distill run config"
+        manifest = Path(run_config["cache"]) / "manifest.json"
+        return int(json.loads(manifest.read_text())["seq_len"]), f"the seq_len of {manifest}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # the run's files moved or damaged: the default, and the log says why
+        return DEFAULT_SEQ_LEN, (f"the default: the cache {model} was distilled from is not "
+                                 f"readable ({type(e).__name__}: {e}); pass --seq-len")
+
+
 def _matches(folder: Path, patterns: tuple[str, ...]) -> list[str]:
     """Paths under `folder` (relative) matching any glob pattern."""
     return [str(p.relative_to(folder)) for pat in patterns for p in sorted(folder.glob(pat))]
@@ -287,43 +327,6 @@ def _merge(acc: dict | None, res: dict) -> dict:
     return acc
 
 
-def headline(results: dict) -> dict[str, tuple[str, float, float | None]]:
-    """task -> (metric key, value, stderr or None) for the tasks in lm-eval's `results`."""
-    out = {}
-    for task, metrics in results.get("results", {}).items():
-        key = task_registry.HEADLINE.get(task)
-        if key is None or key not in metrics:
-            continue
-        metric, _, filt = key.partition(",")
-        err = metrics.get(f"{metric}_stderr,{filt}")
-        out[task] = (key, float(metrics[key]), float(err) if isinstance(err, (int, float)) else None)
-    return out
-
-
-def markdown(results: dict) -> str:
-    """results.md: headline table, held-out metrics, lm-eval's full table."""
-    from lm_eval.utils import make_table
-
-    ours = results["sampledkd"]
-    lines = [f"# Evaluation of `{ours['model']}`", ""]
-    heads = headline(results)
-    if heads:
-        lines += ["| Task | Metric | Value | Stderr | n |", "|---|---|---:|---:|---:|"]
-        for task, (key, value, err) in heads.items():
-            n = results.get("n-samples", {}).get(task, {}).get("effective", "")
-            lines.append(f"| {task} | {key} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | {n} |")
-        mean = sum(v for _, v, _ in heads.values()) / len(heads)
-        lines += [f"| **mean of {len(heads)}** | | **{mean:.4f}** | | |", ""]
-    if "heldout" in results:
-        lines += ["## Held-out language modeling", "", "| Metric | Value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in results["heldout"].items() if not isinstance(v, list)]  # bins: JSON only
-        lines.append("")
-    if results.get("results"):
-        lines += ["## lm-eval", "", make_table(results)]
-    return "\n".join(lines) + "\n"
-
-
 def _write_json(path: Path, obj: dict) -> None:
     from lm_eval.utils import handle_non_serializable
 
@@ -356,8 +359,10 @@ def run(cfg: EvalConfig, console=None) -> dict:
             from pipeline.common.heldout import heldout_metrics
 
             template = read_chat_template(cfg.chat_template) if cfg.chat_template else None
+            seq_len, source = heldout_seq_len(cfg)
+            console.log(f"held-out windows of {seq_len} tokens ({source})")
             t0 = time.perf_counter()
-            held = heldout_metrics(cfg.model, cfg.heldout, cfg.seq_len, teacher_dir=cfg.teacher,
+            held = heldout_metrics(cfg.model, cfg.heldout, seq_len, teacher_dir=cfg.teacher,
                                    max_windows=cfg.heldout_max_windows,
                                    batch_size=cfg.heldout_batch_size, device=cfg.device,
                                    progress=progress, data_format=cfg.heldout_format,
@@ -376,7 +381,7 @@ def run(cfg: EvalConfig, console=None) -> dict:
     # The same numbers as TensorBoard scalars eval/<task>/<metric> (and heldout/...) in OUT.
     log_results(out, {**results["results"], **({"heldout": results["heldout"]}
                                                if "heldout" in results else {})})
-    _print_summary(results, console)
+    print_summary(results, console)
     console.log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return results
 
@@ -436,27 +441,6 @@ def _write_samples(path: Path, samples: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for s in samples:
             fh.write(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n")
-
-
-def _print_summary(results: dict, console) -> None:
-    from rich.table import Table
-
-    heads = headline(results)
-    table = Table(title=f"SampledKD evaluation: {results['sampledkd']['model']}")
-    for col, justify in (("task", "left"), ("metric", "left"), ("value", "right"),
-                         ("± stderr", "right"), ("n", "right")):
-        table.add_column(col, justify=justify)
-    for task, (key, value, err) in heads.items():
-        n = results.get("n-samples", {}).get(task, {}).get("effective", "")
-        table.add_row(task, key, f"{value:.4f}", "" if err is None else f"{err:.4f}", str(n))
-    if heads:
-        mean = sum(v for _, v, _ in heads.values()) / len(heads)
-        table.add_row(f"mean of {len(heads)}", "", f"{mean:.4f}", "", "", style="bold")
-    for key, value in results.get("heldout", {}).items():
-        if isinstance(value, list):        # the calibration bins: results.json only
-            continue
-        table.add_row("heldout", key, f"{value:.6g}" if isinstance(value, float) else str(value), "", "")
-    console.print(table)
 
 
 # ---------------------------------------------------------------------------- CLI

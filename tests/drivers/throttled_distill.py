@@ -14,9 +14,9 @@ import pipeline.stage2_distill.trainer as D
 
 
 class Throttled(D.Trainer):
-    def train_step(self, batches, step):
+    def train_step(self, batches, step, epoch=0):
         time.sleep(float(os.environ.get("THROTTLE_S", "0")))
-        return super().train_step(batches, step)
+        return super().train_step(batches, step, epoch)
 
 
 if __name__ == "__main__":

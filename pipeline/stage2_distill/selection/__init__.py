@@ -28,7 +28,9 @@ the loss uses at frac 0.25); teacher_entropy / random scores cost no lm_head cal
 the mask; 1 except for `positional`), `threshold` (gls: the global threshold, identical on
 every rank; else None), `scores [B,T]`, `denominator` (what the weighted sum estimates
 the total over: the number of valid positions for `positional`, whose weighted sum is an
-unbiased estimate of the all-positions sum; the number selected otherwise).
+unbiased estimate of the all-positions sum; the number selected otherwise), `weighted`
+(the rule's weights are importance weights: `positional`). A loss reads `loss_weights` and
+`loss_denominator` (None for a rule that does not weight) and never the rule's name.
 
 Scores (`SCORES`), higher = more worth distilling; student-side ones come from one no-grad
 pass of `lm_head` over the valid positions, `chunk_size` rows at a time, never `[B,T,V]`:
@@ -56,15 +58,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.common.distributed import SingleComm
 from pipeline.stage2_distill.selection.config import (SCORE_NAMES, SIGNAL_NAMES, Curriculum,
-                                       SelectionConfig)
+                                                      SelectionConfig)
 from pipeline.stage2_distill.selection.learned import LearnedSelector, make_features
-from pipeline.stage2_distill.selection.rules import (RULES, Communicator, GLSQueue, RuleContext, RuleOutput,
-                                      SingleProcess, all_gather_rows, k_per_row, percentile_band_rule,
-                                      positional_probs, positional_rule, topk_rule)
+from pipeline.stage2_distill.selection.rules import (RULES, Communicator, GLSQueue, RuleContext,
+                                                     RuleOutput, all_gather_rows, k_per_row,
+                                                     percentile_band_rule, positional_probs,
+                                                     positional_rule, topk_rule)
 
 __all__ = ["SelectionConfig", "Curriculum", "Selector", "Selection", "SelectionInputs",
-           "Communicator", "SingleProcess", "SCORES", "RULES", "compute_scores",
+           "Communicator", "SCORES", "RULES", "compute_scores",
            "compute_signals", "next_token_labels", "all_gather_rows", "RuleContext", "RuleOutput",
            "k_per_row", "topk_rule", "percentile_band_rule", "positional_rule", "positional_probs"]
 
@@ -99,6 +103,20 @@ class Selection:
     denominator: Tensor   # [] float32: positions the weighted sum stands for
     frac: float           # the fraction in force at this step
     features: Tensor | None = None  # [B,T,F] learned-selector features, else None
+    weighted: bool = False
+    """True when `weights` are importance weights (positional): a loss weights its selected
+    rows by them and divides by `denominator`, not by its own count of rows."""
+
+    @property
+    def loss_weights(self) -> Tensor | None:
+        """[B,T] the per-position weights a loss applies; None when every weight is 1."""
+        return self.weights if self.weighted else None
+
+    @property
+    def loss_denominator(self) -> Tensor | None:
+        """[] what a loss's weighted sum divides by; None: the loss's own count of rows (the
+        selected rows that have a target)."""
+        return self.denominator if self.weighted else None
 
 
 def next_token_labels(input_ids: Tensor, ignore: int = -100) -> Tensor:
@@ -245,7 +263,7 @@ class Selector:
 
     def __init__(self, cfg: SelectionConfig, comm: Communicator | None = None,
                  device: torch.device | str = "cpu", seed: int = 0):
-        self.cfg, self.comm, self.device = cfg, comm or SingleProcess(), torch.device(device)
+        self.cfg, self.comm, self.device = cfg, comm or SingleComm(), torch.device(device)
         self.curriculum = Curriculum.parse(cfg.curriculum, cfg.select_frac)
         self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(seed, self.comm.rank))
         warm = cfg.gls_queue if cfg.gls_warmup is None else cfg.gls_warmup
@@ -276,9 +294,10 @@ class Selector:
         ctx = RuleContext(self.generator, tuple(cfg.select_band), cfg.positional_alpha,
                           cfg.positional_floor, self.gls, self.comm)
         out = RULES[cfg.select](scores, valid, frac, ctx)
-        denom = valid.sum() if cfg.select == "positional" else out.mask.sum()
+        weighted = out.denominator is not None
+        denom = out.denominator if weighted else out.mask.sum()
         return Selection(out.mask, out.weights, out.threshold, torch.where(valid, scores, 0.0),
-                         denom.float(), frac, features)
+                         denom.float(), frac, features, weighted)
 
     def observe(self, selection: Selection, losses: Tensor) -> None:
         """Per-position KD losses `[n_sel]` at `selection.mask` (row-major, i.e. the order

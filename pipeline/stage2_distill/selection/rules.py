@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from pipeline.common.distributed import SingleComm
 from pipeline.stage2_distill.selection.config import RULE_NAMES
 
 
@@ -25,16 +26,6 @@ class Communicator(Protocol):
     rank: int
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]: ...
-
-
-class SingleProcess:
-    """The default communicator: one rank."""
-
-    world_size = 1
-    rank = 0
-
-    def all_gather(self, tensor: Tensor) -> list[Tensor]:
-        return [tensor]
 
 
 def all_gather_rows(comm: Communicator, x: Tensor) -> Tensor:
@@ -103,6 +94,10 @@ class RuleOutput:
     mask: Tensor               # [B,T] bool
     weights: Tensor            # [B,T] float32
     threshold: float | None
+    denominator: Tensor | None = None
+    """[] what a weighted sum over `mask` stands for, for a rule whose `weights` are
+    importance weights (positional: the valid positions); None: every weight is 1 and a
+    sum over the mask is a sum over the selected positions."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +109,7 @@ class RuleContext:
     positional_alpha: float = 1.0
     positional_floor: float = 0.1
     gls: GLSQueue | None = None
-    comm: Communicator = SingleProcess()
+    comm: Communicator = SingleComm()
 
 
 def k_per_row(valid: Tensor, frac: float) -> Tensor:
@@ -230,7 +225,7 @@ def positional_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext
     hit = (torch.floor(c - u) > torch.floor(c_prev - u)) & (p > 0)
     mask = capped | torch.zeros_like(unc).scatter(1, order, hit)
     w = torch.where(mask, 1.0 / pi.clamp_min(1e-300), 0.0).float()
-    return RuleOutput(mask, w, None)
+    return RuleOutput(mask, w, None, denominator=valid.sum())
 
 
 def all_rule(scores: Tensor, valid: Tensor, frac: float, ctx: RuleContext | None = None) -> RuleOutput:

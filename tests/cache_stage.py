@@ -29,6 +29,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.stage1_cache.run import main as cache_main
@@ -447,3 +448,15 @@ def big_tokenizer(n: int):
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The tiny teacher and corpus of cache_stage (built once per session)."""
+    return shared_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref1(env):
+    """The one-rank reference cache of cache_stage (built once per session)."""
+    return shared_ref1(env)

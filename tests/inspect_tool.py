@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "inspect_cache.py"
@@ -124,3 +125,14 @@ def units_on_disk(cache: Path) -> dict[int, list[tuple[str, list[str]]]]:
         assert m, p.name
         out.setdefault(int(m.group(1)), []).append((p.name, list(tar_samples(p))))
     return out
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> SimpleNamespace:
+    """The tiny cache of inspect_tool (built once per session) and the stage's arguments."""
+    return shared_stage(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cache(stage) -> Path:
+    return stage.cache

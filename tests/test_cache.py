@@ -17,24 +17,17 @@ import numpy as np
 import pytest
 import torch
 
+from cache_stage import env, ref1  # noqa: F401  (fixtures)
 from cache_stage import (CORPUS, SHARD_RE, T, U, big_tokenizer, cache_args, check_cache,
                          check_rank_counts, decode_kd, full_logits, launch_info, load_model,
                          main_args, make_docs, manifest_of, parse_key, read_shards, recompute,
-                         shared_env, shared_ref1, unit_documents, write_jsonl)
+                         unit_documents, write_jsonl)
 from pipeline.stage1_cache.run import main as cache_main
 from references import reference_windows
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The tiny teacher and corpus of cache_stage (built once per session)."""
-    return shared_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref1(env):
-    """The one-rank reference cache of cache_stage (built once per session)."""
-    return shared_ref1(env)
+# The fixtures `env` (the tiny teacher and corpus) and `ref1` (the one-rank reference cache)
+# come from cache_stage, built once per session.
 
 
 # -- one rank: the reference cache against the independent references ---------------------------

@@ -23,22 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from cache_stage import env, ref1  # noqa: F401  (fixtures)
 from cache_stage import (INSPECT, REPO, SHARD_RE, cache_args, check_cache, check_rank_counts,
                          done_records, file_state, launch_info, main_args, manifest_of, mpi_env,
-                         parse_key, run_mpi, same_plan, shared_env, shared_ref1, start_mpi,
+                         parse_key, run_mpi, same_plan, start_mpi,
                          stop_group, write_corpus)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The tiny teacher and corpus of cache_stage (built once per session)."""
-    return shared_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref1(env):
-    """The one-rank reference cache of cache_stage (built once per session)."""
-    return shared_ref1(env)
+# The fixtures `env` (the tiny teacher and corpus) and `ref1` (the one-rank reference cache)
+# come from cache_stage, built once per session.
 
 
 # -- 16 ranks on one machine -----------------------------------------------------------------------

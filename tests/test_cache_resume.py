@@ -17,24 +17,17 @@ import shutil
 import pytest
 import torch
 
+from cache_stage import env, ref1  # noqa: F401  (fixtures)
 from cache_stage import (SHARD_RE, SMALL, big_tokenizer, build_teacher, cache_args,
                          check_cache, done_records, expected_units, file_state, launch_info,
                          load_model, main_args, manifest_of, parse_key, read_shards, run_inspect,
-                         shared_env, shared_ref1, small_cache, unfinish, write_corpus,
+                         small_cache, unfinish, write_corpus,
                          write_jsonl)
 from pipeline.stage1_cache.run import main as cache_main
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The tiny teacher and corpus of cache_stage (built once per session)."""
-    return shared_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref1(env):
-    """The one-rank reference cache of cache_stage (built once per session)."""
-    return shared_ref1(env)
+# The fixtures `env` (the tiny teacher and corpus) and `ref1` (the one-rank reference cache)
+# come from cache_stage, built once per session.
 
 
 # -- a changed corpus, another teacher, crash leftovers, a damaged shard, bad flags ------------

@@ -17,20 +17,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from inspect_tool import cache, stage  # noqa: F401  (fixtures)
 from inspect_tool import (ROOT, SHARD_NAME, T, TEACHER_LOGITS, U, WINDOWS, SHARD_SAMPLES,
                           all_samples, decoded_records, read_json, run_tool, shard_files,
-                          shared_stage, tar_samples, units_on_disk)
+                          tar_samples, units_on_disk)
 
 
-@pytest.fixture(scope="module")
-def stage(tmp_path_factory) -> SimpleNamespace:
-    """The tiny cache of inspect_tool (built once per session) and the stage's arguments."""
-    return shared_stage(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def cache(stage) -> Path:
-    return stage.cache
+# The fixtures `stage` (the tiny cache and the stage's arguments) and `cache` (its directory)
+# come from inspect_tool, built once per session.
 
 
 def test_storage_numbers(stage):

@@ -5,17 +5,8 @@
     python tools/inspect_cache.py CACHE_DIR --json          # one JSON object on stdout
     python tools/inspect_cache.py CACHE_DIR --plot out.png  # entropy histogram + one sample
 
-Numbers (DESIGN.md sections 2 and 9), with N positions = samples x T:
-    bytes_on_disk             sum of the shard files' real sizes (os.stat), manifest excluded
-    record_bytes_per_position 3U + 1 (U records of 3 B + 1 entropy byte)
-    bytes_per_position        bytes_on_disk / N (records + 4 B of tokens + tar headers)
-    reduction_vs_bf16 / fp32  2V / bytes_per_position, 4V / bytes_per_position
-    reduction_vs_top128       128 x (2 B fp16 value + 4 B int32 id) / bytes_per_position
-    tar_overhead_fraction     (bytes_on_disk - N x (3U+1+4)) / (N x (3U+1+4)); a chat cache's
-                              payload also counts trainable.bits (ceil(T/8) B per sample)
-Entropy statistics come from the manifest's histogram over the 256 entropy codebook
-levels (exact for the quantized entropies); distinct-class statistics from its histogram
-of non-sentinel ids per position.
+The numbers and how each is computed: pipeline/cache_format/stats.py (DESIGN.md sections
+2 and 9).
 
 Chat caches (format version 3, `--data-format chat`): only positions whose next token
 belongs to an assistant turn are trainable (each sample's `trainable.bits`). The report

@@ -37,8 +37,8 @@ MAY_IMPORT = {
     S2: ({S2, FORMAT, COMMON}, "stage 2 reads the cache only through cache_format (no stage-1 "
                                "module) and imports no other stage"),
     S3: ({S3, COMMON}, "stage 3 evaluates an exported model: no cache, no other stage"),
-    DEMO: ({DEMO, FORMAT, COMMON}, "demo builds the stages' inputs (checksummed like the cache); "
-                                   "it runs no stage"),
+    DEMO: ({DEMO, COMMON}, "demo builds the stages' inputs (checksummed files); it runs no "
+                           "stage and needs no part of the cache format"),
     FORMAT: ({FORMAT, COMMON}, "cache_format is the contract both stages 1 and 2 import; it "
                                "imports neither"),
     COMMON: ({COMMON}, "common is shared by every stage: it imports no stage and not "

@@ -50,7 +50,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache_format.codec import FORMAT_VERSION, RecordCodec
-from pipeline.cache_format.manifest import MANIFEST, merge_units, write_json_atomic
+from pipeline.cache_format.manifest import MANIFEST, merge_units
+from pipeline.common.files import write_json_atomic
 
 console = Console(highlight=False, width=max(Console().width, 120))
 WORDS = ("the quick brown fox jumps over lazy dog knowledge distillation trains small student "

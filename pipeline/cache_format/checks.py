@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache_format.codec import RecordCodec
-from pipeline.cache_format.manifest import MANIFEST, MASKED_FORMAT_VERSION, UNIT_SHARD_RE, sha256_file
+from pipeline.cache_format.manifest import MANIFEST, MASKED_FORMAT_VERSION, UNIT_SHARD_RE
+from pipeline.common.files import sha256_file
 
 TOKEN_BYTES = 4                                             # tokens.u32
 UNIT_KEY_RE = re.compile(r"^u(\d{7})-w(\d{7})$")            # versions 2, 3: u{unit}-w{window}

@@ -24,7 +24,8 @@ import torch
 
 from pipeline.cache_format.checks import Sample, check_sample, shard_owner, tar_samples
 from pipeline.cache_format.codec import RecordCodec
-from pipeline.cache_format.manifest import MASKED_FORMAT_VERSION, sha256_file, unit_shard_name, window_key
+from pipeline.cache_format.manifest import MASKED_FORMAT_VERSION, unit_shard_name, window_key
+from pipeline.common.files import sha256_file
 
 
 class UnitWriter:

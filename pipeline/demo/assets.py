@@ -40,7 +40,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cache_format.manifest import sha256_file
+from pipeline.common.files import sha256_file
 from pipeline.demo.store import (MANIFEST, TMP_PREFIX, AssetError, check_tree, digest, ensure,
                                  load_manifest, locked, stale_temps, versions)
 from pipeline.demo.student import cut_student, student_asset_name, student_layer_list

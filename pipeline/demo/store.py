@@ -22,7 +22,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.cache_format.manifest import sha256_file
+from pipeline.common.files import sha256_file
 
 log = logging.getLogger("sampledkd.assets")
 

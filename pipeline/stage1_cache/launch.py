@@ -27,7 +27,8 @@ from pipeline.common.distributed import DistInfo, log
 from pipeline.stage1_cache.ledger import LEDGER_DIR, Ledger, done_name, launch_name, ledger_dir
 from pipeline.cache_format.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE, UNITS,
                                UNIT_SHARD_RE, check_compatible, read_json, repair_command,
-                               shard_path, unit_disagreements, write_json_atomic)
+                               shard_path, unit_disagreements)
+from pipeline.common.files import write_json_atomic
 from pipeline.cache_format.shards import add_shard_stats, empty_stats
 from pipeline.stage1_cache.units import UnitReader, check_plan, plan_units, unit_windows
 

@@ -58,7 +58,8 @@ from pipeline.common.distributed import (DistInfo, TorchComm, abort_job_on_error
                                   log)
 from pipeline.stage1_cache.ledger import Ledger
 from pipeline.cache_format.manifest import (MASKED_FORMAT_VERSION, MANIFEST, layout, merge_units,
-                               repair_command, write_json_atomic)
+                               repair_command)
+from pipeline.common.files import write_json_atomic
 from pipeline.common.phases import PhaseTimer
 from pipeline.common.progress import StageProgress
 from pipeline.stage1_cache.launch import setup_launch, verify_done

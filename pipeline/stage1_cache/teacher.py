@@ -16,7 +16,7 @@ import torch
 from pipeline.common.models import load_model, resolve_dtype
 from pipeline.common.phases import PhaseTimer
 
-from pipeline.cache_format.manifest import sha256_file
+from pipeline.common.files import sha256_file
 
 
 def load_teacher(cfg, device: torch.device):

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from pipeline.common.distributed import log
-from pipeline.cache_format.manifest import sha256_file, write_json_atomic
+from pipeline.common.files import sha256_file, write_json_atomic
 from pipeline.common.safe_load import refuse_unsafe
 
 META = "sampledkd_meta.json"

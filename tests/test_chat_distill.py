@@ -1,9 +1,11 @@
 """Stage 2 on a chat cache, 2 ranks, ZeRO-3: only trainable (assistant) positions get a loss,
 are selected, enter the GLS queue or any count. The check: poison every masked position's
-records and entropy byte in a copy of the cache (random classes, random weights, random
-entropies, the manifest's hashes updated so the reader accepts the shards); the run on the
-poisoned copy is bit-identical to the run on the original. A control poisons one
-window's trainable positions instead, and the result changes (so the comparison can fail)."""
+entropy byte in a copy of the cache (random entropies, the manifest's hashes updated so the
+reader accepts the shards); the run on the poisoned copy is bit-identical to the run on the
+original. A control poisons one window's trainable positions instead, and the result
+changes (so the comparison can fail). Class records at a masked position are refused by the
+reader (cache_format.checks.check_sample: the format holds sentinels there), naming the
+shard, so they cannot reach the loss either."""
 
 from __future__ import annotations
 
@@ -49,9 +51,10 @@ def chat_cache(tmp_path_factory):
 
 
 def _poison(src: Path, dst: Path, which: str, seed: int = 0) -> int:
-    """Copy cache `src` to `dst`, rewriting kd.bin of the masked positions (`which="masked"`)
-    or of the trainable positions of one window (`"one_window"`) with random
-    records and entropy bytes; decoded from docs/CACHE_FORMAT.md, not with the reader.
+    """Copy cache `src` to `dst`, rewriting kd.bin of the masked positions: their entropy
+    bytes (`which="masked"`) or their records and entropy bytes (`"masked_records"`); or of
+    the trainable positions of one window (`"one_window"`) with random records and entropy
+    bytes; decoded from docs/CACHE_FORMAT.md, not with the reader.
     Returns how many positions were poisoned."""
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
@@ -71,12 +74,15 @@ def _poison(src: Path, dst: Path, which: str, seed: int = 0) -> int:
                     key = ti.name[:-len(".kd.bin")]
                     bits = np.frombuffer(data[key + ".trainable.bits"], np.uint8)
                     flags = np.unpackbits(bits, bitorder="little")[:T].astype(bool)
-                    if which == "masked":
+                    if which in ("masked", "masked_records"):
                         rows = np.flatnonzero(~flags)
                     else:
                         rows = np.flatnonzero(flags) if poisoned == 0 else np.array([], int)
                     rec = np.frombuffer(buf, np.uint8).reshape(T, B).copy()
                     for p in rows:
+                        if which == "masked":
+                            rec[p, 3 * U] = rng.integers(0, 256)
+                            continue
                         ids = rng.choice(V, size=U, replace=False)
                         codes = rng.integers(1, 1 << (24 - id_bits), size=U)
                         val = (ids | (codes << id_bits)).astype("<u4").view(np.uint8).reshape(U, 4)[:, :3]
@@ -94,7 +100,7 @@ def _poison(src: Path, dst: Path, which: str, seed: int = 0) -> int:
     return poisoned
 
 
-def _distill(a: dict, cache: Path, out: Path) -> None:
+def _distill(a: dict, cache: Path, out: Path, ok: bool = True) -> subprocess.CompletedProcess:
     args = ["-m", "pipeline.distill", "--student", str(a["student"]), "--cache", str(cache),
             "--out", str(out), "--deepspeed", str(DS_TEST), "--steps", str(STEPS), "--lr", "1e-3",
             "--micro-batch", "2", "--select", "gls", "--select-frac", "0.25", "--gls-warmup", "64",
@@ -102,7 +108,8 @@ def _distill(a: dict, cache: Path, out: Path) -> None:
             "--kd-weight", "0.75", "--seed", "0", "--no-tensorboard"]
     proc = subprocess.run(torchrun(args), cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _same(run_a: Path, run_b: Path) -> bool:
@@ -136,3 +143,8 @@ def test_masked_positions_never_reach_the_loss(chat_cache):
     assert all(0.1 < f < 0.45 for f in sel) and 0.15 < sum(sel) / len(sel) < 0.35, sel
     assert _same(root / "run_orig", root / "run_poisoned"), "masked positions changed the run"
     assert not _same(root / "run_orig", root / "run_control"), "the control must change the run"
+    # Records at masked positions: the reader refuses the shard in one line, naming it.
+    _poison(a["cache"], root / "masked_records", "masked_records")
+    proc = _distill(a, root / "masked_records", root / "run_masked_records", ok=False)
+    assert "pipeline.distill: error: shard " in proc.stderr, proc.stderr[-3000:]
+    assert "masked position(s) hold class records" in proc.stderr, proc.stderr[-3000:]

@@ -143,7 +143,7 @@ def decode_breakdown(cache: Path, m: dict, micro_batch: int,
     import webdataset as wds
     from webdataset import tariterators
 
-    codec = RecordCodec(m["vocab_size"], m["num_classes"])
+    codec = RecordCodec.from_header(m)
     wl = np.asarray(m["weight_codebook"], np.float32)
     el = np.asarray(m["entropy_codebook"], np.float32)
     blobs = [(cache / s["file"]).read_bytes() for s in m["shards"]]

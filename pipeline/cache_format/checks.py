@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache_format.codec import RecordCodec
-from pipeline.cache_format.manifest import MANIFEST, MASKED_FORMAT_VERSION, UNIT_SHARD_RE
+from pipeline.cache_format.manifest import MANIFEST, UNIT_SHARD_RE, masked_format
 from pipeline.common.files import sha256_file
 
 TOKEN_BYTES = 4                                             # tokens.u32
@@ -122,6 +122,7 @@ class Sample:
     entropy_codes: np.ndarray   # [T] int64: the entropy byte, an index into entropy_codebook
     trainable: np.ndarray       # [T] bool: trainable.bits (version 3), else all True
     distinct: np.ndarray        # [T] int64: classes (non-sentinel slots) per position
+    counts: np.ndarray | None = None   # [T] int64: version 4's count bytes U_t, else None
 
 
 def _size(b: bytes | None) -> str:
@@ -137,8 +138,9 @@ def check_sample(codec: RecordCodec, seq_len: int, format_version: int, key: str
 
     Checked: the key's form and owner (`owner`, from `shard_owner`: ("unit", u) wants
     u{unit:07d}-w{window:07d} of unit u, ("rank", r) or None wants version 1's
-    {rank:04d}-{window:09d}); tokens.u32 of 4T bytes and kd.bin of (3U+1)T bytes; version 3
-    (`format_version` >= MASKED_FORMAT_VERSION): trainable.bits of ceil(T/8) bytes with its
+    {rank:04d}-{window:09d}); tokens.u32 of 4T bytes and kd.bin of (3U+1)T bytes (version 4:
+    2T + 3R, and T count bytes in [1, U_max] summing to R = window_records); version 3
+    (`format_version` 3, `masked_format`): trainable.bits of ceil(T/8) bytes with its
     padding bits 0; no other member; tokens < V; record ids < V or the sentinel, the
     sentinel's weight code 0 (any code < 2**w_bits and any entropy byte index their
     codebooks), no id twice in a position; version 3: no class record at a masked position
@@ -158,12 +160,23 @@ def check_sample(codec: RecordCodec, seq_len: int, format_version: int, key: str
         elif owner is not None and int(km.group(1)) != owner[1]:
             problems.append(f"key {key} belongs to rank {int(km.group(1))}, shard is rank {owner[1]}")
     tok, kd = members.get("tokens.u32"), members.get("kd.bin")
-    B = codec.bytes_per_position
-    if tok is None or kd is None or len(tok) != TOKEN_BYTES * T or len(kd) != B * T:
+    want = codec.window_bytes(T)
+    if tok is None or kd is None or len(tok) != TOKEN_BYTES * T or len(kd) != want:
+        how = (f"2T + 3 x {codec.window_records} records" if codec.allocated
+               else f"{codec.bytes_per_position} x T={T}")
         problems.append(f"sample {key}: tokens.u32 {_size(tok)} (want {TOKEN_BYTES * T}), "
-                        f"kd.bin {_size(kd)} (want {B} x T={T} = {B * T})")
+                        f"kd.bin {_size(kd)} (want {how} = {want})")
         return problems, None
-    masked = format_version >= MASKED_FORMAT_VERSION
+    counts = None
+    if codec.allocated:
+        counts = np.frombuffer(kd, np.uint8, count=T).astype(np.int64)
+        if counts.min() < 1 or counts.max() > codec.num_classes or counts.sum() != codec.window_records:
+            problems.append(f"sample {key}: count bytes in [{counts.min()}, {counts.max()}] "
+                            f"summing to {counts.sum()}; format {format_version} wants each in "
+                            f"[1, {codec.num_classes}] summing to window_records="
+                            f"{codec.window_records}")
+            return problems, None
+    masked = masked_format(format_version)
     expected = {"tokens.u32", "kd.bin"} | ({"trainable.bits"} if masked else set())
     trainable = np.ones(T, dtype=bool)
     if masked:
@@ -204,4 +217,4 @@ def check_sample(codec: RecordCodec, seq_len: int, format_version: int, key: str
     if masked and (nd[trainable] == 0).any():
         problems.append(f"sample {key}: {int((nd[trainable] == 0).sum())} trainable position(s) "
                         "hold no class record")
-    return problems, Sample(key, tokens, ids, wc, ec, trainable, nd)
+    return problems, Sample(key, tokens, ids, wc, ec, trainable, nd, counts)

@@ -1,6 +1,12 @@
-"""The cache record format (versions 1 and 2): 24-bit (id, weight-code) records + 1 entropy byte.
+"""The cache record format: 24-bit (id, weight-code) records + 1 entropy byte per position.
 
-Per position, U records of 3 bytes then 1 entropy byte: 3U + 1 = 37 bytes at U = 12.
+Versions 1-3 (fixed U): per position, U records of 3 bytes then 1 entropy byte: 3U + 1 = 37
+bytes at U = 12. Version 4 (allocated U, `--class-budget B`): position t holds U_t records
+(1 <= U_t <= U_max, sum over a window = the header's `window_records` R), so a window's
+kd.bin is T count bytes, T entropy bytes, then the R records in position order:
+2T + 3R bytes (2 + 3B per position; 37 B at B = 11.67). `RecordCodec.from_header` builds
+the codec a cache's header describes; `unpack` returns [T, U_max] arrays either way
+(sentinel-padded past U_t), the shape the loss takes.
 
     record (little-endian, 24 bits) = id | (weight_code << id_bits)
     id_bits = bit_length(V),  w_bits = 24 - id_bits,  sentinel id = 2**id_bits - 1
@@ -38,6 +44,7 @@ DEFAULT_WEIGHT_MIN = 2.0 ** -20  # smallest nonzero weight level (~9.5e-7)
 # smallest power of two >= 2 with that bound <= WEIGHT_TAIL.
 DEFAULT_WEIGHT_MAX = 2.0
 WEIGHT_TAIL = 1e-13
+MAX_ALLOCATED = 255               # U_max: the count byte's largest value
 
 
 def weight_max(num_classes: int) -> float:
@@ -154,7 +161,8 @@ class RecordCodec:
     `id_bits`), the entropy byte last. Vectorized: no Python loop over positions.
     """
 
-    def __init__(self, vocab_size: int, num_classes: int = 12):
+    def __init__(self, vocab_size: int, num_classes: int = 12, *, seq_len: int | None = None,
+                 window_records: int | None = None):
         if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
             raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 2")
         if vocab_size > MAX_VOCAB:
@@ -169,11 +177,42 @@ class RecordCodec:
         self.id_bits = self.vocab_size.bit_length()
         self.w_bits = RECORD_BITS - self.id_bits
         self.sentinel = (1 << self.id_bits) - 1
-        self.bytes_per_position = 3 * self.num_classes + 1
+        # version 4: U_t records per position, R = window_records per window of seq_len
+        self.allocated = window_records is not None
+        if self.allocated:
+            if not (isinstance(seq_len, (int, np.integer)) and seq_len >= 1
+                    and isinstance(window_records, (int, np.integer))
+                    and seq_len <= window_records <= self.num_classes * seq_len
+                    and self.num_classes <= MAX_ALLOCATED):
+                raise ValueError(f"allocated records: window_records={window_records!r} must be in "
+                                 f"[T, U_max x T] for T={seq_len!r}, U_max={self.num_classes} <= "
+                                 f"{MAX_ALLOCATED} (one count byte)")
+            self.seq_len, self.window_records = int(seq_len), int(window_records)
+            self.bytes_per_position = (2 * self.seq_len + 3 * self.window_records) / self.seq_len
+        else:
+            self.seq_len, self.window_records = seq_len, None
+            self.bytes_per_position = 3 * self.num_classes + 1
+
+    @classmethod
+    def from_header(cls, h: dict) -> "RecordCodec":
+        """The codec of a cache header or manifest (one with `window_records`: version 4's
+        allocated records)."""
+        if h.get("window_records") is not None:
+            return cls(h["vocab_size"], h["num_classes"], seq_len=h["seq_len"],
+                       window_records=h["window_records"])
+        return cls(h["vocab_size"], h["num_classes"])
+
+    def window_bytes(self, seq_len: int) -> int:
+        """kd.bin's size for a window of `seq_len` positions."""
+        if self.allocated:
+            return 2 * seq_len + 3 * self.window_records
+        return self.bytes_per_position * seq_len
 
     def __repr__(self) -> str:
-        return (f"RecordCodec(V={self.vocab_size}, U={self.num_classes}, id_bits={self.id_bits}, "
-                f"w_bits={self.w_bits}, {self.bytes_per_position} B/position)")
+        kind = (f"allocated U_t <= {self.num_classes}, {self.window_records} records per "
+                f"T={self.seq_len}") if self.allocated else f"U={self.num_classes}"
+        return (f"RecordCodec(V={self.vocab_size}, {kind}, id_bits={self.id_bits}, "
+                f"w_bits={self.w_bits}, {self.bytes_per_position:g} B/position)")
 
     def pack(self, ids, weight_codes, entropy_codes) -> np.ndarray:
         """`ids [P,U]` (< V or the sentinel), `weight_codes [P,U]` (< 2**w_bits),
@@ -201,8 +240,52 @@ class RecordCodec:
         out[:, 3 * U] = ec
         return out
 
+    def pack_allocated(self, ids, weight_codes, entropy_codes, counts) -> np.ndarray:
+        """Version 4: `ids`/`weight_codes` [T, U_max] (slot k < counts[t] is position t's record
+        k; slots beyond are ignored), `entropy_codes` [T], `counts` [T] (U_t, 1..U_max, summing
+        to window_records) -> uint8 [2T + 3R]: counts, entropy bytes, records in position order."""
+        counts = _as_int64("counts", counts, 1)
+        T, R = counts.shape[0], self.window_records
+        if not self.allocated or T != self.seq_len:
+            raise ValueError(f"pack_allocated needs an allocated codec of T={T}; this is {self!r}")
+        if counts.min() < 1 or counts.max() > self.num_classes or int(counts.sum()) != R:
+            raise ValueError(f"counts must be in [1, {self.num_classes}] and sum to {R}; got range "
+                             f"[{counts.min()}, {counts.max()}], sum {int(counts.sum())}")
+        used = np.arange(self.num_classes)[None, :] < counts[:, None]        # [T, U_max]
+        full = self.pack(np.where(used, ids, self.sentinel), np.where(used, weight_codes, 0),
+                         entropy_codes)                                      # validates values
+        rec = full[:, :3 * self.num_classes].reshape(T, self.num_classes, 3)[used]   # [R, 3]
+        return np.concatenate([counts.astype(np.uint8), full[:, -1], rec.reshape(-1)])
+
+    def unpack_allocated(self, buf) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Version 4's kd.bin -> (ids [T, U_max] sentinel-padded past U_t, weight codes (0 there),
+        entropy codes [T], counts [T]). Raises ValueError when the size or counts disagree
+        with the header (checks.check_sample reports them first)."""
+        a = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) \
+            else np.asarray(buf, dtype=np.uint8)
+        T, R, U = self.seq_len, self.window_records, self.num_classes
+        if a.size != 2 * T + 3 * R:
+            raise ValueError(f"kd.bin of {a.size} bytes, want 2T + 3R = {2 * T + 3 * R} "
+                             f"(T={T}, R={R})")
+        counts = a[:T].astype(np.int64)
+        if counts.min() < 1 or counts.max() > U or int(counts.sum()) != R:
+            raise ValueError(f"count bytes in [{counts.min()}, {counts.max()}] summing to "
+                             f"{int(counts.sum())}; want each in [1, {U}] summing to R={R}")
+        r = a[2 * T:].reshape(R, 3).astype(np.int64)
+        rec = r[:, 0] | (r[:, 1] << 8) | (r[:, 2] << 16)
+        pos = np.repeat(np.arange(T), counts)
+        slot = np.arange(R) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids = np.full((T, U), self.sentinel, dtype=np.int64)
+        wc = np.zeros((T, U), dtype=np.int64)
+        ids[pos, slot] = rec & self.sentinel
+        wc[pos, slot] = rec >> self.id_bits
+        return ids, wc, a[T:2 * T].astype(np.int64), counts
+
     def unpack(self, buf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """uint8 `[P, 3U+1]` (or flat bytes of P*(3U+1)) -> (ids, weight_codes, entropy_codes)."""
+        """uint8 `[P, 3U+1]` (or flat bytes of P*(3U+1)) -> (ids, weight_codes, entropy_codes);
+        an allocated codec: one window's kd.bin -> the [T, U_max] arrays (`unpack_allocated`)."""
+        if self.allocated:
+            return self.unpack_allocated(buf)[:3]
         U, B = self.num_classes, self.bytes_per_position
         a = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) \
             else np.asarray(buf, dtype=np.uint8)
@@ -217,7 +300,8 @@ class RecordCodec:
         return ids, wc, a[:, 3 * U].astype(np.int64)
 
     def weight_codebook(self) -> WeightCodebook:
-        return WeightCodebook(self.w_bits, w_max=weight_max(self.num_classes))
+        # allocated: a position may hold a single record, so tau's tail is U_t = 1's
+        return WeightCodebook(self.w_bits, w_max=weight_max(1 if self.allocated else self.num_classes))
 
     def entropy_codebook(self) -> EntropyCodebook:
         return EntropyCodebook(self.vocab_size)

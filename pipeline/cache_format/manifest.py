@@ -27,10 +27,24 @@ from typing import Any
 MANIFEST = "manifest.json"
 HEADER = "header.json"
 UNITS = "units.json"
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Format 3 = format 2 + a `trainable.bits` member in every sample (chat caches, issue 15).
 # Text caches are still written as version 2, byte for byte as before.
 MASKED_FORMAT_VERSION = 3
+# Format 4 = a text cache with allocated U (`--class-budget`, issue 25): U_t records per
+# position and a count byte each (codec.RecordCodec.pack_allocated).
+ALLOCATED_FORMAT_VERSION = 4
+
+
+def masked_format(format_version: int | None) -> bool:
+    """Samples carry trainable.bits (format 3, chat caches)."""
+    return format_version == MASKED_FORMAT_VERSION
+
+
+def allocated_format(format_version: int | None) -> bool:
+    """Positions hold U_t records and a count byte (format 4)."""
+    return format_version == ALLOCATED_FORMAT_VERSION
+
 # teacher_parameters and teacher_weights (sha256 of every weight file) identify the teacher
 # by its weights: the same path holding another model is refused, not mixed into the cache.
 HEADER_KEYS = ("format_version", "teacher", "teacher_parameters", "teacher_weights",
@@ -39,7 +53,10 @@ HEADER_KEYS = ("format_version", "teacher", "teacher_parameters", "teacher_weigh
                "num_classes", "id_bits", "w_bits", "sampler", "sampler_args",
                "teacher_temperature", "seed", "dataset", "dataset_fingerprint", "max_windows",
                "weight_codebook", "entropy_codebook", "shard_samples", "chunk_positions",
-               "unit_bytes", "sampler_chunk")
+               "unit_bytes", "sampler_chunk", "class_budget", "class_ceiling", "window_records")
+# Keys only allocated caches (format 4) have: a cache's identity includes them only when
+# present, so the identity of every cache written before them is unchanged.
+ALLOCATION_KEYS = ("class_budget", "class_ceiling", "window_records")
 # Header keys added after caches were first written, and the value those caches used.
 HEADER_DEFAULTS = {"sampler_chunk": 2048}
 
@@ -76,9 +93,19 @@ MASKED_LAYOUT = {
 }
 
 
-def layout(masked: bool = False) -> dict:
-    """The `layout` a header stores: version 2's, or version 3's (with trainable.bits)."""
-    return MASKED_LAYOUT if masked else LAYOUT
+ALLOCATED_LAYOUT = {
+    **LAYOUT,
+    "kd.bin": "seq_len count bytes (U_t: position t's records, 1..num_classes, summing to "
+              "window_records), then seq_len entropy bytes, then the window_records records of "
+              "3 bytes in position order (position 0's U_0 records first): 2*seq_len + "
+              "3*window_records bytes",
+}
+
+
+def layout(masked: bool = False, allocated: bool = False) -> dict:
+    """The `layout` a header stores: version 2's, version 3's (with trainable.bits) or
+    version 4's (allocated records)."""
+    return MASKED_LAYOUT if masked else ALLOCATED_LAYOUT if allocated else LAYOUT
 
 
 def unit_shard_name(unit: int, launch: int, n: int) -> str:
@@ -384,6 +411,6 @@ def cache_identity(m: dict) -> str:
     sha256. Equal for the same cache wherever it is moved or copied (and after a rerun of
     the stage that only re-merged its parts); different after any re-cache, repair or edit
     that changes a shard. Training checkpoints record it, and a resume compares it."""
-    body = {"header": {k: m.get(k) for k in HEADER_KEYS},
+    body = {"header": {k: m.get(k) for k in HEADER_KEYS if k not in ALLOCATION_KEYS or k in m},
             "shards": [[s["file"], s["sha256"]] for s in m["shards"]]}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

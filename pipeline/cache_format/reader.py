@@ -92,7 +92,7 @@ class CacheReader:
         self.manifest = m = load_manifest(self.dir)
         self.rank, self.world, self.micro_batch = rank, world, micro_batch
         self.seed, self.shuffle_buffer, self.verify = seed, shuffle_buffer, verify
-        self.codec = RecordCodec(m["vocab_size"], m["num_classes"])
+        self.codec = RecordCodec.from_header(m)
         if (self.codec.id_bits, self.codec.w_bits) != (m["id_bits"], m["w_bits"]):
             raise ValueError(f"{self.dir}/manifest.json: id/w bits {m['id_bits']}/{m['w_bits']} "
                              f"disagree with V={m['vocab_size']}")

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.cache_format.checks import Sample, check_sample, shard_owner, tar_samples
 from pipeline.cache_format.codec import RecordCodec
-from pipeline.cache_format.manifest import MASKED_FORMAT_VERSION, unit_shard_name, window_key
+from pipeline.cache_format.manifest import masked_format, unit_shard_name, window_key
 from pipeline.common.files import sha256_file
 
 
@@ -43,7 +43,7 @@ class UnitWriter:
         self.entries: list[dict] = []
         self.writer = None
         self.stats = empty_stats(header["num_classes"],
-                                 masked=header.get("format_version", 0) >= MASKED_FORMAT_VERSION)
+                                 masked=masked_format(header.get("format_version")))
         self.shard = self._fresh()
 
     def _fresh(self) -> dict:
@@ -143,7 +143,7 @@ def add_shard_stats(st: dict, path: Path, codec: RecordCodec, seq_len: int,
                     format_version: int) -> None:
     """Add every sample of the shard at `path` to `st` (`add_sample_stats`). A sample that
     does not decode or check (checks.check_sample) raises ValueError naming the shard."""
-    masked = format_version >= MASKED_FORMAT_VERSION
+    masked = masked_format(format_version)
     for key, members in tar_samples(path.read_bytes()):
         problems, sample = check_sample(codec, seq_len, format_version, key, members,
                                         shard_owner(path.name))
@@ -153,18 +153,24 @@ def add_shard_stats(st: dict, path: Path, codec: RecordCodec, seq_len: int,
 
 
 def encode_window(codec: RecordCodec, ids, w, h, rng: np.random.Generator,
-                  trainable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  trainable: np.ndarray | None = None, counts: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(records, entropy codes [T], distinct classes per position [T]). Every position is
     rounded (the rounding stream is consumed as for a text window, so a trainable position's
     record equals the text path's); then positions with `trainable` False get U sentinel
-    slots of weight code 0."""
+    slots of weight code 0. An allocated codec (format 4) takes `counts` [T], the U_t of
+    each position (slots past it hold the sentinel)."""
     wc = codec.weight_codebook().encode(w, rng)
     ec = codec.entropy_codebook().encode(h)
     if trainable is not None:
         masked = ~np.asarray(trainable, dtype=bool)
         ids = np.where(masked[:, None], codec.sentinel, ids)
         wc = np.where(masked[:, None], 0, wc)
-    return codec.pack(ids, wc, ec), ec, (ids != codec.sentinel).sum(1)
+    if codec.allocated:
+        records = codec.pack_allocated(ids, wc, ec, counts)
+    else:
+        records = codec.pack(ids, wc, ec)
+    return records, ec, (ids != codec.sentinel).sum(1)
 
 
 def trainable_bits(trainable: np.ndarray) -> bytes:

@@ -2,7 +2,8 @@
 sections 2 and 9; tools/inspect_cache.py prints them). With N positions = samples x T:
 
     bytes_on_disk             sum of the shard files' real sizes (os.stat), manifest excluded
-    record_bytes_per_position 3U + 1 (U records of 3 B + 1 entropy byte)
+    record_bytes_per_position 3U + 1 (U records of 3 B + 1 entropy byte); version 4
+                              (allocated): (2T + 3R) / T, R records per window of T
     bytes_per_position        bytes_on_disk / N (records + 4 B of tokens + tar headers)
     reduction_vs_bf16 / fp32  2V / bytes_per_position, 4V / bytes_per_position
     reduction_vs_top128       128 x (2 B fp16 value + 4 B int32 id) / bytes_per_position
@@ -11,7 +12,8 @@ sections 2 and 9; tools/inspect_cache.py prints them). With N positions = sample
 
 Entropy statistics come from the manifest's histogram over the 256 entropy codebook levels
 (exact for the quantized entropies); distinct-class statistics from its histogram of
-non-sentinel ids per position. In a chat cache (format version 3) both histograms are over
+non-sentinel ids per position (in an allocated cache, the records U_t each position got,
+less any slot left empty where the teacher has fewer classes). In a chat cache (format version 3) both histograms are over
 trainable positions only (the stage counts only those), and `trainable_stats` gives the
 trainable fraction (`trainable_positions / positions`); in a text cache every position is
 trainable.
@@ -65,11 +67,15 @@ def distinct_stats(m: dict) -> dict:
     """Non-sentinel classes per position: mean, range, share of padded positions."""
     hist = np.asarray(m["stats"]["distinct_hist"], dtype=np.int64)
     U, n = m["num_classes"], int(hist.sum())
-    out: dict = {"hist": hist[: U + 1].tolist(), "positions": n}
+    out: dict = {"hist": hist[: U + 1].tolist(), "positions": n,
+                 "allocated": m.get("window_records") is not None}
     if n:
         k = np.arange(len(hist))
         nz = np.nonzero(hist)[0]
+        cdf = np.cumsum(hist) / n
         out |= {"mean": float((k * hist).sum() / n), "min": int(nz[0]), "max": int(nz[-1]),
+                "quantiles": {f"p{round(q * 100):02d}": int(np.searchsorted(cdf, q))
+                              for q in QUANTILES},
                 "fraction_full": float(hist[U] / n) if U < len(hist) else 0.0,
                 "fraction_padded": float(hist[:U].sum() / n)}
     return out
@@ -77,7 +83,7 @@ def distinct_stats(m: dict) -> dict:
 
 def storage_stats(cache_dir: Path, m: dict) -> dict:
     """Sizes from the file system; every ratio derived from them (see module docstring)."""
-    V, U, T = m["vocab_size"], m["num_classes"], m["seq_len"]
+    V, T = m["vocab_size"], m["seq_len"]
     sizes, missing = {}, []
     for s in m["shards"]:
         try:
@@ -92,7 +98,7 @@ def storage_stats(cache_dir: Path, m: dict) -> dict:
     on_disk = sum(sizes.values())
     samples = sum(s["samples"] for s in m["shards"])
     positions = sum(s["positions"] for s in m["shards"])
-    record_bpp = 3 * U + 1
+    record_bpp = RecordCodec.from_header(m).bytes_per_position    # 3U+1; version 4: 2 + 3R/T
     payload = positions * (record_bpp + TOKEN_BYTES)
     if is_masked(m):                   # + trainable.bits: ceil(T/8) bytes per sample
         payload += samples * ((T + 7) // 8)
@@ -136,7 +142,8 @@ def settings(m: dict) -> dict:
     st = m["stats"]
     n = st.get("positions") or m["positions"]
     return {k: m.get(k) for k in ("teacher", "teacher_parameters", "vocab_size", "seq_len",
-                                   "num_classes", "id_bits", "w_bits", "sentinel", "sampler",
+                                   "num_classes", "class_budget", "window_records",
+                                   "id_bits", "w_bits", "sentinel", "sampler",
                                    "sampler_args", "teacher_temperature", "seed", "dataset",
                                    "max_windows", "shard_samples", "world_size", "wall_time_s")} | {
         "rskd_truncated_positions": st.get("rskd_truncated_positions", 0),
@@ -152,7 +159,7 @@ def settings(m: dict) -> dict:
 def first_sample_entropy(cache_dir: Path, m: dict) -> tuple[str, np.ndarray, np.ndarray]:
     """Key, per-position entropy [T] (nats) and distinct counts [T] of the first sample that
     decodes (checks.check_sample), in manifest order: what the report's plot shows."""
-    codec = RecordCodec(m["vocab_size"], m["num_classes"])
+    codec = RecordCodec.from_header(m)
     levels = np.asarray(m["entropy_codebook"], dtype=np.float32)
     for s in m["shards"]:
         path = shard_path(cache_dir, s.get("file"))

@@ -23,7 +23,7 @@ from pipeline.cache_format.checks import (TAR_ERRORS, UNIT_KEY_RE, check_sample,
                                           shard_file_problem, shard_label, shard_owner,
                                           tar_samples)
 from pipeline.cache_format.codec import RecordCodec
-from pipeline.cache_format.manifest import MANIFEST, MASKED_FORMAT_VERSION, merge_stats, shard_path
+from pipeline.cache_format.manifest import MANIFEST, masked_format, merge_stats, shard_path
 from pipeline.cache_format.shards import add_sample_stats, empty_stats
 
 MAX_PROBLEMS = 5                # per shard, so one bad shard does not flood the report
@@ -31,7 +31,7 @@ MAX_PROBLEMS = 5                # per shard, so one bad shard does not flood the
 
 def is_masked(h: dict) -> bool:
     """A cache whose samples carry trainable.bits (format version 3), from its header."""
-    return (h.get("format_version") or 0) >= MASKED_FORMAT_VERSION
+    return masked_format(h.get("format_version"))
 
 
 def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, seq_len: int,
@@ -43,7 +43,7 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, seq_len: int,
     `source`: the file holding the entry (manifest.json, or a done record); `seen_keys`: the
     keys of the shards verified before, to which this shard's are added. An entry whose
     `file` is not a plain shard name inside `cache_dir` is a problem, and nothing is opened."""
-    stats = empty_stats(codec.num_classes, format_version >= MASKED_FORMAT_VERSION)
+    stats = empty_stats(codec.num_classes, masked_format(format_version))
     try:
         path = shard_path(cache_dir, s.get("file"), source=source)
     except ValueError as e:
@@ -68,7 +68,7 @@ def verify_shard(cache_dir: Path, s: dict, codec: RecordCodec, seq_len: int,
             found += p
             if sample is not None:
                 positions += len(sample.entropy_codes)
-                add_sample_stats(stats, sample, format_version >= MASKED_FORMAT_VERSION)
+                add_sample_stats(stats, sample, masked_format(format_version))
     except TAR_ERRORS as e:
         found.append(f"unreadable tar after {samples} sample(s): {e}")
     if (samples, positions) != (s["samples"], s["positions"]):
@@ -98,7 +98,7 @@ def verify_shards(cache_dir: Path, m: dict) -> dict:
     Returns {"shards": [{file, unit, ok, problems}] in manifest order, "bad_shards": [file],
     "problems": [the manifest's own], "stats": the records' statistics over every shard,
     "unit_stats": {unit: the statistics of its shards} (unit None for version-1 shards)}."""
-    codec = RecordCodec(m["vocab_size"], m["num_classes"])
+    codec = RecordCodec.from_header(m)
     problems = []
     if (codec.id_bits, codec.w_bits) != (m["id_bits"], m["w_bits"]):
         problems.append(f"manifest id/w bits {m['id_bits']}/{m['w_bits']} disagree with "

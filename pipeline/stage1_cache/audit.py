@@ -149,7 +149,7 @@ def quarantine_damaged(cache_dir: Path) -> dict:
         raise FileNotFoundError(f"{header_path} does not exist: not a cache directory of this "
                                 "version (--quarantine repairs through the cache stage)")
     h = read_json(header_path)
-    codec, T = RecordCodec(h["vocab_size"], h["num_classes"]), h["seq_len"]
+    codec, T = RecordCodec.from_header(h), h["seq_len"]
     if not ledger_dir(cache_dir).is_dir():
         raise FileNotFoundError(f"{ledger_dir(cache_dir)} does not exist (a cache copied without "
                                 "its ledger?): rerun the cache stage with the same arguments "

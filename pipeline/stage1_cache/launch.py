@@ -25,9 +25,9 @@ from pipeline.cache_format.codec import RecordCodec
 from pipeline.common.text import DataSpec
 from pipeline.common.distributed import DistInfo, log
 from pipeline.stage1_cache.ledger import LEDGER_DIR, Ledger, done_name, launch_name, ledger_dir
-from pipeline.cache_format.manifest import (HEADER, MANIFEST, MASKED_FORMAT_VERSION, QUARANTINE, UNITS,
+from pipeline.cache_format.manifest import (HEADER, MANIFEST, QUARANTINE, UNITS,
                                UNIT_SHARD_RE, check_compatible, read_json, repair_command,
-                               shard_path, unit_disagreements)
+                               shard_path, unit_disagreements, masked_format)
 from pipeline.common.files import write_json_atomic
 from pipeline.cache_format.shards import add_shard_stats, empty_stats
 from pipeline.stage1_cache.units import UnitReader, check_plan, plan_units, unit_windows
@@ -177,7 +177,7 @@ def check_units(out: Path, plan: dict, header: dict, done: dict[int, dict],
     done record, and a manifest entry whose shards verify; the damaged units: {unit: its
     problems}, each naming the files). A unit with neither record nor manifest entry is
     simply not done. Hashes only the shards of units to restore."""
-    T, text = header["seq_len"], header["format_version"] < MASKED_FORMAT_VERSION
+    T, text = header["seq_len"], not masked_format(header["format_version"])
     on_disk = [n for n in os.listdir(out) if UNIT_SHARD_RE.fullmatch(n)]
     m_units = {x.get("unit"): x for x in (manifest or {}).get("units", [])}
     m_shards = _manifest_shards(manifest)
@@ -244,8 +244,8 @@ def restored_records(out: Path, header: dict, done: dict[int, dict], manifest: d
     totals."""
     m_units = {x["unit"]: x for x in manifest["units"]}
     m_shards = _manifest_shards(manifest)
-    codec = RecordCodec(header["vocab_size"], header["num_classes"])
-    masked = header["format_version"] >= MASKED_FORMAT_VERSION
+    codec = RecordCodec.from_header(header)
+    masked = masked_format(header["format_version"])
     recs = {}
     for u in units:
         stats = empty_stats(header["num_classes"], masked)

@@ -199,56 +199,74 @@ def _geometric_positions(rate: float, V: int, rows: torch.Tensor, gen: torch.Gen
     return torch.cat(out_r), torch.cat(out_c)
 
 
-def _finish_priority(p: torch.Tensor, top_prio: torch.Tensor, top_cols: torch.Tensor, U: int):
-    """ids = the U largest priorities, tau = the (U+1)-th, p_hat = max(p, tau)."""
-    tau = torch.where(torch.isfinite(top_prio[:, U]), top_prio[:, U], 0.0)  # [P]
+def _kth(sorted_desc: torch.Tensor, U: int, sizes: torch.Tensor | None) -> torch.Tensor:
+    """Column U of each row (fixed U), or column sizes[t] of row t (allocated U_t)."""
+    if sizes is None:
+        return sorted_desc[:, U]
+    return sorted_desc.gather(1, sizes[:, None]).squeeze(1)
+
+
+def _finish_priority(p: torch.Tensor, top_prio: torch.Tensor, top_cols: torch.Tensor, U: int,
+                     sizes: torch.Tensor | None = None):
+    """ids = the U largest priorities, tau = the (U+1)-th, p_hat = max(p, tau). With `sizes`
+    [P] (allocated U_t <= U): row t keeps its sizes[t] largest, tau_t = the (sizes[t]+1)-th,
+    and its slots from sizes[t] on are empty."""
+    kth = _kth(top_prio, U, sizes)
+    tau = torch.where(torch.isfinite(kth), kth, 0.0)                      # [P]
     ids = top_cols[:, :U]
     valid = (ids >= 0) & torch.isfinite(top_prio[:, :U])
+    if sizes is not None:
+        valid &= torch.arange(U, device=ids.device)[None, :] < sizes[:, None]
     p_sel = torch.gather(p, 1, ids.clamp_min(0))
     weights = torch.where(valid & (p_sel > 0), torch.maximum(p_sel, tau[:, None]), 0.0)
     return torch.where(valid, ids, -1), weights
 
 
-def _priority_dense(p: torch.Tensor, U: int, gen: torch.Generator):
+def _priority_dense(p: torch.Tensor, U: int, gen: torch.Generator, sizes: torch.Tensor | None = None):
     u = 1.0 - torch.rand(p.shape, generator=gen, device=p.device)        # (0, 1]
     prio = torch.where(p > 0, p / u, -math.inf)
     top_prio, top_cols = torch.topk(prio, U + 1, dim=-1, sorted=True)
-    return _finish_priority(p, top_prio, top_cols, U)
+    return _finish_priority(p, top_prio, top_cols, U, sizes)
 
 
 def _priority(p: torch.Tensor, top_idx: torch.Tensor, U: int, gen: torch.Generator, delta: float,
-              dense_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+              dense_fraction: float, sizes: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Any V: b = p_(U+1) from the sorted top-(U+1), heavy classes by a pass over V."""
-    thr, has_light, b = _heavy_threshold(torch.gather(p, 1, top_idx[:, U:U + 1]).squeeze(1), delta)
-    return _priority_masked(p, thr, has_light, b, U, gen, delta, dense_fraction)
+    thr, has_light, b = _heavy_threshold(torch.gather(p, 1, _kth(top_idx, U, sizes)[:, None]).squeeze(1),
+                                         delta)
+    return _priority_masked(p, thr, has_light, b, U, gen, delta, dense_fraction, sizes)
 
 
 def _priority_blocks(z: torch.Tensor, st: Stats, U: int, gen: torch.Generator, delta: float,
-                     dense_fraction: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     dense_fraction: float, block: int, sizes: torch.Tensor | None = None,
+                     bmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """V = n * block: heavy classes without a topk or a mask over [P, V].
 
     The U+1 largest block maxima are U+1 distinct logits, so the (U+1)-th of them is a
     lower bound z_lb <= z_(U+1), and b = p(z_lb) <= p_(U+1) is all the sampler needs of b
     (any lower bound keeps it exact; a smaller one only adds heavy classes). A heavy class
     (p >= delta * b) lies in a block whose max clears the heavy logit, so only those blocks
-    are scanned: about one per heavy class, a few percent of V on peaked rows."""
+    are scanned: about one per heavy class, a few percent of V on peaked rows. `sizes`:
+    allocated U_t <= U per row; `bmax`: the block maxima when the caller has them."""
     P, V = z.shape
     n = V // block
     zb = z.view(P, n, block)
-    bmax = zb.amax(dim=-1)                                                 # [P, n]
-    z_lb = torch.topk(bmax, U + 1, dim=-1, sorted=True).values[:, U]
+    if bmax is None:
+        bmax = zb.amax(dim=-1)                                             # [P, n]
+    z_lb = _kth(torch.topk(bmax, U + 1, dim=-1, sorted=True).values, U, sizes)
     # p = exp(z - z_max) * p_max; shave 1e-6 so fp32 rounding cannot lift b above p_(U+1)
     b = torch.exp(z_lb - st.z_max) * st.p_max * (1.0 - 1e-6)
     thr, has_light, b = _heavy_threshold(b, delta)
     z_h = st.z_max + torch.log(thr / st.p_max) - 1e-4   # logit of thr, minus a rounding margin
     cand = bmax >= z_h[:, None]
     if int(torch.count_nonzero(cand)) > dense_fraction * P * n:
-        return _priority_masked(st.p, thr, has_light, b, U, gen, delta, dense_fraction)
+        return _priority_masked(st.p, thr, has_light, b, U, gen, delta, dense_fraction, sizes)
     c_rows, c_blk = torch.nonzero(cand, as_tuple=True)                     # row-major
     ci, off = torch.nonzero(zb[c_rows, c_blk] >= z_h[c_rows, None], as_tuple=True)
     rows, cols = c_rows[ci], c_blk[ci] * block + off
     exact = st.p[rows, cols] >= thr[rows]                                  # the heavy test itself
-    return _priority_sparse(st.p, rows[exact], cols[exact], has_light, thr, b, U, gen, delta)
+    return _priority_sparse(st.p, rows[exact], cols[exact], has_light, thr, b, U, gen, delta, sizes)
 
 
 def _heavy_threshold(b: torch.Tensor, delta: float):
@@ -262,21 +280,22 @@ def _heavy_threshold(b: torch.Tensor, delta: float):
 
 
 def _priority_masked(p: torch.Tensor, thr: torch.Tensor, has_light: torch.Tensor, b: torch.Tensor,
-                     U: int, gen: torch.Generator, delta: float, dense_fraction: float):
+                     U: int, gen: torch.Generator, delta: float, dense_fraction: float,
+                     sizes: torch.Tensor | None = None):
     """Heavy classes by a pass over V: rows with more heavy classes than the top-K list."""
     P, V = p.shape
     heavy = p >= thr[:, None]
     n_heavy = int(torch.count_nonzero(heavy))   # (a bool .sum() copies to int64: 20x slower)
     if n_heavy > dense_fraction * P * V:
         # Flat distributions: most classes are heavy, so draw u for every class.
-        return _priority_dense(p, U, gen)
+        return _priority_dense(p, U, gen, sizes)
     h_rows, h_cols = torch.nonzero(heavy, as_tuple=True)
-    return _priority_sparse(p, h_rows, h_cols, has_light, thr, b, U, gen, delta)
+    return _priority_sparse(p, h_rows, h_cols, has_light, thr, b, U, gen, delta, sizes)
 
 
 def _priority_sparse(p: torch.Tensor, h_rows: torch.Tensor, h_cols: torch.Tensor,
                      light_rows: torch.Tensor, thr: torch.Tensor, b: torch.Tensor, U: int,
-                     gen: torch.Generator, delta: float):
+                     gen: torch.Generator, delta: float, sizes: torch.Tensor | None = None):
     """Heavy classes (h_rows, h_cols) drawn directly; light ones of `light_rows` [P] bool by
     proposals at rate delta, kept iff u < r = p / b."""
     P, V = p.shape
@@ -295,7 +314,7 @@ def _priority_sparse(p: torch.Tensor, h_rows: torch.Tensor, h_cols: torch.Tensor
     prio = torch.cat([h_prio, l_p[keep] / u[keep]])
     order = torch.argsort(rows, stable=True)
     top_prio, top_cols = _rows_topk(prio[order], rows[order], cols[order], P, U + 1)
-    return _finish_priority(p, top_prio, top_cols, U)
+    return _finish_priority(p, top_prio, top_cols, U, sizes)
 
 
 def _rskd(logits: torch.Tensor, e: torch.Tensor, U: int, gen: torch.Generator,
@@ -420,3 +439,70 @@ def sample_classes(logits: torch.Tensor, num_classes: int = 12, method: str = "p
         w_out[s:s + chunk_size] = w
         h_out[s:s + chunk_size] = entropy
     return ids_out, w_out, h_out
+
+
+def sample_allocated(logits: torch.Tensor, records: int, ceiling: int,
+                     generator: torch.Generator | None = None, *, chunk_size: int = DEFAULT_CHUNK,
+                     sentinel: int | None = None, delta: float = DEFAULT_DELTA,
+                     dense_fraction: float = 0.25):
+    """Allocated U (format 4): `records` class records over the P positions of `logits`
+    [P, V], U_t in [1, ceiling] per position, chosen from the teacher's exact distributions
+    (pipeline.stage1_cache.class_budget: the greedy allocation of the threshold-form
+    variance), then a priority sample of U_t classes at each position.
+
+    U_t is a deterministic function of the positions' probabilities, never of the draws,
+    so every weight stays unbiased (for a fixed size, priority sampling is). Two passes: the
+    first computes every position's softmax statistics, its `ceiling` largest probabilities
+    (from the `ceiling` largest block maxima: those blocks hold them) and sum p^2, and keeps
+    them; the allocation runs on all P positions at once; the second draws from the kept
+    statistics (no second softmax).
+
+    Returns ids [P, ceiling] (sentinel past U_t), weights [P, ceiling] float32, entropy [P],
+    sizes [P] int64 (U_t, summing to `records`).
+    """
+    from pipeline.stage1_cache.class_budget import allocate, variance_curves
+
+    _validate(logits, ceiling)
+    P, V = logits.shape
+    if not P <= records <= ceiling * P:
+        raise ValueError(f"{records} records cannot give {P} positions 1 to {ceiling} each")
+    if chunk_size < 1 or not 0.0 < delta < 1.0:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 and delta={delta} in (0, 1)")
+    sentinel = (1 << V.bit_length()) - 1 if sentinel is None else sentinel
+    if generator is None:
+        generator = torch.Generator(device=logits.device).manual_seed(0)
+    K = ceiling
+    block = _block_size(V, K + 1)
+    kept, top_p, sum_sq = [], [], []
+    for s in range(0, P, chunk_size):
+        z = logits[s:s + chunk_size].float().contiguous()
+        st = softmax_stats(z, None if block else K + 1)
+        n = z.shape[0]
+        if block:
+            nb = V // block
+            bmax = z.view(n, nb, block).amax(dim=-1)
+            top_blocks = torch.topk(bmax, K, dim=-1).indices                   # hold the top K
+            cand = st.p.view(n, nb, block).gather(1, top_blocks[:, :, None].expand(n, K, block))
+            top = torch.topk(cand.reshape(n, K * block), K, dim=-1, sorted=True).values
+        else:
+            bmax = None
+            top = torch.gather(st.p, 1, st.top_idx[:, :K])
+        kept.append((z, st, bmax))
+        top_p.append(top)
+        sum_sq.append(_rowdot(st.p, st.p))
+    sizes = allocate(variance_curves(torch.cat(top_p), torch.cat(sum_sq), K), records, 1, K)
+    ids_out = torch.empty((P, K), dtype=torch.long, device=logits.device)
+    w_out = torch.empty((P, K), dtype=torch.float32, device=logits.device)
+    h_out = torch.empty((P,), dtype=torch.float32, device=logits.device)
+    for i, (z, st, bmax) in enumerate(kept):
+        s = i * chunk_size
+        sz = sizes[s:s + z.shape[0]]
+        if block:
+            ids, w = _priority_blocks(z, st, K, generator, delta, dense_fraction, block, sz, bmax)
+        else:
+            ids, w = _priority(st.p, st.top_idx, K, generator, delta, dense_fraction, sz)
+        ids_out[s:s + z.shape[0]] = torch.where(w > 0, ids, sentinel)
+        w_out[s:s + z.shape[0]] = w
+        h_out[s:s + z.shape[0]] = st.entropy
+        kept[i] = None                                   # free this chunk's statistics
+    return ids_out, w_out, h_out, sizes

@@ -42,6 +42,7 @@ aborts the whole job, after writing its traceback to stderr and OUT/errors/rank{
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,18 +53,19 @@ import torch
 
 from pipeline.common import config as C
 from pipeline.common.chat import ChatStats
-from pipeline.cache_format.codec import FORMAT_VERSION, RecordCodec
+from pipeline.cache_format.codec import FORMAT_VERSION, MAX_ALLOCATED, RecordCodec
 from pipeline.common.text import ChatDataSpec, DataSpec, tokenizer_fingerprint
 from pipeline.common.distributed import (DistInfo, TorchComm, abort_job_on_error, init_distributed,
                                   log)
 from pipeline.stage1_cache.ledger import Ledger
-from pipeline.cache_format.manifest import (MASKED_FORMAT_VERSION, MANIFEST, layout, merge_units,
+from pipeline.cache_format.manifest import (ALLOCATED_FORMAT_VERSION, MASKED_FORMAT_VERSION, MANIFEST, layout, merge_units,
                                repair_command)
 from pipeline.common.files import write_json_atomic
 from pipeline.common.phases import PhaseTimer
 from pipeline.common.progress import StageProgress
 from pipeline.stage1_cache.launch import setup_launch, verify_done
-from pipeline.stage1_cache.class_sampler import DEFAULT_CHUNK, METHODS, sample_classes
+from pipeline.stage1_cache.class_budget import DEFAULT_CEILING_FACTOR, budget_records, check_budget
+from pipeline.stage1_cache.class_sampler import DEFAULT_CHUNK, METHODS, sample_allocated, sample_classes
 from pipeline.cache_format.shards import UnitWriter, encode_window, window_generators
 from pipeline.stage1_cache.teacher import (cache_vocab_size, load_teacher, split_padded, teacher_logit_chunks,
                               teacher_weight_hashes, tokenizer_classes)
@@ -92,7 +94,14 @@ class CacheConfig:
     chat_template: str | None = C.opt(None, "chat: a Jinja chat template FILE.jinja to render "
                                       "with (default: the teacher tokenizer's)")
     seq_len: int = C.opt(2048, "window length T in tokens")
-    num_classes: int = C.opt(12, "U: sampled classes stored per position")
+    num_classes: int = C.opt(12, "U: sampled classes stored per position (the fixed-U format; "
+                             "--class-budget allocates instead)")
+    class_budget: float | None = C.opt(None, "B: allocate U_t records per position from the "
+                                       "teacher's distribution, B per position on average over "
+                                       "each window (format 4: 2 + 3B bytes a position; 11.67 "
+                                       "costs today's 37 B); priority sampler, text data")
+    class_ceiling: int | None = C.opt(None, "U_max: the most records a position gets under "
+                                      "--class-budget (default 4B, at most 255)")
     sampler: str = C.opt("priority", "class sampler", choices=METHODS)
     rskd_draws: int = C.opt(50, "rskd: draws with replacement per position")
     rskd_tau: float = C.opt(1.0, "rskd: proposal temperature tau_s")
@@ -125,6 +134,19 @@ class CacheConfig:
             problems.append(f"--seq-len {self.seq_len} must be >= 2")
         if self.num_classes < 1:
             problems.append(f"--num-classes {self.num_classes} must be >= 1")
+        if self.class_budget is not None:
+            try:
+                check_budget(self.class_budget, 1, self.ceiling, self.sampler)
+            except ValueError as e:
+                problems.append(str(e))
+            if self.ceiling > MAX_ALLOCATED:
+                problems.append(f"--class-ceiling {self.ceiling} must be in [1, {MAX_ALLOCATED}] "
+                                "(a position's count is one byte)")
+            if self.data_format == "chat":
+                problems.append("--class-budget applies to text caches; a chat cache keeps a fixed "
+                                "U (--num-classes)")
+        elif self.class_ceiling is not None:
+            problems.append(f"--class-ceiling {self.class_ceiling} applies with --class-budget")
         if (self.batch_size < 1 or self.chunk_positions < 1 or self.shard_samples < 1
                 or self.sampler_chunk < 1):
             problems.append("--batch-size, --chunk-positions, --shard-samples and --sampler-chunk must "
@@ -153,6 +175,17 @@ class CacheConfig:
                                 prompt_field=self.prompt_field, response_field=self.response_field,
                                 system_field=self.system_field)
         return DataSpec(self.data, self.text_field)
+
+    @property
+    def ceiling(self) -> int:
+        """U_max of an allocated cache: --class-ceiling, or 4B capped at the count byte's 255."""
+        if self.class_ceiling is not None:
+            return self.class_ceiling
+        return min(MAX_ALLOCATED, max(1, math.ceil(DEFAULT_CEILING_FACTOR * self.class_budget)))
+
+    def window_records(self) -> int | None:
+        """R, the records of a window under --class-budget (None: fixed U)."""
+        return None if self.class_budget is None else budget_records(self.class_budget, self.seq_len)
 
     @property
     def sampler_args(self) -> dict:
@@ -196,7 +229,8 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
             tok, cfg.chat_template)
         dataset["chat_template_sha256"] = template_sha256(text)
     return {
-        "format_version": MASKED_FORMAT_VERSION if chat else FORMAT_VERSION,
+        "format_version": (MASKED_FORMAT_VERSION if chat else ALLOCATED_FORMAT_VERSION
+                           if codec.allocated else FORMAT_VERSION),
         "teacher": cfg.teacher,
         "teacher_parameters": sum(p.numel() for p in model.parameters()),
         "teacher_weights": teacher_weights,
@@ -206,7 +240,7 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "eos_token_id": tok.eos_token_id,
         "seq_len": cfg.seq_len,
-        "num_classes": cfg.num_classes,
+        "num_classes": codec.num_classes,
         "id_bits": codec.id_bits,
         "w_bits": codec.w_bits,
         "sentinel": codec.sentinel,
@@ -228,8 +262,9 @@ def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
         "weight_codebook": codec.weight_codebook().levels.tolist(),
         "entropy_codebook": codec.entropy_codebook().levels.tolist(),
         "entropy_max_error": codec.entropy_codebook().max_error,
-        "layout": layout(masked=chat),
-    }
+        "layout": layout(masked=chat, allocated=codec.allocated),
+    } | ({"class_budget": cfg.class_budget, "class_ceiling": codec.num_classes,
+          "window_records": codec.window_records} if codec.allocated else {})
 
 
 def run(cfg: CacheConfig, hooks: Hooks = Hooks()) -> dict | None:
@@ -253,7 +288,8 @@ def _run(cfg: CacheConfig, info: DistInfo, comm, hooks: Hooks) -> dict | None:
     tok, model = load_teacher(cfg, device)
     V = cache_vocab_size(tok, model)   # the tokenizer's classes; padded logits are dropped
     try:
-        codec = RecordCodec(V, cfg.num_classes)
+        codec = (RecordCodec(V, cfg.num_classes) if cfg.class_budget is None else
+                 RecordCodec(V, cfg.ceiling, seq_len=cfg.seq_len, window_records=cfg.window_records()))
     except ValueError as e:
         raise ValueError(f"--teacher {cfg.teacher}: {e}") from e
     max_pos = model.config.get_text_config().to_dict().get("max_position_embeddings")
@@ -406,23 +442,38 @@ def _flush(cfg, model, codec, device, unit: int, batch, writer: UnitWriter, prog
     per_window: dict[int, list] = {b: [] for b in range(len(batch))}
     gens = [window_generators(cfg.seed, unit, k, device) for k, _, _ in items]
     stats: dict = {}
-    for b, _, logits, dropped in teacher_logit_chunks(model, ids_in, cfg.chunk_positions,
-                                                      cfg.teacher_temperature, codec.vocab_size, timer):
+    for b, start, logits, dropped in teacher_logit_chunks(model, ids_in, cfg.chunk_positions,
+                                                          cfg.teacher_temperature, codec.vocab_size,
+                                                          timer):
         with timer("sample"):
             before = stats.get("rskd_truncated_positions", 0)
-            ids, w, h = sample_classes(logits, cfg.num_classes, cfg.sampler, gens[b][0],
-                                       chunk_size=cfg.sampler_chunk, sentinel=codec.sentinel,
-                                       stats=stats, **cfg.sampler_args)
+            sizes = None
+            if codec.allocated:
+                # this chunk's share of the window's records: R(end) - R(start), which sums
+                # to R(T) = window_records over the window's chunks
+                end = start + logits.shape[0]
+                records = (budget_records(cfg.class_budget, end)
+                           - budget_records(cfg.class_budget, start))
+                ids, w, h, sizes = sample_allocated(logits, records, codec.num_classes, gens[b][0],
+                                                    chunk_size=cfg.sampler_chunk,
+                                                    sentinel=codec.sentinel)
+                sizes = sizes.cpu()
+            else:
+                ids, w, h = sample_classes(logits, cfg.num_classes, cfg.sampler, gens[b][0],
+                                           chunk_size=cfg.sampler_chunk, sentinel=codec.sentinel,
+                                           stats=stats, **cfg.sampler_args)
             per_window[b].append((ids.cpu(), w.cpu(), h.cpu(),
-                                  stats.get("rskd_truncated_positions", 0) - before, dropped.cpu()))
+                                  stats.get("rskd_truncated_positions", 0) - before, dropped.cpu(),
+                                  sizes))
     for b, (k, tokens, trainable) in enumerate(items):
         parts = per_window[b]
         ids = torch.cat([p[0] for p in parts]).numpy()
         w = torch.cat([p[1] for p in parts]).numpy()
         h = torch.cat([p[2] for p in parts]).numpy()
         dm = torch.cat([p[4] for p in parts]).numpy()
+        counts = torch.cat([p[5] for p in parts]).numpy() if codec.allocated else None
         with timer("pack"):
-            records, ec, n_distinct = encode_window(codec, ids, w, h, gens[b][1], trainable)
+            records, ec, n_distinct = encode_window(codec, ids, w, h, gens[b][1], trainable, counts)
         with timer("write"):
             writer.write(k, tokens, records, ec, n_distinct, sum(p[3] for p in parts), dm,
                          trainable)
@@ -443,7 +494,9 @@ def _summary(m: dict, out: Path) -> None:
                  ("windows", m["samples"]), ("positions", f"{m['positions']:,}"),
                  ("bytes on disk", f"{m['bytes']:,}"), ("bytes / position", f"{bpp:.2f}"),
                  ("V / id bits / w bits", f"{m['vocab_size']} / {m['id_bits']} / {m['w_bits']}"),
-                 ("sampler", f"{m['sampler']} U={m['num_classes']}"),
+                 ("sampler", f"{m['sampler']} U={m['num_classes']}" if m.get("window_records") is None
+                  else f"{m['sampler']}, allocated U_t <= {m['num_classes']}, "
+                       f"{m['class_budget']} records a position"),
                  ("wall time (this launch)", f"{m['wall_time_s']:.1f} s")]:
         t.add_row(k, str(v))
     Console(stderr=True).print(t)

@@ -158,7 +158,10 @@ def render(rep: dict, cache_dir: Path, console: Console) -> None:
          if rep["missing_shards"] else f"{s['shard_samples']} samples/shard max"),
         ("bytes on disk", _fmt_bytes(rep["bytes_on_disk"]), f"{rep['bytes_on_disk']:,} B of shards; "
          f"manifest.json {_fmt_bytes(rep['manifest_bytes'])}"),
-        ("B/position, records", f"{rep['record_bytes_per_position']}", f"3U+1, U={U}"),
+        ("B/position, records", f"{rep['record_bytes_per_position']:.2f}",
+         f"2 + 3 x {s['window_records'] / s['seq_len']:.2f} records a position on average "
+         f"(count and entropy bytes; --class-budget {s['class_budget']})" if d["allocated"]
+         else f"3U+1, U={U}"),
         ("B/position, on disk", f"{rep['bytes_per_position']:.2f}",
          f"+{TOKEN_BYTES} B tokens, tar overhead {100 * rep['tar_overhead_fraction']:.2f}%"),
     ]
@@ -188,7 +191,13 @@ def render(rep: dict, cache_dir: Path, console: Console) -> None:
         t.add_row("entropy p5/p25/p50/p75/p95", " / ".join(f"{v:.2f}" for v in q.values()), "nats")
         t.add_row("entropy histogram" + over, sparkline(np.asarray(e["hist_counts"])),
                   f"0 .. ln V = {e['max_nats']:.2f} nats, {len(e['hist_counts'])} bins")
-    if "mean" in d:
+    if "mean" in d and d["allocated"]:      # format 4: U_t, the records each position got
+        t.add_row("records per position U_t", f"{d['mean']:.3f}",
+                  f"min {d['min']}, max {d['max']}, ceiling {U}; allocated from the teacher's p")
+        t.add_row("U_t p5/p25/p50/p75/p95", " / ".join(str(v) for v in d["quantiles"].values()),
+                  "records")
+        t.add_row("U_t histogram", sparkline(np.asarray(d["hist"])), f"0 .. {U}")
+    elif "mean" in d:
         t.add_row("distinct classes mean", f"{d['mean']:.3f}", f"min {d['min']}, max {d['max']}, U={U}")
         t.add_row("positions with < U classes", f"{100 * d['fraction_padded']:.2f}%", "sentinel-padded")
         t.add_row("distinct histogram", sparkline(np.asarray(d["hist"])), f"0 .. {U}")

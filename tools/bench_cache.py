@@ -17,6 +17,11 @@ Per T, `--repeats` interleaved rounds of two processes with the same threads and
              lm_head, sample (entropy + priority sampling), pack (codec), write (tar,
              sha256). The rest of (b)'s time is reading, tokenizing and the ledger.
 Printed per T: medians of (a), (b), (b)/(a), and of each phase.
+
+`--class-budget B` adds (c) per round: the same stage writing an allocated cache (format 4,
+`--class-budget B`) on the same corpus, run beside (b) with the order alternating per
+round; printed: the median of (c) and of the per-round ratio (c)/(b) (issue 25's target:
+allocation within 1.05x of fixed U's stage time).
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_cache")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--class-budget", type=float, default=None,
+                    help="also time the stage writing an allocated cache at this budget (c)")
     ap.add_argument("--floor", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     teacher = ASSETS / "teacher"
@@ -130,20 +137,31 @@ def main() -> None:
             out = args.work / f"T{T}" / f"round{r}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            subprocess.run([sys.executable, "-m", "pipeline.cache", "--teacher", str(teacher), "--data",
-                            str(corpus), "--out", str(out / "cache"),
-                            "--seq-len", str(T), "--max-windows", str(args.positions // T),
-                            "--batch-size", str(args.batch_size), "--chunk-positions",
-                            str(args.chunk_positions)], cwd=REPO, env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            stage_s = json.loads((out / "cache" / "manifest.json").read_text())["this_launch"][0]["wall_time_s"]
+            def stage(name: str, *extra: str) -> float:
+                subprocess.run([sys.executable, "-m", "pipeline.cache", "--teacher", str(teacher),
+                                "--data", str(corpus), "--out", str(out / name),
+                                "--seq-len", str(T), "--max-windows", str(args.positions // T),
+                                "--batch-size", str(args.batch_size), "--chunk-positions",
+                                str(args.chunk_positions), *extra], cwd=REPO, env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+                return json.loads((out / name / "manifest.json").read_text())["this_launch"][0]["wall_time_s"]
+
+            alloc = {}
+            if args.class_budget is not None and r % 2:      # alternate which of the two runs first
+                alloc = {"alloc_s": stage("alloc", "--class-budget", str(args.class_budget))}
+            stage_s = stage("cache")
+            if args.class_budget is not None and not r % 2:
+                alloc = {"alloc_s": stage("alloc", "--class-budget", str(args.class_budget))}
+            if alloc:
+                alloc["alloc_ratio"] = alloc["alloc_s"] / stage_s
             subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size),
                             "--chunk-positions", str(args.chunk_positions),
                             "--floor", str(out / "cache"), str(out / "floor.json")],
                            cwd=REPO, env=env, check=True)
-            runs.append({"stage_s": stage_s, **json.loads((out / "floor.json").read_text())})
+            runs.append({"stage_s": stage_s, **alloc, **json.loads((out / "floor.json").read_text())})
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in
-               ("stage_s", "bare_s", "flush_s", *PHASES)}
+               ("stage_s", "bare_s", "flush_s", *PHASES, "alloc_s", "alloc_ratio")}
+        med["alloc_ratios"] = [round(r.get("alloc_ratio", 0.0), 4) for r in runs]
         rows[T] = med
         print(f"\n### T = {T}: {args.positions // T} windows, batch {args.batch_size}, "
               f"{args.threads} threads, medians of {args.repeats} interleaved rounds\n")
@@ -152,6 +170,10 @@ def main() -> None:
         print("|---:" * (4 + len(PHASES)) + "|")
         print(f"| {med['bare_s']:.2f} | {med['stage_s']:.2f} | {med['stage_s'] / med['bare_s']:.2f}x | "
               f"{med['flush_s']:.2f} | " + " | ".join(f"{med[p]:.2f}" for p in PHASES) + " |", flush=True)
+        if args.class_budget is not None:
+            print(f"\n(c) allocated stage, --class-budget {args.class_budget}: median "
+                  f"{med['alloc_s']:.2f} s; (c) / (b) per round {med['alloc_ratios']}, median "
+                  f"**{med['alloc_ratio']:.3f}x**", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

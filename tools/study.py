@@ -69,10 +69,22 @@ RESULT = "result.json"
 class CacheSpec:
     sampler: str
     classes: int
+    budget: float | None = None    # allocated U (format 4): --class-budget; `classes` is unused
 
     @property
     def name(self) -> str:
-        return f"{self.sampler}_U{self.classes}"
+        return f"{self.sampler}_U{self.classes}" if self.budget is None else f"{self.sampler}_B{self.budget:g}"
+
+    def flags(self) -> list[str]:
+        size = ["--num-classes", str(self.classes)] if self.budget is None else \
+            ["--class-budget", str(self.budget)]
+        return [*size, "--sampler", self.sampler]
+
+    def matches(self, m: dict) -> bool:
+        if self.budget is not None:
+            return m.get("sampler") == self.sampler and m.get("class_budget") == self.budget
+        return (m.get("sampler"), m.get("num_classes"), m.get("class_budget")) == \
+            (self.sampler, self.classes, None)
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,8 @@ class Row:
     cache: CacheSpec               # the cache the run reads (windows; targets where the mode uses them)
     recipe: str                    # a recipe of pipeline/stage2_distill/recipes/ (`--recipe`)
     flags: str = ""                # pipeline.distill flags on top of the recipe
-    group: str = "main"            # main (--seeds), extra (--extra-seeds), recipe (--recipe-seeds)
+    group: str = "main"            # main (--seeds), extra (--extra-seeds), recipe (--recipe-seeds),
+                                   # alloc (--alloc-seeds)
     format_point: bool = False     # a cache format on the KL-vs-bytes plot (KD at every position)
 
     @property
@@ -98,6 +111,11 @@ ROWS = (
     Row("topk_12", "top-k cache k=12 (37 B)", CacheSpec("topk", 12), "kd-all", format_point=True),
     Row("rskd_U12", "rskd cache N=50, U=12 (37 B)", CacheSpec("rskd", 12), "rskd-paper", format_point=True),
     Row("no_kd", "no KD (CE on every position)", P12, "no-kd"),
+    # Allocated U at today's 37 bytes against fixed U = 24 (73 B), issue 25's goal.
+    Row("allocated_37B", "allocated U, B=11.67 (37 B)", CacheSpec("priority", 47, 11.67), "kd-all",
+        group="alloc", format_point=True),
+    Row("priority_U24", "priority cache U=24 (73 B)", CacheSpec("priority", 24), "kd-all",
+        group="alloc", format_point=True),
     Row("priority_U4", "priority cache U=4 (13 B)", CacheSpec("priority", 4), "kd-all", group="extra",
         format_point=True),
     Row("priority_U32", "priority cache U=32 (97 B)", CacheSpec("priority", 32), "kd-all", group="extra",
@@ -270,13 +288,14 @@ def build_cache(spec: CacheSpec, args, teacher_weights, tok_fp: str) -> dict:
               flush=True)
         _run([*_torchrun(args.nproc), "-m", "pipeline.cache", "--teacher", str(args.teacher),
               "--data", str(args.train), "--out", str(d), "--seq-len", str(args.seq_len),
-              "--max-windows", str(args.train_windows), "--num-classes", str(spec.classes),
-              "--sampler", spec.sampler, "--shard-samples", "16", "--unit-bytes", str(args.unit_bytes)],
+              "--max-windows", str(args.train_windows), *spec.flags(),
+              "--shard-samples", "16", "--unit-bytes", str(args.unit_bytes)],
              args.out / "logs" / f"cache_{spec.name}.log")
     m = load_manifest(d)
-    if m.get("sampler") != spec.sampler or m.get("num_classes") != spec.classes:
-        raise StudyError(f"cache {d} holds {m.get('sampler')} U={m.get('num_classes')}, the study "
-                         f"expects {spec.sampler} U={spec.classes}; delete it or use another --out")
+    if not spec.matches(m):
+        raise StudyError(f"cache {d} holds {m.get('sampler')} U={m.get('num_classes')} budget "
+                         f"{m.get('class_budget')}, the study expects {spec.name}; delete it or "
+                         "use another --out")
     check_cache(spec.name, m, args, teacher_weights, tok_fp)
     return m
 
@@ -536,6 +555,8 @@ def parse(argv: list[str] | None = None):
     ap.add_argument("--extra-seeds", type=int, nargs="*", default=[0, 1], help="seeds of the extra rows")
     ap.add_argument("--recipe-seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="seeds of the recipe rows (recipes at equal steps)")
+    ap.add_argument("--alloc-seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds of the allocated-U rows (allocated_37B, priority_U24)")
     ap.add_argument("--rows", nargs="+", default=None, choices=[r.name for r in ROWS],
                     metavar="ROW", help=f"rows to run (default all, or the curve's with --curve: "
                                        f"{', '.join(BY_NAME)})")
@@ -570,9 +591,10 @@ def plan(args) -> list[tuple[Row, int]]:
     """Seed by seed, the main rows then the recipe rows of that seed; the extra rows last,
     seed by seed: an interrupted grid has whole seeds of the paired table first."""
     rows = [BY_NAME[n] for n in BY_NAME if n in args.rows]
-    seeds = {"main": args.seeds, "recipe": args.recipe_seeds, "extra": args.extra_seeds}
-    first = list(dict.fromkeys([*args.seeds, *args.recipe_seeds]))
-    return ([(r, s) for s in first for group in ("main", "recipe") for r in rows
+    seeds = {"main": args.seeds, "recipe": args.recipe_seeds, "extra": args.extra_seeds,
+             "alloc": args.alloc_seeds}
+    first = list(dict.fromkeys([*args.seeds, *args.recipe_seeds, *args.alloc_seeds]))
+    return ([(r, s) for s in first for group in ("main", "alloc", "recipe") for r in rows
              if r.group == group and s in seeds[group]]
             + [(r, s) for s in args.extra_seeds for r in rows if r.group == "extra"])
 

@@ -9,8 +9,10 @@ gradient's target), for fixed U (every position k records) and for allocated U (
 round(B x T) records spread greedily, floor 1, ceiling 48). Printed: the mean total variance
 per position and its ratio to fixed U = 12, the bytes per position (fixed: 3U + 1; allocated:
 3B + 2 with a count byte per position), the U_t histogram by entropy, and on one low- and one
-high-entropy row the z-scores of each class's mean weight over --draws allocated draws
-against p_i (unbiasedness). Deterministic; no timing.
+high-entropy row the z-scores of each class's mean weight over --draws draws of stage 1's
+own allocated sampler (class_sampler.sample_allocated on the row's window, weights rounded
+onto the allocated cache's codebook) against p_i (unbiasedness), and the records every draw
+put in the window. Deterministic; no timing.
 """
 
 from __future__ import annotations
@@ -108,32 +110,52 @@ def main() -> None:
             print(f"  H in [{lo}, {hi}) nats: {int(m.sum()):5d} positions, U_t mean {float(u.mean()):5.1f}, "
                   f"range {int(u.min())}-{int(u.max())}")
     res["u_by_entropy"] = by
-    # unbiasedness on the lowest- and the highest-entropy row, at their allocated sizes
-    allp = torch.cat(ps)
+    # Unbiasedness of what stage 1 writes: the stage's sampler (class_sampler.sample_allocated:
+    # allocation + blocked priority sampling) on the whole window holding the lowest- and the
+    # highest-entropy row, each draw's weights rounded onto the allocated cache's codebook
+    # (8 weight bits at V = 49,152, top level weight_max(1)), against the teacher's exact p.
+    from pipeline.cache_format.codec import RecordCodec
+    from pipeline.stage1_cache.class_sampler import sample_allocated
+
+    T = args.seq_len
+    B = 35 / 3
+    R = cb.budget_records(B, T)
+    V = ps[0].shape[1]
+    codec = RecordCodec(V, U_max, seq_len=T, window_records=R)
+    book = codec.weight_codebook()
+    rng = __import__("numpy").random.default_rng(5)
     zs = {}
     for name, t in (("low", int(torch.argmin(H))), ("high", int(torch.argmax(H)))):
-        p, size = allp[t:t + 1], U[t:t + 1]
+        win, row = divmod(t, T)
+        p = ps[win].double()
+        logits = torch.log(ps[win].clamp_min(1e-30)).float()
         g = torch.Generator().manual_seed(11)
-        tot = torch.zeros(p.shape[1], dtype=torch.float64)
+        tot = torch.zeros(V, dtype=torch.float64)
         sq = torch.zeros_like(tot)
+        records = set()
         for _ in range(args.draws):
-            ids, w = cb.priority_sample_sizes(p, size, g, sentinel=p.shape[1])
-            d = torch.zeros(p.shape[1] + 1, dtype=torch.float64).scatter_add_(0, ids[0], w[0].double())[:-1]
+            ids, w, _, sizes = sample_allocated(logits, R, U_max, g, sentinel=codec.sentinel)
+            records.add(int(sizes.sum()))
+            w = torch.from_numpy(book.decode(book.encode(w.numpy(), rng))).double()
+            d = torch.zeros(V + 1, dtype=torch.float64).scatter_add_(
+                0, torch.where(ids[row] < V, ids[row], V), w[row])[:-1]
             tot += d
             sq += d * d
         mean = tot / args.draws
         se = ((sq / args.draws - mean ** 2).clamp_min(0) / args.draws).sqrt()
-        pp = p[0].double()
+        pp = p[row]
         big = (pp > 1e-3) & (se > 0)
         z = ((mean - pp) / se)[big]
-        zs[name] = {"entropy": float(H[t]), "U_t": int(size), "classes_tested": int(big.sum()),
+        zs[name] = {"entropy": float(H[t]), "U_t": int(sizes[row]), "classes_tested": int(big.sum()),
                     "max_abs_z": float(z.abs().max()) if big.any() else 0.0,
                     "mean_z": float(z.mean()) if big.any() else 0.0,
-                    "exact_classes": int(((pp > 1e-3) & (se == 0)).sum())}
-        print(f"unbiasedness, {name}-entropy row (H {float(H[t]):.2f}, U_t {int(size)}): "
-              f"{zs[name]['classes_tested']} sampled classes with p > 1e-3, max |z| "
-              f"{zs[name]['max_abs_z']:.2f}, mean z {zs[name]['mean_z']:+.2f}; "
-              f"{zs[name]['exact_classes']} kept exactly")
+                    "exact_classes": int(((pp > 1e-3) & (se == 0)).sum()),
+                    "records_per_window": sorted(records), "budget_records": R}
+        print(f"unbiasedness (stage 1's sampler + codebook), {name}-entropy row (H {float(H[t]):.2f}, "
+              f"U_t {int(sizes[row])}): {zs[name]['classes_tested']} sampled classes with p > 1e-3, "
+              f"max |z| {zs[name]['max_abs_z']:.2f}, mean z {zs[name]['mean_z']:+.2f}; "
+              f"{zs[name]['exact_classes']} kept exactly; records per window {sorted(records)} "
+              f"(budget {R})")
     res["unbiasedness"] = zs
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -90,6 +91,61 @@ def floor_and_phases(cache: Path, teacher: Path, batch_size: int, chunk: int, re
     result.write_text(json.dumps({"bare_s": bare, "flush_s": flush, **timer.pop()}))
 
 
+def sampler_pair(teacher: Path, T: int, positions: int, budget: float, repeats: int,
+                 chunk: int) -> dict:
+    """The stage's sampling phase alone, fixed U = 12 (`sample_classes`) against allocated
+    (`sample_allocated` at `budget`, per lm_head chunk as `_flush` calls it), on the real
+    teacher's logits of the demo corpus's first windows; `repeats` interleaved rounds,
+    alternating which goes first; everything else the stage does is the same for both."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.stage1_cache.class_budget import DEFAULT_CEILING_FACTOR, budget_records
+    from pipeline.stage1_cache.class_sampler import sample_allocated, sample_classes
+    from pipeline.stage1_cache.teacher import teacher_logit_chunks
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    ids: list[int] = []
+    for line in (ASSETS / "corpus" / "train.jsonl").read_text().splitlines():
+        ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if len(ids) >= positions:
+            break
+    x = torch.tensor(ids[:positions // T * T]).view(-1, T)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    V = len(tok)
+    chunks = [(s, z.clone()) for _, s, z, _ in teacher_logit_chunks(model, x, chunk, 1.0, V)]
+    ceiling = math.ceil(DEFAULT_CEILING_FACTOR * budget)
+
+    def fixed():
+        g = torch.Generator().manual_seed(0)
+        for _, z in chunks:
+            sample_classes(z, 12, "priority", g)
+
+    def allocated():
+        g = torch.Generator().manual_seed(0)
+        for s, z in chunks:
+            n = budget_records(budget, s + z.shape[0]) - budget_records(budget, s)
+            sample_allocated(z, n, ceiling, g)
+
+    times: dict[str, list[float]] = {"fixed": [], "allocated": []}
+    for r in range(repeats):
+        for name, fn in ((("fixed", fixed), ("allocated", allocated)) if r % 2 == 0
+                         else (("allocated", allocated), ("fixed", fixed))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ratios = [a / f for a, f in zip(times["allocated"], times["fixed"])]
+    return {"positions": int(x.numel()), "fixed_s": statistics.median(times["fixed"]),
+            "allocated_s": statistics.median(times["allocated"]),
+            "ratio": statistics.median(ratios), "ratios": [round(v, 3) for v in ratios]}
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def corpus_for(path: Path, teacher: Path, tokens: int) -> Path:
     """The demo corpus's first documents holding at least `tokens` tokens: the stage then
     tokenizes what it caches and no more (with the whole corpus, --max-windows would stop
@@ -121,9 +177,27 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--class-budget", type=float, default=None,
                     help="also time the stage writing an allocated cache at this budget (c)")
+    ap.add_argument("--sampler-only", action="store_true",
+                    help="with --class-budget: time only the sampling phase, fixed U = 12 against "
+                         "allocated, on the teacher's logits of --positions positions per T")
     ap.add_argument("--floor", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     teacher = ASSETS / "teacher"
+    if args.sampler_only:
+        if args.class_budget is None:
+            ap.error("--sampler-only needs --class-budget B")
+        torch_threads(args.threads)
+        rows = {}
+        print("| T | positions | fixed U=12 sampling s | allocated s | allocated / fixed (per round) |")
+        print("|---:|---:|---:|---:|---|")
+        for T in args.seq_lens:
+            r = rows[T] = sampler_pair(teacher, T, args.positions, args.class_budget, args.repeats,
+                                       args.chunk_positions)
+            print(f"| {T} | {r['positions']} | {r['fixed_s']:.3f} | {r['allocated_s']:.3f} | "
+                  f"**{r['ratio']:.3f}x** {r['ratios']} |", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     if args.floor:
         cache, result = args.floor
         return floor_and_phases(Path(cache), teacher, args.batch_size, args.chunk_positions, Path(result))

@@ -5,8 +5,8 @@ Import rules: `MAY_IMPORT` below, one row per package of pipeline/ (the same tab
 docs/ARCHITECTURE.md, "Import rules"); imports inside functions count. The three stage
 packages are mutually independent, stage 2 reads the cache only through `cache_format`,
 `common` imports no stage and not `cache_format`, an entry module imports only its stage (and
-`common`), nothing in pipeline/ imports an entry module or `demo`, and a new package needs its
-row before the test passes.
+`common`), nothing in pipeline/ imports an entry module or `demo`, a new package needs its
+row before the test passes, and no package imports another's private (`_name`) names.
 
 Tests: no test module edits `sys.path` (tests import `pipeline` from the checkout and the
 helpers next to them; a tool is loaded from its file with importlib), and no file under tests/
@@ -126,6 +126,20 @@ def test_packages_import_only_what_their_layer_allows():
                 for line, m in _import_sites(path, name)
                 if _unit(m) not in (None, "pipeline") and _unit(m) not in allowed]
     assert not bad, "imports across package boundaries:\n  " + "\n  ".join(bad)
+
+
+def test_no_package_imports_another_packages_private_names():
+    """`from pipeline.x.y import _name` across packages (or entry modules) reaches into
+    another package's internals: the name should be public, with its contract in its
+    docstring. Within a package private names are fine."""
+    bad = []
+    for name, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.ImportFrom) and node.module and not node.level
+                    and _unit(node.module) not in (None, _unit(name))):
+                bad += [f"{path.relative_to(REPO)}:{node.lineno} imports {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_")]
+    assert not bad, "private names imported across packages:\n  " + "\n  ".join(bad)
 
 
 def _edits_sys_path(node: ast.AST) -> bool:

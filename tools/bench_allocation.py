@@ -10,7 +10,7 @@ round(B x T) records spread greedily, floor 1, ceiling 48). Printed: the mean to
 per position and its ratio to fixed U = 12, the bytes per position (fixed: 3U + 1; allocated:
 3B + 2 with a count byte per position), the U_t histogram by entropy, and on one low- and one
 high-entropy row the z-scores of each class's mean weight over --draws draws of stage 1's
-own allocated sampler (class_sampler.sample_allocated on the row's window, weights rounded
+own allocated sampler (class_budget.sample_allocated on the row's window, weights rounded
 onto the allocated cache's codebook) against p_i (unbiasedness), and the records every draw
 put in the window. Deterministic; no timing.
 """
@@ -110,12 +110,12 @@ def main() -> None:
             print(f"  H in [{lo}, {hi}) nats: {int(m.sum()):5d} positions, U_t mean {float(u.mean()):5.1f}, "
                   f"range {int(u.min())}-{int(u.max())}")
     res["u_by_entropy"] = by
-    # Unbiasedness of what stage 1 writes: the stage's sampler (class_sampler.sample_allocated:
+    # Unbiasedness of what stage 1 writes: the stage's sampler (class_budget.sample_allocated:
     # allocation + blocked priority sampling) on the whole window holding the lowest- and the
     # highest-entropy row, each draw's weights rounded onto the allocated cache's codebook
     # (8 weight bits at V = 49,152, top level weight_max(1)), against the teacher's exact p.
     from pipeline.cache_format.codec import RecordCodec
-    from pipeline.stage1_cache.class_sampler import sample_allocated
+    from pipeline.stage1_cache.class_budget import sample_allocated
 
     T = args.seq_len
     B = 35 / 3

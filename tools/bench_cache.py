@@ -100,8 +100,8 @@ def sampler_pair(teacher: Path, T: int, positions: int, budget: float, repeats: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.stage1_cache.class_budget import DEFAULT_CEILING_FACTOR, budget_records
-    from pipeline.stage1_cache.class_sampler import sample_allocated, sample_classes
+    from pipeline.stage1_cache.class_budget import DEFAULT_CEILING_FACTOR, budget_records, sample_allocated
+    from pipeline.stage1_cache.class_sampler import sample_classes
     from pipeline.stage1_cache.teacher import teacher_logit_chunks
 
     tok = AutoTokenizer.from_pretrained(teacher)

@@ -203,7 +203,7 @@ def read_chat_template(path: str | Path) -> str:
     return text
 
 
-def _check_tokenizer(tokenizer, chat_template: str | None) -> None:
+def check_chat_tokenizer(tokenizer, chat_template: str | None) -> None:
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
                          f"template; supply one with {_FLAG} (a Jinja template rendering "
@@ -242,7 +242,7 @@ def assistant_spans(messages: list[dict], tokenizer,
                     chat_template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """(the full rendering, the trainable character ranges [a, b) in it): per assistant
     message its rendered content plus its end-of-turn (module docstring)."""
-    _check_tokenizer(tokenizer, chat_template)
+    check_chat_tokenizer(tokenizer, chat_template)
     eos = getattr(tokenizer, "eos_token", None)
     prev = ""
     spans: list[tuple[int, int]] = []
@@ -353,7 +353,7 @@ def encode_rows(rows: Iterable, tokenizer, source: str, fields: ChatFields = Cha
     """Parse and encode rows of file `source` in order (row indices from `start_index`),
     skipping (and counting) conversations without an assistant message. Errors name the
     file and row."""
-    _check_tokenizer(tokenizer, chat_template)
+    check_chat_tokenizer(tokenizer, chat_template)
     stats = stats if stats is not None else ChatStats()
     for i, row in enumerate(rows, start_index):
         messages = parse_row(row, source, i, fields)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
              ".csv": "csv"}
 
 
@@ -75,13 +75,13 @@ class ChatDataSpec(DataSpec):
         return True
 
 
-def _local_files(path: Path) -> tuple[str, list[str]]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
+def local_files(path: Path) -> tuple[str, list[str]]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"--data {path}: folder holds no {sorted(_BUILDERS)} files")
-    builders = {_BUILDERS.get(f.suffix) for f in files}
+        raise ValueError(f"--data {path}: folder holds no {sorted(FILE_BUILDERS)} files")
+    builders = {FILE_BUILDERS.get(f.suffix) for f in files}
     if None in builders or len(builders) != 1:
-        raise ValueError(f"--data {path}: need files of one kind among {sorted(_BUILDERS)}, "
+        raise ValueError(f"--data {path}: need files of one kind among {sorted(FILE_BUILDERS)}, "
                          f"got suffixes {sorted({f.suffix for f in files})}")
     return builders.pop(), [str(f) for f in files]
 
@@ -105,7 +105,7 @@ def _unicode_error(e: BaseException) -> UnicodeDecodeError | None:
     return None
 
 
-def _not_utf8(spec: DataSpec, files: list[str], e: UnicodeDecodeError) -> ValueError:
+def not_utf8_error(spec: DataSpec, files: list[str], e: UnicodeDecodeError) -> ValueError:
     """A named error for a corpus that is not UTF-8. Which file: the only one, or the spec's
     files (the decode error does not say which, and checking every file up front would read
     the whole corpus an extra time)."""
@@ -129,7 +129,7 @@ def _not_utf8(spec: DataSpec, files: list[str], e: UnicodeDecodeError) -> ValueE
 
 def _texts(ds, field: str, spec: DataSpec, files: list[str]) -> Iterator[str]:
     """`row[field]` of every row; decoding errors (raised lazily, while the rows are read:
-    streaming, or .jsonl) become `_not_utf8`'s named error."""
+    streaming, or .jsonl) become `not_utf8_error`'s named error."""
     try:
         for row in ds:
             yield row[field]
@@ -137,7 +137,7 @@ def _texts(ds, field: str, spec: DataSpec, files: list[str]) -> Iterator[str]:
         u = _unicode_error(e)
         if u is None:
             raise
-        raise _not_utf8(spec, files, u) from e
+        raise not_utf8_error(spec, files, u) from e
 
 
 def load_documents(spec: DataSpec) -> Iterable[str]:
@@ -157,13 +157,13 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
             try:
                 doc = raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:
-                raise _not_utf8(spec, [f], e) from e
+                raise not_utf8_error(spec, [f], e) from e
             yield doc
 
     path = Path(spec.path).expanduser()
     files: list[str] = []
     if path.exists():
-        builder, files = _local_files(path)
+        builder, files = local_files(path)
         if any(Path(f).stat().st_size == 0 for f in files):
             empty = [f for f in files if Path(f).stat().st_size == 0]
             raise ValueError(f"--data {spec.path}: empty file(s) {empty}")
@@ -176,9 +176,9 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
             u = _unicode_error(e)
             if u is None:
                 raise
-            raise _not_utf8(spec, files, u) from e
+            raise not_utf8_error(spec, files, u) from e
         field = "text" if builder == "text" else spec.text_field
-    elif path.suffix in _BUILDERS:
+    elif path.suffix in FILE_BUILDERS:
         # "data/corpus.jsonl" would otherwise be taken for the hub name "data/corpus.jsonl".
         raise ValueError(f"--data {spec.path}: no such file ({path.resolve()})")
     elif "/" in spec.path and not spec.path.startswith((".", "/", "~")):
@@ -194,7 +194,7 @@ def load_documents(spec: DataSpec) -> Iterable[str]:
             u = _unicode_error(e)
             if u is None:
                 raise
-            raise _not_utf8(spec, files, u) from e
+            raise not_utf8_error(spec, files, u) from e
     if field not in columns:
         raise ValueError(f"--text-field {field!r} is not a column of {spec.path}; columns: {columns}")
     return _texts(ds, field, spec, files)

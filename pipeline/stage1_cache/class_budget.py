@@ -32,6 +32,9 @@ import math
 
 import torch
 
+from pipeline.stage1_cache.class_sampler import (DEFAULT_CHUNK, DEFAULT_DELTA, _block_size, _priority,
+                                                 _priority_blocks, _rowdot, _validate, softmax_stats)
+
 DEFAULT_CEILING_FACTOR = 4
 
 
@@ -123,3 +126,68 @@ def priority_sample_sizes(p: torch.Tensor, sizes: torch.Tensor, generator: torch
     p_sel = torch.gather(p, 1, ids.clamp_min(0))
     w = torch.where(keep & (p_sel > 0), torch.maximum(p_sel, tau[:, None]), 0.0)
     return torch.where(w > 0, ids, sentinel), w
+
+
+def sample_allocated(logits: torch.Tensor, records: int, ceiling: int,
+                     generator: torch.Generator | None = None, *, chunk_size: int = DEFAULT_CHUNK,
+                     sentinel: int | None = None, delta: float = DEFAULT_DELTA,
+                     dense_fraction: float = 0.25):
+    """Allocated U (format 4): `records` class records over the P positions of `logits`
+    [P, V], U_t in [1, ceiling] per position, chosen from the teacher's exact distributions
+    (`allocate`: the greedy allocation of the threshold-form
+    variance), then a priority sample of U_t classes at each position.
+
+    U_t is a deterministic function of the positions' probabilities, never of the draws,
+    so every weight stays unbiased (for a fixed size, priority sampling is). Two passes: the
+    first computes every position's softmax statistics, its `ceiling` largest probabilities
+    (from the `ceiling` largest block maxima: those blocks hold them) and sum p^2, and keeps
+    them; the allocation runs on all P positions at once; the second draws from the kept
+    statistics (no second softmax).
+
+    Returns ids [P, ceiling] (sentinel past U_t), weights [P, ceiling] float32, entropy [P],
+    sizes [P] int64 (U_t, summing to `records`).
+    """
+    _validate(logits, ceiling)
+    P, V = logits.shape
+    if not P <= records <= ceiling * P:
+        raise ValueError(f"{records} records cannot give {P} positions 1 to {ceiling} each")
+    if chunk_size < 1 or not 0.0 < delta < 1.0:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 and delta={delta} in (0, 1)")
+    sentinel = (1 << V.bit_length()) - 1 if sentinel is None else sentinel
+    if generator is None:
+        generator = torch.Generator(device=logits.device).manual_seed(0)
+    K = ceiling
+    block = _block_size(V, K + 1)
+    kept, top_p, sum_sq = [], [], []
+    for s in range(0, P, chunk_size):
+        z = logits[s:s + chunk_size].float().contiguous()
+        st = softmax_stats(z, None if block else K + 1)
+        n = z.shape[0]
+        if block:
+            nb = V // block
+            bmax = z.view(n, nb, block).amax(dim=-1)
+            top_blocks = torch.topk(bmax, K, dim=-1).indices                   # hold the top K
+            cand = st.p.view(n, nb, block).gather(1, top_blocks[:, :, None].expand(n, K, block))
+            top = torch.topk(cand.reshape(n, K * block), K, dim=-1, sorted=True).values
+        else:
+            bmax = None
+            top = torch.gather(st.p, 1, st.top_idx[:, :K])
+        kept.append((z, st, bmax))
+        top_p.append(top)
+        sum_sq.append(_rowdot(st.p, st.p))
+    sizes = allocate(variance_curves(torch.cat(top_p), torch.cat(sum_sq), K), records, 1, K)
+    ids_out = torch.empty((P, K), dtype=torch.long, device=logits.device)
+    w_out = torch.empty((P, K), dtype=torch.float32, device=logits.device)
+    h_out = torch.empty((P,), dtype=torch.float32, device=logits.device)
+    for i, (z, st, bmax) in enumerate(kept):
+        s = i * chunk_size
+        sz = sizes[s:s + z.shape[0]]
+        if block:
+            ids, w = _priority_blocks(z, st, K, generator, delta, dense_fraction, block, sz, bmax)
+        else:
+            ids, w = _priority(st.p, st.top_idx, K, generator, delta, dense_fraction, sz)
+        ids_out[s:s + z.shape[0]] = torch.where(w > 0, ids, sentinel)
+        w_out[s:s + z.shape[0]] = w
+        h_out[s:s + z.shape[0]] = st.entropy
+        kept[i] = None                                   # free this chunk's statistics
+    return ids_out, w_out, h_out, sizes

@@ -118,14 +118,14 @@ def resolve_chat_template(tokenizer, path: str | None) -> str:
     """The template text conversations are rendered with: the `--chat-template` file's, else
     the tokenizer's own (a tokenizer without one is refused, the message saying how to
     supply one). A fast tokenizer is required (masks need its offsets)."""
-    from pipeline.common.chat import _check_tokenizer, read_chat_template
+    from pipeline.common.chat import check_chat_tokenizer, read_chat_template
 
     if path is not None:
         text = read_chat_template(path)
     else:
-        _check_tokenizer(tokenizer, None)
+        check_chat_tokenizer(tokenizer, None)
         text = tokenizer.get_chat_template()
-    _check_tokenizer(tokenizer, text)
+    check_chat_tokenizer(tokenizer, text)
     return text
 
 

@@ -53,24 +53,24 @@ import torch
 
 from pipeline.common import config as C
 from pipeline.common.chat import ChatStats
-from pipeline.cache_format.codec import FORMAT_VERSION, MAX_ALLOCATED, RecordCodec
-from pipeline.common.text import ChatDataSpec, DataSpec, tokenizer_fingerprint
+from pipeline.cache_format.codec import MAX_ALLOCATED, RecordCodec
+from pipeline.common.text import ChatDataSpec, DataSpec
 from pipeline.common.distributed import (DistInfo, TorchComm, abort_job_on_error, init_distributed,
                                   log)
 from pipeline.stage1_cache.ledger import Ledger
-from pipeline.cache_format.manifest import (ALLOCATED_FORMAT_VERSION, MASKED_FORMAT_VERSION, MANIFEST, layout, merge_units,
-                               repair_command)
+from pipeline.cache_format.manifest import MANIFEST, merge_units, repair_command
 from pipeline.common.files import write_json_atomic
 from pipeline.common.phases import PhaseTimer
 from pipeline.common.progress import StageProgress
 from pipeline.stage1_cache.launch import setup_launch, verify_done
 from pipeline.stage1_cache.class_budget import DEFAULT_CEILING_FACTOR, budget_records, check_budget
-from pipeline.stage1_cache.class_sampler import DEFAULT_CHUNK, METHODS, sample_allocated, sample_classes
+from pipeline.stage1_cache.class_budget import sample_allocated
+from pipeline.stage1_cache.class_sampler import DEFAULT_CHUNK, METHODS, sample_classes
+from pipeline.stage1_cache.header import build_header
 from pipeline.cache_format.shards import UnitWriter, encode_window, window_generators
 from pipeline.stage1_cache.teacher import (cache_vocab_size, load_teacher, split_padded, teacher_logit_chunks,
                               teacher_weight_hashes, tokenizer_classes)
-from pipeline.stage1_cache.packing import (chat_unit_windows, resolve_chat_template, template_sha256,
-                              unit_windows)
+from pipeline.stage1_cache.packing import chat_unit_windows, resolve_chat_template, unit_windows
 from pipeline.stage1_cache.units import DEFAULT_UNIT_BYTES, UnitReader, UnitStats
 
 # Names tests and tools import from this module, wherever they are defined.
@@ -215,56 +215,6 @@ def _pick_device(cfg: CacheConfig, info: DistInfo) -> torch.device:
             return torch.device("cuda", info.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(cfg.device)
-
-
-def build_header(cfg: CacheConfig, tok, model, codec: RecordCodec,
-                 teacher_weights: dict[str, str] | None = None,
-                 chat_template: str | None = None) -> dict:
-    """The header; a chat cache's `dataset` also records the sha256 of the chat template
-    text used (`chat_template`, resolved from cfg and tok when not given): masks depend on it."""
-    chat = cfg.data_format == "chat"
-    dataset = cfg.data_spec.to_json()
-    if chat:
-        text = chat_template if chat_template is not None else resolve_chat_template(
-            tok, cfg.chat_template)
-        dataset["chat_template_sha256"] = template_sha256(text)
-    return {
-        "format_version": (MASKED_FORMAT_VERSION if chat else ALLOCATED_FORMAT_VERSION
-                           if codec.allocated else FORMAT_VERSION),
-        "teacher": cfg.teacher,
-        "teacher_parameters": sum(p.numel() for p in model.parameters()),
-        "teacher_weights": teacher_weights,
-        "teacher_dtype": str(model.dtype).removeprefix("torch."),
-        "teacher_logits": model.get_output_embeddings().weight.shape[0],
-        "vocab_size": codec.vocab_size,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "eos_token_id": tok.eos_token_id,
-        "seq_len": cfg.seq_len,
-        "num_classes": codec.num_classes,
-        "id_bits": codec.id_bits,
-        "w_bits": codec.w_bits,
-        "sentinel": codec.sentinel,
-        "bytes_per_position": codec.bytes_per_position,
-        "sampler": cfg.sampler,
-        "sampler_args": cfg.sampler_args,
-        # The lm_head chunking sets how a window's random stream is consumed: part of the records.
-        "chunk_positions": cfg.chunk_positions,
-        "sampler_chunk": cfg.sampler_chunk,
-        "teacher_temperature": cfg.teacher_temperature,
-        "seed": cfg.seed,
-        "dataset": dataset,
-        # Sizes and mtimes of the planned files (units.json); each unit's bytes are hashed by
-        # the rank that caches it (its done record), so no rank reads the whole corpus.
-        "dataset_fingerprint": None,       # set from the unit plan (cache_launch.corpus_fingerprint)
-        "unit_bytes": cfg.unit_bytes,
-        "max_windows": cfg.max_windows,
-        "shard_samples": cfg.shard_samples,
-        "weight_codebook": codec.weight_codebook().levels.tolist(),
-        "entropy_codebook": codec.entropy_codebook().levels.tolist(),
-        "entropy_max_error": codec.entropy_codebook().max_error,
-        "layout": layout(masked=chat, allocated=codec.allocated),
-    } | ({"class_budget": cfg.class_budget, "class_ceiling": codec.num_classes,
-          "window_records": codec.window_records} if codec.allocated else {})
 
 
 def run(cfg: CacheConfig, hooks: Hooks = Hooks()) -> dict | None:

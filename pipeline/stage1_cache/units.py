@@ -60,7 +60,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.common.text import _BUILDERS, DataSpec, _local_files, _not_utf8
+from pipeline.common.text import FILE_BUILDERS, DataSpec, local_files, not_utf8_error
 # A unit's documents -> windows; defined in pipeline.stage1_cache.packing, imported from here too.
 from pipeline.stage1_cache.packing import UnitStats, unit_windows  # noqa: F401
 
@@ -78,7 +78,7 @@ def _root(spec: DataSpec) -> Path:
     path = Path(spec.path).expanduser()
     if path.exists():
         return path
-    if path.suffix in _BUILDERS:
+    if path.suffix in FILE_BUILDERS:
         raise ValueError(f"--data {spec.path}: no such file ({path.resolve()})")
     if "/" in spec.path and not spec.path.startswith((".", "/", "~")):
         raise ValueError(
@@ -94,7 +94,7 @@ def _list(spec: DataSpec) -> tuple[Path, list[tuple[str, Path, str]]]:
     """(root, [(path relative to root or the file name, absolute path, kind)]) in the order
     `data.load_documents` reads them."""
     root = _root(spec)
-    _, files = _local_files(root)
+    _, files = local_files(root)
     out = []
     for f in map(Path, files):
         kind = _KINDS.get(f.suffix)
@@ -352,7 +352,7 @@ class UnitReader:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            err = _not_utf8(self.spec, [str(path)], e)
+            err = not_utf8_error(self.spec, [str(path)], e)
             raise ValueError(f"{err} (first bad byte at byte {offset + e.start} of the "
                              "file)") from e
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shlex
 import statistics
@@ -59,9 +58,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))      # this checkout's pipeline, also when run from a worktree
+sys.path.insert(0, str(REPO / "tools"))   # its table module, also when loaded from its file
 PY = sys.executable
 
 from pipeline.stage2_distill import recipes  # noqa: E402  (after the path: this checkout's recipes)
+from study_table import mean_sd  # noqa: E402
 RESULT = "result.json"
 
 
@@ -401,19 +402,10 @@ def reference_rows(args, settings: dict, teacher_cache: dict) -> dict:
 # ------------------------------------------------------------------------------ table
 
 
-def _ms(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
-
-
-def _pm(xs: list[float], fmt: str) -> str:
-    m, s = _ms(xs)
-    return f"{m:{fmt}}" if math.isnan(s) else f"{m:{fmt}} ± {s:{fmt}}"
-
-
 def _paired(runs: dict, ref: dict, key: str, same: bool):
     """Mean and sd over the seeds both rows ran of runs[s][key] - ref[s][key]; None if none."""
     diffs = [runs[s][key] - ref[s][key] for s in sorted(runs) if s in ref]
-    return None if same or not diffs else _ms(diffs)
+    return None if same or not diffs else mean_sd(diffs)
 
 
 def summarize(results: list[dict], refs: dict) -> dict:
@@ -438,7 +430,7 @@ def summarize(results: list[dict], refs: dict) -> dict:
                "cache_bytes_per_position": runs[seeds[0]]["cache_bytes_per_position"],
                "bytes_per_position": runs[seeds[0]]["bytes_per_position"]}
         for k in ("kl", "perplexity", "ece"):
-            out[k] = _ms([runs[s][k] for s in seeds])
+            out[k] = mean_sd([runs[s][k] for s in seeds])
             out[k + "_per_seed"] = [runs[s][k] for s in seeds]
         out["paired_dkl_vs_dense"] = _paired(runs, dense, "kl", row.name == "dense_kd")
         out["paired_dppl_vs_dense"] = _paired(runs, dense, "perplexity", row.name == "dense_kd")
@@ -450,87 +442,6 @@ def summarize(results: list[dict], refs: dict) -> dict:
     envs = sorted({json.dumps(r.get("environment"), sort_keys=True) for r in results})
     return {"settings": settings[0], "references": {k: v for k, v in refs.items() if k != "settings"},
             "rows": rows, "environments": [json.loads(e) for e in envs]}
-
-
-def markdown(summary: dict) -> str:
-    s = summary["settings"]
-    lines = [f"Held-out: {s['heldout_windows']} windows x {s['seq_len']} tokens of text no run trained on. "
-             f"Training: {s['steps']} steps x {s['micro_batch']} x {s['nproc']} windows of {s['seq_len']}, "
-             f"lr {s['lr']}, {s['train_windows']} cached windows. Mean ± sd over seeds; paired dKL = "
-             "KL(row) - KL(dense_kd) per seed, paired dKL vs U=12 = KL(row) - KL(priority U=12) per seed.",
-             "", "| row | seeds | bytes/pos | KL(teacher‖student) | paired dKL vs dense | paired dKL vs "
-             "U=12 | perplexity | ECE (15 bins) | step / no_kd |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def signed(d):
-        return "-" if d is None else (f"{d[0]:+.4f}" if math.isnan(d[1]) else f"{d[0]:+.4f} ± {d[1]:.4f}")
-
-    for r in summary["rows"]:
-        b = r["cache_bytes_per_position"] if r["row"] not in ("dense_kd", "no_kd") else "-"
-        step = "-" if r["step_vs_no_kd"] is None else f"{r['step_vs_no_kd']:.2f}x"
-        lines.append(f"| {r['label']} | {len(r['seeds'])} | {b} | {_pm(r['kl_per_seed'], '.4f')} | "
-                     f"{signed(r['paired_dkl_vs_dense'])} | {signed(r['paired_dkl_vs_priority_U12'])} | "
-                     f"{_pm(r['perplexity_per_seed'], '.1f')} | {_pm(r['ece_per_seed'], '.4f')} | {step} |")
-    envs = summary.get("environments", [])
-    if len(envs) > 1:
-        lines.insert(1, f"\nWARNING: these results come from {len(envs)} environments "
-                        f"({'; '.join(json.dumps(e) for e in envs)}): a paired difference across "
-                        "them mixes in the environment's own effect.\n")
-    for name, ref in summary["references"].items():
-        lines.append(f"| {name} (reference, not trained) | - | - | {ref['kl']:.4f} | - | - | "
-                     f"{ref['perplexity']:.1f} | {ref['ece']:.4f} | - |")
-    return "\n".join(lines) + "\n"
-
-
-def plots(summary: dict, out: Path, vocab: int | None) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = {r["row"]: r for r in summary["rows"]}
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for family, marker in (("priority", "o"), ("topk", "s"), ("rskd", "^")):
-        pts = sorted((r["bytes_per_position"], r["kl"]) for r in rows.values()
-                     if r["bytes_per_position"] and r["row"].startswith(family))
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
-                        yerr=[0 if math.isnan(p[1][1]) else p[1][1] for p in pts],
-                        marker=marker, capsize=3, label=f"{family} cache, KD at every position")
-    for name, style in (("dense_kd", "-"), ("no_kd", ":")):
-        if name in rows:
-            m, sd = rows[name]["kl"]
-            ax.axhline(m, color="k", ls=style, lw=1, label=rows[name]["label"])
-            if not math.isnan(sd):
-                ax.axhspan(m - sd, m + sd, color="k", alpha=0.08)
-    if vocab and "dense_kd" in rows:
-        ax.plot([2 * vocab], [rows["dense_kd"]["kl"][0]], "k*", ms=10,
-                label=f"full bf16 logits ({2 * vocab:,} B/position)")
-    ax.set_xscale("log")
-    ax.set(xlabel="bytes per position (log)", ylabel="held-out KL(teacher || student), nats/token",
-           title="distillation quality against storage")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    a = out / "kl_vs_bytes.png"
-    fig.savefig(a, dpi=110)
-    plt.close(fig)
-
-    fig, axs = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.5))
-    names = list(rows)
-    for axx, key, title in ((axs[0], "kl", "held-out KL(teacher || student)"), (axs[1], "ece", "ECE, 15 bins")):
-        vals = [rows[n][key][0] for n in names]
-        errs = [0 if math.isnan(rows[n][key][1]) else rows[n][key][1] for n in names]
-        axx.barh(range(len(names)), vals, xerr=errs, capsize=3, color="tab:blue")
-        axx.set_yticks(range(len(names)), [rows[n]["label"] for n in names], fontsize=7)
-        axx.invert_yaxis()
-        axx.set_title(title)
-    fig.tight_layout()
-    b = out / "rows.png"
-    fig.savefig(b, dpi=110)
-    plt.close(fig)
-    return [a, b]
-
-
-# ------------------------------------------------------------------------------ main
 
 
 def parse(argv: list[str] | None = None):
@@ -627,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.curve:
         from study_curve import curve_outputs
         return curve_outputs(results, args.out, {r.name: r.label for r in ROWS})
+    from study_table import markdown, plots
+
     summary = summarize(results, refs)
     (args.out / "study.json").write_text(json.dumps(summary, indent=1))
     md = markdown(summary)

@@ -44,7 +44,10 @@ def runs(tmp_path_factory) -> dict:
     (root / "mixed.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD[:5] + LONG[:60]))
     kw = dict(arch="llama", hidden=32, layers=1, heads=4, texts=TEXTS + HELD)
     a = {"root": root, "teacher": build_tiny_model(root / "teacher", seed=0, **kw),
-         "student": build_tiny_model(root / "student", seed=1, **kw)}
+         "student": build_tiny_model(root / "student", seed=1, **kw),
+         # an untied output layer padded beyond the tokenizer (as Qwen2.5's 151,936 over 151,665)
+         "student_padded": build_tiny_model(root / "student_padded", seed=2, vocab_size=600,
+                                            tie_word_embeddings=False, **kw)}
     common = ["--teacher", str(a["teacher"]), "--seq-len", str(T), "--shard-samples", "4"]
     for name, data, extra in (("cache", "train.jsonl", ["--max-windows", "32"]), ("val", "held.jsonl", []),
                               ("mixed", "mixed.jsonl", []), ("same_corpus", "train.jsonl", ["--seed", "5"])):
@@ -60,7 +63,9 @@ def runs(tmp_path_factory) -> dict:
         return base_args(a, out, **{"val_cache": a["val"], "val_windows": VAL_WINDOWS, "select": "all",
                                     "deepspeed": DS_TEST, **kw})
 
-    one = [{"name": "one", "argv": args(root / "one", steps=2, val_every=2, export=False, checkpoint_every=0)}]
+    one = [{"name": "one", "argv": args(root / "one", steps=2, val_every=2, export=False, checkpoint_every=0)},
+           {"name": "padded", "argv": args(root / "padded", steps=2, val_every=2, export=False,
+                                           checkpoint_every=0, student=a["student_padded"])}]
     # the mixed cache's run reads the whole first epoch (32 windows): a document is recognised
     # where it lies complete in a validation window and in a training window (4 of them here)
     for name, steps in (("mixed", 32), ("same_corpus", 2), ("other_tok", 2)):
@@ -81,7 +86,7 @@ def runs(tmp_path_factory) -> dict:
     return a
 
 
-def _dense_reference(a: dict) -> dict:
+def _dense_reference(a: dict, student_dir: Path | None = None) -> dict:
     """Per position t of the validation windows: the student's NLL, top-1 hit, the estimate
     L_t - H_t from the decoded records, and the exact KL(teacher || student)."""
     from transformers import AutoModelForCausalLM
@@ -91,7 +96,7 @@ def _dense_reference(a: dict) -> dict:
     reader = CacheReader(a["val"])
     samples = reader.first_windows(VAL_WINDOWS)
     x = torch.tensor([s["tokens"].tolist() for s in samples])                     # [W, T]
-    student = AutoModelForCausalLM.from_pretrained(a["student"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir or a["student"]).eval()
     teacher = AutoModelForCausalLM.from_pretrained(a["teacher"]).eval()
     with torch.no_grad():
         ls = torch.log_softmax(student(input_ids=x).logits[:, :-1].float(), -1)    # [W, T-1, V]
@@ -99,7 +104,7 @@ def _dense_reference(a: dict) -> dict:
     y = x[:, 1:]
     nll = -ls.gather(-1, y[..., None]).squeeze(-1)
     hit = (ls.argmax(-1) == y).double()
-    exact = (lt.exp() * (lt - ls)).sum(-1)
+    exact = (lt.exp() * (lt - ls[..., :lt.shape[-1]])).sum(-1)    # a padded student: p = 0 beyond
     est = torch.zeros_like(nll)
     for w, s in enumerate(samples):
         for t in range(T - 1):
@@ -126,6 +131,21 @@ def test_step0_metrics_equal_a_dense_reference_and_the_exact_kl_within_its_error
     assert abs(v0["val_kl"] - float(ref["exact"].mean())) < 3 * se + ref["entropy_error"], \
         (v0["val_kl"], float(ref["exact"].mean()), se)
     assert v0["val_kl_se"] == pytest.approx(float(ref["est"].std()) / math.sqrt(n), rel=1e-3)
+
+
+def test_an_untied_padded_student_is_validated_over_all_its_logits(runs):
+    """The student's softmax runs over its 600 logits (the cache's V is the tokenizer's, fewer):
+    the step-0 metrics equal the dense reference of that student's full output."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(runs["student_padded"])
+    assert cfg.vocab_size == 600 and not cfg.tie_word_embeddings
+    v0 = _jsonl(runs["root"] / "padded" / "validation.jsonl")[0]
+    ref = _dense_reference(runs, runs["student_padded"])
+    assert v0["step"] == 0 and v0["val_positions"] == ref["nll"].numel()
+    assert v0["val_ce"] == pytest.approx(float(ref["nll"].mean()), abs=1e-5)
+    assert v0["val_acc"] == pytest.approx(float(ref["hit"].mean()), abs=1e-9)
+    assert v0["val_kl"] == pytest.approx(float(ref["est"].mean()), abs=1e-5)
 
 
 def test_the_same_metrics_on_one_and_two_ranks(runs):

@@ -165,6 +165,29 @@ def test_summarize_refuses_mixed_settings(monkeypatch):
     assert got["dense_kd"]["paired_dkl_vs_priority_U12"] == pytest.approx((-0.3, math.sqrt(0.08)))
 
 
+def test_gap_to_dense_pairs_by_seed_and_plots_a_diverged_seed_off_scale(monkeypatch, tmp_path):
+    """The storage plot's numbers: KL(row, s) - KL(dense_kd, s) at the seeds both ran, for the
+    cache rows only (no dense or no-KD row), by family; a diverged seed is drawn, off scale."""
+    table = _load_tool("study_table", monkeypatch)
+    base = {"row": "no_kd", "seed": 0, "settings": {"steps": 3}, "row_settings": {"flags": "x"},
+            "perplexity": 2.0, "ece": 0.1, "step_s": 1.0, "cache_bytes_per_position": 37,
+            "bytes_per_position": 37}
+    kls = {"dense_kd": (3.0, 3.1, 2.9), "no_kd": (3.6, 3.7, 3.5), "priority_U12": (3.1, 3.3, 3.0),
+           "allocated_37B": (3.2, 3.25, None), "priority_U24": (3.05, 3.2, 4.5)}
+    results = [dict(base, row=r, seed=s, kl=k, bytes_per_position=73 if r == "priority_U24" else 37)
+               for r, ks in kls.items() for s, k in enumerate(ks) if k is not None]
+    summary = _load_tool("study", monkeypatch).summarize(results, {"settings": {}})
+    gaps = table.gaps_to_dense(summary)
+    assert set(gaps) == {"priority_U12", "allocated_37B", "priority_U24"}
+    assert gaps["priority_U12"]["gaps"] == pytest.approx({0: 0.1, 1: 0.2, 2: 0.1})
+    assert gaps["allocated_37B"]["gaps"] == pytest.approx({0: 0.2, 1: 0.15})      # seed 2 not run
+    assert (gaps["allocated_37B"]["family"], gaps["priority_U24"]["bytes"]) == ("allocated", 73)
+    assert table.gaps_to_dense({"rows": [r for r in summary["rows"] if r["row"] != "dense_kd"]}) == {}
+    pngs = table.plots(summary, tmp_path, 49152)
+    assert [p.name for p in pngs] == ["kl_vs_bytes.png", "rows.png", "gap_vs_bytes.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_curve_mode_validates_during_training_and_tabulates_the_gap(assets, tmp_path):

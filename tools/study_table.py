@@ -101,11 +101,15 @@ def _gap_plot(summary: dict, out: Path, plt) -> Path | None:
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_ylim(min(0.0, min(medians)) - 0.02, top + 0.02)
-    ax.set(xlabel="bytes per position (log)", ylabel="KL(row) - KL(dense KD), same seed, nats/token",
-           title="paired gap to online dense KD against storage")
+    return _save(fig, ax, out / "gap_vs_bytes.png", plt, ylabel="KL(row) - KL(dense KD), same seed, nats/token",
+                 title="paired gap to online dense KD against storage")
+
+
+def _save(fig, ax, path: Path, plt, **labels) -> Path:
+    """A storage plot's axis labels and legend, written to `path`."""
+    ax.set(xlabel="bytes per position (log)", **labels)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "gap_vs_bytes.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -136,13 +140,8 @@ def plots(summary: dict, out: Path, vocab: int | None) -> list[Path]:
         ax.plot([2 * vocab], [rows["dense_kd"]["kl"][0]], "k*", ms=10,
                 label=f"full bf16 logits ({2 * vocab:,} B/position)")
     ax.set_xscale("log")
-    ax.set(xlabel="bytes per position (log)", ylabel="held-out KL(teacher || student), nats/token",
-           title="distillation quality against storage")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    a = out / "kl_vs_bytes.png"
-    fig.savefig(a, dpi=110)
-    plt.close(fig)
+    a = _save(fig, ax, out / "kl_vs_bytes.png", plt, ylabel="held-out KL(teacher || student), nats/token",
+              title="distillation quality against storage")
 
     fig, axs = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.5))
     names = list(rows)

@@ -206,7 +206,7 @@ def check_sample(codec: RecordCodec, seq_len: int, format_version: int, key: str
     if (wc[pad] != 0).any():
         problems.append(f"sample {key}: {int((wc[pad] != 0).sum())} sentinel slot(s) with a "
                         "nonzero weight code")
-    srt = np.sort(ids.astype(np.int32), axis=1)          # ids < 2**24: int32 sorts 1.5x faster
+    srt = np.sort(ids, axis=1)
     dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] != S)
     if dup.any():
         problems.append(f"sample {key}: {int(dup.any(1).sum())} position(s) repeat a class id")

@@ -82,18 +82,21 @@ def _gap_plot(summary: dict, out: Path, plt) -> Path | None:
     points = gaps_to_dense(summary)
     if not points:
         return None
-    medians = [statistics.median(p["gaps"].values()) for p in points.values()]
+    for p in points.values():
+        p["median"] = statistics.median(p["gaps"].values())
+    medians = [p["median"] for p in points.values()]
     top = max(medians) + 0.5 * (max(medians) - min(0.0, min(medians))) + 1e-3  # a diverged seed stays off-scale
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (family, marker), color in zip(FAMILIES, ("tab:blue", "tab:red", "tab:orange", "tab:green")):
-        pts = sorted((p["bytes"], list(p["gaps"].values())) for p in points.values() if p["family"] == family)
+        pts = sorted((p["bytes"], p["median"], list(p["gaps"].values())) for p in points.values()
+                     if p["family"] == family)
         if not pts:
             continue
-        for b, g in pts:
+        for b, _, g in pts:
             ax.plot([b] * len(g), [min(v, top) for v in g], ".", color=color, alpha=0.4)
             for v in (v for v in g if v > top):
                 ax.annotate(f"{v:+.2f} (off scale)", (b, top), fontsize=7, ha="center", va="top", color=color)
-        ax.plot([b for b, _ in pts], [statistics.median(g) for _, g in pts], marker=marker, color=color,
+        ax.plot([b for b, _, _ in pts], [m for _, m, _ in pts], marker=marker, color=color,
                 ls="-" if len(pts) > 1 else "none", label=f"{family} cache: median over seeds (dots: seeds)")
     ax.axhline(0.0, color="k", lw=1, label="dense KD (online teacher), same seed")
     ax.set_xscale("log")
